@@ -1,0 +1,1 @@
+"""STGC: Solving Token Gradient Conflict in Mixture-of-Experts vision-language models."""

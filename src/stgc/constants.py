@@ -1,0 +1,5 @@
+"""Token ids shared by the data pipeline and the model."""
+
+IGNORE_INDEX = -100  # label value that the LM loss skips (PyTorch/transformers convention)
+IMAGE_TOKEN_ID = -200  # input_ids value of an image-patch position (LLaVA's IMAGE_TOKEN_INDEX)
+IMAGE_PLACEHOLDER = "<image>"  # where the image goes in a conversation's first human turn
