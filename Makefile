@@ -1,0 +1,31 @@
+# Two commands for a newcomer: `make train` and `make test` (both create .venv when missing).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install data train test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade-strategy only-if-needed -e '.[dev]'
+	touch $(STAMP)
+
+data: install
+	$(PY) scripts/prepare_easy_vqa.py --out data/easy_vqa
+
+train: data
+	$(PY) scripts/train_easy_vqa.py
+
+test: install
+	$(PY) -m ruff check src tests scripts
+	$(PY) -m pytest
+
+bench: install
+	$(PY) scripts/bench_moe.py
+
+clean:
+	rm -rf logs/easy_vqa data

@@ -1,0 +1,3 @@
+from stgc.cli import main
+
+main()

@@ -1,0 +1,24 @@
+"""`stgc fit|validate|test|predict -c config.yaml`: LightningCLI over the LVLM and the LLaVA DataModules."""
+
+import os
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.core import LightningDataModule
+
+from stgc.module import LVLMModule
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    """Run the CLI; configs may interpolate each other's values (omegaconf parser mode)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+    return LightningCLI(
+        LVLMModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Exact cosines between token gradients and their sum, without materialising per-token gradients.
+
+For one linear layer y = W x (+ b) and n tokens with inputs X (n, d_in) and output gradients
+Δ (n, d_out), token i's weight gradient is g_i = δ_i x_iᵀ and the summed gradient is G = ΔᵀX
+(DESIGN.md §3). A bias is a weight column fed a constant 1, so it enters as ‖x_i‖² + 1 and
+x_iᵀx_j + 1. A fused gate_up projection is one linear with d_out = 2·intermediate.
+"""
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+CosinePath = Literal["auto", "gram", "gemm"]
+_PATHS = ("auto", "gram", "gemm")
+
+
+def _check_linear(
+    x: Tensor, delta: Tensor, grad_weight: Tensor | None, grad_bias: Tensor | None, path: str
+) -> None:
+    """Raise ValueError unless the arguments describe one linear layer seen by the same tokens."""
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+    if x.ndim != 2 or delta.ndim != 2 or x.shape[0] != delta.shape[0]:
+        raise ValueError(
+            f"inputs {tuple(x.shape)} and output grads {tuple(delta.shape)} must be (n, d_in) and (n, d_out)"
+        )
+    d_out, d_in = delta.shape[1], x.shape[1]
+    if grad_weight is not None and grad_weight.shape != (d_out, d_in):
+        raise ValueError(f"grad_weight {tuple(grad_weight.shape)} must be (d_out, d_in) = {(d_out, d_in)}")
+    if grad_bias is not None and grad_bias.shape != (d_out,):
+        raise ValueError(f"grad_bias {tuple(grad_bias.shape)} must be (d_out,) = {(d_out,)}")
+
+
+def _uses_gram(n: int, d_in: int, d_out: int, has_grad_weight: bool, path: CosinePath) -> bool:
+    """Whether ⟨g_i, G⟩ goes through the Gram path: forced by `path`, else when it takes fewer flops."""
+    if path != "auto":
+        return path == "gram"
+    if has_grad_weight:
+        return False  # G is at hand: the GEMM path is one product, X Gᵀ
+    return n * (d_in + d_out) < 2 * d_in * d_out  # Gram 2n²(d_in+d_out) vs GEMM 4n·d_in·d_out (ΔᵀX, X Gᵀ)
+
+
+@torch.no_grad()
+def linear_gradient_terms(
+    x: Tensor,
+    delta: Tensor,
+    grad_weight: Tensor | None = None,
+    grad_bias: Tensor | None = None,
+    has_bias: bool = False,
+    path: CosinePath = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """⟨g_i, G⟩ (n,), ‖g_i‖² (n,) and ‖G‖² () of one linear layer; summed over layers they give cosines.
+
+    x (n, d_in) and delta (n, d_out) are the layer's inputs and output gradients for the same tokens.
+    grad_weight (d_out, d_in) and grad_bias (d_out,), when the caller already has them, must be
+    ΔᵀX and Σ_i δ_i (e.g. from a parameter hook); grad_weight then selects the GEMM path unless
+    path="gram". grad_bias implies has_bias. Computes in float32, or float64 for float64 inputs;
+    builds no autograd graph, since the cosines only select tokens.
+    """
+    _check_linear(x, delta, grad_weight, grad_bias, path)
+    bias = float(has_bias or grad_bias is not None)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, delta.dtype), torch.float32)
+    x, delta = x.to(dtype), delta.to(dtype)
+    sqnorm = delta.square().sum(1) * (x.square().sum(1) + bias)  # (n,)  ‖δ_i‖² (‖x_i‖² + bias)
+    if _uses_gram(x.shape[0], x.shape[1], delta.shape[1], grad_weight is not None, path):
+        dot = ((delta @ delta.T) * (x @ x.T + bias)).sum(1)  # (n,)  Σ_j δ_iᵀδ_j (x_iᵀx_j + bias)
+    else:
+        weight = delta.T @ x if grad_weight is None else grad_weight.to(dtype)  # (d_out, d_in)  G
+        proj = x @ weight.T  # (n, d_out)  G x_i
+        if bias:
+            proj += delta.sum(0) if grad_bias is None else grad_bias.to(dtype)  # (n, d_out)  + Σ_j δ_j
+        dot = (delta * proj).sum(1)  # (n,)  δ_iᵀ (G x_i + Σ_j δ_j)
+    return dot, sqnorm, dot.sum()  # Σ_i ⟨g_i, G⟩ = ⟨G, G⟩
+
+
+def cosine_from_terms(dot: Tensor, sqnorm: Tensor, total_sqnorm: Tensor) -> Tensor:
+    """cos_i = ⟨g_i, G⟩ / (‖g_i‖ ‖G‖) (n,); 0.0 where g_i or G is zero, as neither then has a direction."""
+    norms = sqnorm.sqrt() * total_sqnorm.sqrt()  # (n,)  square roots first: the product may underflow
+    return torch.where(norms > 0, dot / norms, 0.0)
+
+
+def token_gradient_cosine(
+    inputs: Sequence[Tensor],
+    output_grads: Sequence[Tensor],
+    has_bias: bool | Sequence[bool] = False,
+    path: CosinePath = "auto",
+) -> Tensor:
+    """Cosine (n,) between each token's gradient over all of one expert's linear layers and their sum.
+
+    inputs[l] (n, d_in_l) and output_grads[l] (n, d_out_l) belong to linear layer l of the expert,
+    rows in the same token order; has_bias is one flag for all layers or one per layer.
+    """
+    if len(inputs) != len(output_grads):
+        raise ValueError(f"got {len(inputs)} layer inputs but {len(output_grads)} output grads")
+    if not inputs:
+        raise ValueError("need at least one linear layer")
+    biases = [has_bias] * len(inputs) if isinstance(has_bias, bool) else list(has_bias)
+    if len(biases) != len(inputs):
+        raise ValueError(f"has_bias has {len(biases)} flags for {len(inputs)} layers")
+    terms = []
+    for layer, (x, delta, bias) in enumerate(zip(inputs, output_grads, biases, strict=True)):
+        if x.shape[:1] != inputs[0].shape[:1]:
+            raise ValueError(
+                f"layer {layer}: inputs {tuple(x.shape)} hold other tokens than layer 0's {tuple(inputs[0].shape)}"
+            )
+        try:
+            terms.append(linear_gradient_terms(x, delta, has_bias=bias, path=path))
+        except ValueError as err:
+            raise ValueError(f"layer {layer}: {err}") from err
+    dots, sqnorms, totals = zip(*terms, strict=True)
+    return cosine_from_terms(sum(dots), sum(sqnorms), sum(totals))

@@ -1,0 +1,138 @@
+"""STGC's seam into transformers 5.x MoE models (Mixtral, Qwen2/3-MoE, OLMoE, Qwen3-VL-MoE, ...).
+
+Their experts keep fused 3-D weights and dispatch forward through `ExpertsInterface`. We register
+an implementation named "stgc" there: the same computation as "eager", grouped by expert with one
+sort, which also lets a probe capture each expert's X and Δ. No transformers code is forked.
+
+Notation: N tokens, H hidden, k experts per token, S = N·k assignments, n_e rows of expert e.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.integrations.moe import ExpertsInterface
+
+from stgc.conflict.probes import LayerProbe, LayerRouting, WeightSite
+
+IMPLEMENTATION = "stgc"
+
+
+def _expert_linear(experts: nn.Module, name: str, expert: int, inputs: Tensor) -> Tensor:
+    """One expert's slice of a fused projection: (n_e, d_in) -> (n_e, d_out)."""
+    weight = getattr(experts, name)[expert]  # (d_out, d_in), or (d_in, d_out) when transposed
+    outputs = inputs @ weight if experts.is_transposed else F.linear(inputs, weight)
+    if experts.has_bias:
+        outputs = outputs + getattr(experts, f"{name}_bias")[expert]
+    return outputs
+
+
+def stgc_experts_forward(
+    self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """Drop-in for transformers' eager experts forward; feeds the probe when STGC is capturing."""
+    probe: HFExpertsProbe | None = getattr(self, "_stgc_probe", None)
+    capturing = probe is not None and probe.capturing and torch.is_grad_enabled()
+    tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, H)
+    top_k = top_k_index.shape[-1]
+    flat_expert = top_k_index.reshape(-1)  # (S,) token-major
+    order = torch.argsort(flat_expert, stable=True)  # (S,) assignments grouped by expert
+    counts = torch.bincount(flat_expert, minlength=self.num_experts)[: self.num_experts].tolist()
+    order = order[
+        : sum(counts)
+    ]  # drop sentinel experts (index >= num_experts), e.g. under expert parallelism
+    rows = order // top_k  # (S,) token row of each assignment
+    weights = top_k_weights.reshape(-1).index_select(0, order)  # (S,)
+    up_name = "gate_up_proj" if self.has_gate else "up_proj"
+    expert_outputs = []
+    for expert, expert_inputs in enumerate(tokens.index_select(0, rows).split(counts)):  # (n_e, H)
+        if expert_inputs.shape[0] == 0:
+            continue
+        up = _expert_linear(self, up_name, expert, expert_inputs)  # (n_e, 2I) or (n_e, I)
+        hidden = self._apply_gate(up) if self.has_gate else self.act_fn(up)  # (n_e, I)
+        out = _expert_linear(self, "down_proj", expert, hidden)  # (n_e, H)
+        if capturing:
+            probe.up_site.capture(expert, expert_inputs, up)
+            probe.down_site.capture(expert, hidden, out)
+        expert_outputs.append(out)
+    combined = torch.zeros_like(tokens)  # (N, H)
+    if expert_outputs:
+        weighted = torch.cat(expert_outputs) * weights[:, None].to(tokens.dtype)  # (S, H)
+        combined.index_add_(0, rows, weighted)
+    if capturing:
+        probe.last_routing = LayerRouting(tokens.detach(), list(rows.split(counts)), None)
+    return combined.view_as(hidden_states)
+
+
+ExpertsInterface.register(IMPLEMENTATION, stgc_experts_forward)
+
+
+def is_hf_experts(module: nn.Module) -> bool:
+    """A transformers experts module that dispatches through ExpertsInterface."""
+    config = getattr(module, "config", None)
+    down = getattr(module, "down_proj", None)
+    return (
+        hasattr(config, "_experts_implementation")
+        and isinstance(down, nn.Parameter)
+        and down.ndim == 3
+        and hasattr(module, "has_gate")
+    )
+
+
+class HFExpertsProbe(LayerProbe):
+    """Probe for a transformers experts module; the router is its sibling (E, H) weight."""
+
+    def __init__(self, name: str, experts: nn.Module, parent: nn.Module) -> None:
+        router = _find_router_weight(parent, experts)
+        if router is None:
+            raise ValueError(
+                f"STGC found transformers experts at {name!r} but no linear router beside them: "
+                f"expected a sibling module with a ({experts.num_experts}, hidden) `weight`"
+            )
+        super().__init__(name, router, experts.num_experts)
+        up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+        self.up_site = WeightSite(
+            self, getattr(experts, up_name), experts.has_bias, None, experts.is_transposed
+        )
+        self.down_site = WeightSite(self, experts.down_proj, experts.has_bias, None, experts.is_transposed)
+        self.last_routing: LayerRouting | None = None
+        experts._stgc_probe = self
+        self._experts = experts
+
+    def routing(self) -> LayerRouting:
+        return self.last_routing
+
+    def remove(self) -> None:
+        super().remove()
+        del self._experts._stgc_probe
+
+
+def _find_router_weight(parent: nn.Module, experts: nn.Module) -> nn.Parameter | None:
+    """The first sibling parameter named `weight` of shape (num_experts, hidden)."""
+    hidden = experts.down_proj.shape[1 if not experts.is_transposed else 2]
+    for child in parent.children():
+        weight = getattr(child, "weight", None)
+        if (
+            child is not experts
+            and isinstance(weight, nn.Parameter)
+            and weight.shape == (experts.num_experts, hidden)
+        ):
+            return weight
+    return None
+
+
+def use_stgc_experts(module: nn.Module) -> dict[PreTrainedModel, object]:
+    """Switch every outermost transformers model inside `module` to the "stgc" experts implementation;
+    returns what each used before, for `restore_experts`."""
+    previous = {}
+    for model in module.modules():
+        inside_another = any(model is not m and model in set(m.modules()) for m in previous)
+        if isinstance(model, PreTrainedModel) and not inside_another:
+            previous[model] = model.get_experts_implementation()
+            model.set_experts_implementation(IMPLEMENTATION)
+    return previous
+
+
+def restore_experts(previous: dict[PreTrainedModel, object]) -> None:
+    for model, implementation in previous.items():
+        model.set_experts_implementation(implementation)

@@ -1,0 +1,54 @@
+"""Vision tower: an open_clip ViT that returns the patch tokens of one chosen layer (LLaVA style)."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import open_clip
+import torch
+from PIL import Image
+from torch import nn
+
+# The tiny ViT configs bundled with stgc (e.g. "stgc-vit-tiny") join open_clip's registry on import.
+open_clip.add_model_config(Path(__file__).parent / "vision_configs")
+
+
+class VisionTower(nn.Module):
+    """Patch-token features of an open_clip vision transformer.
+
+    `feature_layer` indexes the transformer blocks like a Python list: LLaVA takes the
+    penultimate block's output (-2). The CLS token is dropped, and so are the blocks after the
+    chosen one.
+    """
+
+    def __init__(self, model_name: str, pretrained: str | None = None, feature_layer: int = -2) -> None:
+        super().__init__()
+        if pretrained is not None and not Path(pretrained).is_file():
+            raise FileNotFoundError(f"vision_pretrained={pretrained!r} is not a local checkpoint file")
+        clip, self.train_transform, self.eval_transform = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained
+        )
+        self.visual = clip.visual  # the text tower is dropped
+        if not isinstance(self.visual, open_clip.transformer.VisionTransformer):
+            raise TypeError(f"{model_name!r} has a {type(self.visual).__name__} tower; a ViT is required")
+        num_layers = len(self.visual.transformer.resblocks)
+        if not -num_layers <= feature_layer < num_layers:
+            raise ValueError(f"feature_layer={feature_layer} is out of range for {num_layers} blocks")
+        # Blocks past the feature layer and the pooling head are never used: drop them.
+        self.visual.prune_intermediate_layers([feature_layer % num_layers], prune_norm=True, prune_head=True)
+        self.hidden_size: int = self.visual.transformer.width
+        grid = self.visual.grid_size
+        self.num_patches: int = grid[0] * grid[1]
+
+    def image_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        """open_clip's own preprocessing for this tower: PIL image -> (3, H, W) tensor."""
+        return self.train_transform if train else self.eval_transform
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, num_patches, hidden_size) patch features."""
+        out = self.visual.forward_intermediates(
+            images,
+            indices=1,  # the last kept block
+            intermediates_only=True,
+            output_fmt="NLC",
+        )
+        return out["image_intermediates"][0]

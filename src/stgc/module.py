@@ -1,0 +1,216 @@
+"""The LightningModule: trains the LVLM through stages I-III and evaluates it on VQA."""
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image
+from torch import nn
+from torchmetrics import MeanMetric
+
+from stgc.model.language_model import build_language_model, load_tokenizer
+from stgc.model.lvlm import LVLM
+from stgc.model.metrics import VQAAccuracy
+from stgc.model.projector import build_projector
+from stgc.model.vision import VisionTower
+from stgc.moe import moe_layers, moe_losses, routing_stats, short_layer_name, upcycle
+
+PARAMETER_GROUPS = ("vision_tower", "projector", "lm", "experts", "routers")
+
+
+class LVLMModule(L.LightningModule):
+    """One module for all stages: `moe` upcycles the LM (stage III); `trainable` picks the groups
+    that train (MoE-LLaVA: stage I ["projector"], stage II ["projector", "lm"], stage III
+    ["experts", "routers"]); `init_from` starts from the previous stage's checkpoint."""
+
+    def __init__(
+        self,
+        tokenizer: str,
+        lm_config: dict[str, Any] | None = None,
+        lm_path: str | None = None,
+        vision_model: str = "stgc-vit-tiny",
+        vision_pretrained: str | None = None,
+        vision_feature_layer: int = -2,
+        projector: str = "mlp2x_gelu",
+        moe: dict[str, Any] | None = None,
+        router_aux_loss_coef: float = 0.01,
+        router_z_loss_coef: float = 0.0,
+        trainable: Sequence[str] = ("projector",),
+        init_from: str | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        max_new_tokens: int = 8,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        unknown = sorted(set(trainable) - set(PARAMETER_GROUPS))
+        if unknown:
+            raise ValueError(
+                f"trainable={list(trainable)}: unknown groups {unknown}; choose from {PARAMETER_GROUPS}"
+            )
+        self.tokenizer = load_tokenizer(tokenizer)
+        vision_tower = VisionTower(vision_model, vision_pretrained, vision_feature_layer)
+        language_model = build_language_model(self.tokenizer, lm_path, lm_config)
+        text_size = language_model.get_input_embeddings().embedding_dim
+        self.model = LVLM(
+            vision_tower, build_projector(projector, vision_tower.hidden_size, text_size), language_model
+        )
+        state_dict = _load_state_dict(init_from) if init_from else None
+        checkpoint_is_moe = state_dict is not None and any(".router." in key for key in state_dict)
+        if moe is not None and not checkpoint_is_moe:
+            self._load(state_dict, init_from)  # a dense stage II checkpoint, then upcycle it
+            upcycle(self.model.language_model, **moe)
+        else:
+            if checkpoint_is_moe and moe is None:
+                raise ValueError(f"init_from={init_from!r} holds an MoE model; set `moe` to match it")
+            if moe is not None:
+                upcycle(self.model.language_model, **moe)
+            self._load(state_dict, init_from)
+        self._freeze_all_but(trainable)
+        self.val_loss = MeanMetric()
+        self.val_vqa = VQAAccuracy()
+        self.test_loss = MeanMetric()
+        self.test_vqa = VQAAccuracy()
+
+    # -- what the DataModules need from the model --------------------------------------------
+    @property
+    def num_image_tokens(self) -> int:
+        return self.model.vision_tower.num_patches
+
+    def image_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        return self.model.vision_tower.image_transform(train)
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _load(self, state_dict: dict[str, torch.Tensor] | None, path: str | None) -> None:
+        if state_dict is None:
+            return
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"init_from={path!r} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+
+    def _freeze_all_but(self, trainable: Sequence[str]) -> None:
+        groups = parameter_groups(self.model)
+        self.model.requires_grad_(False)
+        for group in trainable:
+            if not groups[group]:
+                raise ValueError(f"trainable group {group!r} has no parameters (is `moe` set?)")
+            for parameter in groups[group]:
+                parameter.requires_grad_(True)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]):
+        return self.model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        lm_loss = self(batch).loss
+        loss = lm_loss
+        batch_size = batch["input_ids"].shape[0]
+        if self.hparams.moe is not None:
+            aux_loss, z_loss = moe_losses(self.model)
+            loss = (
+                loss + self.hparams.router_aux_loss_coef * aux_loss + self.hparams.router_z_loss_coef * z_loss
+            )
+            self.log("train/aux_loss", aux_loss, batch_size=batch_size)
+            self._log_routing()
+        self.log("train/lm_loss", lm_loss, batch_size=batch_size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def _log_routing(self) -> None:
+        """Per MoE layer: balancing loss, expert load (also per modality), entropy, dropped tokens."""
+        if (self.global_step + 1) % self.trainer.log_every_n_steps:
+            return
+        for name, layer in moe_layers(self.model).items():
+            record = layer.last_routing
+            prefix = f"moe/{short_layer_name(name)}"
+            self.log(f"{prefix}/aux_loss", record.aux_loss)
+            for key, value in routing_stats(record).items():
+                self.log(f"{prefix}/{key}", value)
+
+    def _evaluate(self, batch: dict[str, Any], loss_metric: MeanMetric, vqa_metric: VQAAccuracy) -> None:
+        loss = self(batch).loss
+        num_targets = (batch["labels"][:, 1:] != -100).sum()
+        loss_metric.update(loss, weight=num_targets)
+        if "answers" in batch:
+            vqa_metric.update(self.answer(batch), batch["answers"], batch["question_types"])
+
+    def _log_evaluation(self, stage: str, loss_metric: MeanMetric, vqa_metric: VQAAccuracy) -> None:
+        loss = loss_metric.compute()
+        self.log(f"{stage}/loss", loss)
+        self.log(f"{stage}/ppl", torch.exp(loss))
+        loss_metric.reset()
+        if vqa_metric.update_count:
+            for key, value in vqa_metric.compute().items():
+                self.log(f"{stage}/vqa_acc" if key == "overall" else f"{stage}/vqa_acc_{key}", value)
+            vqa_metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_loss, self.val_vqa)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val", self.val_loss, self.val_vqa)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_loss, self.test_vqa)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test", self.test_loss, self.test_vqa)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        answers = self.answer(batch)
+        return [
+            {"answer": answer, "target": target}
+            for answer, target in zip(answers, batch["answers"], strict=True)
+        ]
+
+    @torch.no_grad()
+    def answer(self, batch: dict[str, Any]) -> list[str]:
+        """Greedy answers to the batch's left-padded prompts, decoded to text."""
+        new_ids = self.model.generate(
+            batch["images"],
+            batch["prompt_input_ids"],
+            batch["prompt_attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total_steps = self.trainer.estimated_stepping_batches
+        warmup_steps = max(1, int(self.hparams.warmup_ratio * total_steps))
+
+        def warmup_cosine(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def parameter_groups(model: LVLM) -> dict[str, list[nn.Parameter]]:
+    """The LVLM's parameters by the group names that `trainable` accepts."""
+    layers = list(moe_layers(model.language_model).values())
+    return {
+        "vision_tower": list(model.vision_tower.parameters()),
+        "projector": list(model.projector.parameters()),
+        "lm": list(model.language_model.parameters()),
+        "experts": [p for layer in layers for p in layer.experts.parameters()],
+        "routers": [p for layer in layers for p in layer.router.parameters()],
+    }
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The LVLM weights of a Lightning checkpoint written by this module."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items()}

@@ -1,0 +1,199 @@
+"""Sparse mixture-of-experts layer (top-k router over copies of a dense MLP) and its routing record.
+
+Notation: B batch, T sequence, H hidden, E experts, k experts per token, N routed tokens
+(all B*T tokens, or those the token mask keeps), S = N*k routing slots (assignments).
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class RoutingRecord:
+    """What one SparseMoE forward routed where; references to live tensors, no activation copies.
+
+    router_input:  (N, H) the tensor fed to the router (routed tokens, flattened, after jitter);
+                   router_logits == router_input.float() @ router.weight.float().T
+    token_index:   (N,) position of each routed token in the flattened B*T input
+    router_logits: (N, E) float32, with grad
+    topk_index:    (N, k) chosen experts, best first
+    topk_weight:   (N, k) float32 softmax probabilities of the chosen experts renormalised to sum to 1
+    expert_rows:   E tensors; expert_rows[e] holds the rows (into the N routed tokens) that expert e
+                   processed, in the order of the expert's input rows; capacity drops excluded
+    modality:      (N,) per routed token (0 text, 1 image), or None
+    num_dropped:   assignments dropped by the capacity limit (0 when dropless)
+    aux_loss:      load-balancing loss E * sum_i f_i * P_i (1.0 at uniform routing), with grad
+    z_loss:        router z-loss mean(logsumexp(logits)^2), with grad
+    """
+
+    router_input: Tensor
+    token_index: Tensor
+    router_logits: Tensor
+    topk_index: Tensor
+    topk_weight: Tensor
+    expert_rows: list[Tensor]
+    modality: Tensor | None
+    num_dropped: int
+    aux_loss: Tensor
+    z_loss: Tensor
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts that start as exact copies of a dense MLP (sparse upcycling).
+
+    Capacity rule (when capacity_factor is set): each expert keeps at most
+    ceil(capacity_factor * N * k / E) assignments; assignments are ranked by token order (then by
+    the token's top-k rank) and the first ones are kept. A dropped assignment contributes nothing:
+    the token's output is the weighted sum of its kept experts only (weights are not renormalised).
+    """
+
+    def __init__(
+        self,
+        mlp: nn.Module,
+        hidden_size: int,
+        num_experts: int = 4,
+        top_k: int = 2,
+        capacity_factor: float | None = None,
+        router_jitter: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts ({num_experts}) must be >= 1.")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k ({top_k}) must be in [1, num_experts={num_experts}].")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor ({capacity_factor}) must be > 0 or None (dropless).")
+        if not 0.0 <= router_jitter < 1.0:
+            raise ValueError(f"router_jitter ({router_jitter}) must be in [0, 1).")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.router_jitter = router_jitter
+        param = next(mlp.parameters())
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, device=param.device, dtype=param.dtype)
+        self.experts = nn.ModuleList(copy.deepcopy(mlp) for _ in range(num_experts))
+        self.token_mask: Tensor | None = None  # (B, T) bool, set by routing_context
+        self.modality: Tensor | None = None  # (B, T) long, set by routing_context
+        self.last_routing: RoutingRecord | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"capacity_factor={self.capacity_factor}, router_jitter={self.router_jitter}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Route each (unmasked) token to its top-k experts; masked tokens output zeros."""
+        x_flat = x.reshape(-1, x.shape[-1])  # (B*T, H)
+        token_index = self._routed_positions(x)  # (N,)
+        x_routed = x_flat if self.token_mask is None else x_flat.index_select(0, token_index)  # (N, H)
+        router_input = x_routed
+        if self.training and self.router_jitter > 0:
+            noise = torch.empty_like(x_routed).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
+            router_input = x_routed * noise  # (N, H)
+        logits = F.linear(router_input.float(), self.router.weight.float())  # (N, E) float32
+        probs = logits.softmax(dim=-1)  # (N, E)
+        topk_weight, topk_index = probs.topk(self.top_k, dim=-1)  # (N, k), (N, k)
+        topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)  # (N, k), rows sum to 1
+
+        flat_expert = topk_index.reshape(-1)  # (S,) token-major: slot s is token s // k
+        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        order = torch.argsort(flat_expert, stable=True)  # (S,) slots grouped by expert, token order kept
+        kept_counts = counts
+        if self.capacity_factor is not None:
+            order, kept_counts = self._apply_capacity(order, counts, x_routed.shape[0])  # (S_kept,), (E,)
+        num_dropped = flat_expert.numel() - order.numel()
+
+        rows = order // self.top_k  # (S_kept,) routed-token row of each kept slot
+        weights = topk_weight.reshape(-1).index_select(0, order).to(x.dtype)  # (S_kept,)
+        expert_in = x_routed.index_select(0, rows)  # (S_kept, H) contiguous per expert
+        sizes = kept_counts.tolist()
+        expert_out = torch.cat(
+            [expert(chunk) for expert, chunk in zip(self.experts, expert_in.split(sizes), strict=True)]
+        )  # (S_kept, H)
+        out_routed = torch.zeros_like(x_routed).index_add_(0, rows, expert_out * weights[:, None])  # (N, H)
+        out = out_routed
+        if self.token_mask is not None:
+            out = torch.zeros_like(x_flat).index_copy_(0, token_index, out_routed)  # (B*T, H)
+
+        aux_loss, z_loss = self._losses(logits, probs, counts)
+        self.last_routing = RoutingRecord(
+            router_input=router_input,
+            token_index=token_index,
+            router_logits=logits,
+            topk_index=topk_index,
+            topk_weight=topk_weight,
+            expert_rows=list(rows.split(sizes)),
+            modality=self._routed_modality(x, token_index),
+            num_dropped=num_dropped,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+        )
+        return out.view_as(x)  # (B, T, H)
+
+    def _routed_positions(self, x: Tensor) -> Tensor:
+        """Flat positions of the tokens to route: all of them, or those the token mask keeps."""
+        if self.token_mask is None:
+            return torch.arange(x.shape[:-1].numel(), device=x.device)  # (B*T,)
+        if self.token_mask.shape != x.shape[:-1]:
+            raise ValueError(
+                f"token_mask shape {tuple(self.token_mask.shape)} does not match hidden states "
+                f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})."
+            )
+        return self.token_mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+
+    def _routed_modality(self, x: Tensor, token_index: Tensor) -> Tensor | None:
+        """Modality of each routed token, or None outside a routing context."""
+        if self.modality is None:
+            return None
+        if self.modality.shape != x.shape[:-1]:
+            raise ValueError(
+                f"modality shape {tuple(self.modality.shape)} does not match hidden states "
+                f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})."
+            )
+        return self.modality.reshape(-1).index_select(0, token_index)  # (N,)
+
+    def _apply_capacity(self, order: Tensor, counts: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+        """Keep each expert's first `capacity` slots (in token order); return kept slots and counts."""
+        capacity = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        starts = torch.cumsum(counts, dim=0) - counts  # (E,) first sorted position of each expert
+        experts = torch.arange(self.num_experts, device=counts.device)  # (E,)
+        sorted_expert = torch.repeat_interleave(experts, counts)  # (S,) expert of each sorted slot
+        rank = torch.arange(order.numel(), device=order.device) - starts[sorted_expert]  # (S,) rank in expert
+        return order[rank < capacity], counts.clamp(max=capacity)  # (S_kept,), (E,)
+
+    def _losses(self, logits: Tensor, probs: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """Load-balancing loss E * sum_i f_i P_i and router z-loss, over routed tokens (0 if none)."""
+        num_tokens = max(logits.shape[0], 1)
+        f = counts.float() / (num_tokens * self.top_k)  # (E,) fraction of slots per expert
+        p = probs.sum(dim=0) / num_tokens  # (E,) mean router probability
+        aux_loss = self.num_experts * (f * p).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).square().sum() / num_tokens
+        return aux_loss, z_loss
+
+
+def routing_stats(record: RoutingRecord) -> dict[str, float]:
+    """Per-expert load, mean router entropy, drop rate, and load per modality, for logging."""
+    num_experts = record.router_logits.shape[-1]
+    stats = {f"load/expert_{e}": v for e, v in enumerate(_load(record.topk_index, num_experts).tolist())}
+    log_probs = record.router_logits.detach().log_softmax(dim=-1)  # (N, E)
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # (N,)
+    stats["entropy"] = entropy.mean().item() if entropy.numel() else 0.0
+    stats["dropped_fraction"] = record.num_dropped / max(record.topk_index.numel(), 1)
+    if record.modality is not None:
+        for name, value in (("text", 0), ("image", 1)):
+            topk = record.topk_index[record.modality == value]  # (N_m, k)
+            load = _load(topk, num_experts).tolist()
+            stats.update({f"load_{name}/expert_{e}": v for e, v in enumerate(load)})
+    return stats
+
+
+def _load(topk_index: Tensor, num_experts: int) -> Tensor:
+    """Fraction of routing slots on each expert (zeros when there are none)."""
+    counts = torch.bincount(topk_index.reshape(-1), minlength=num_experts).float()  # (E,)
+    return counts / max(topk_index.numel(), 1)

@@ -1,0 +1,47 @@
+"""Shared test fixtures."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: fail fast instead of hanging
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def easy_vqa_dir(tmp_path_factory: pytest.TempPathFactory):
+    """easy-VQA prepared once per session (images, LLaVA JSON files, trained tokenizer)."""
+    from stgc.data.easy_vqa import prepare
+
+    return prepare(tmp_path_factory.mktemp("easy_vqa"))
+
+
+@pytest.fixture(scope="session")
+def easy_vqa_tokenizer(easy_vqa_dir):
+    """The byte-level BPE tokenizer that prepare() trained."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(easy_vqa_dir / "tokenizer")
+
+
+@pytest.fixture
+def write_llava(tmp_path):
+    """Function writing records to tmp_path/data.json and 8x8 PNGs for their images under tmp_path/images."""
+    import json
+
+    from PIL import Image
+
+    def write(records: list, broken_images: tuple[str, ...] = ()):
+        images = tmp_path / "images"
+        images.mkdir(exist_ok=True)
+        for record in records:
+            if isinstance(record, dict) and record.get("image"):
+                path = images / record["image"]
+                if record["image"] in broken_images:
+                    path.write_bytes(b"not a png")
+                else:
+                    Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
+        path = tmp_path / "data.json"
+        path.write_text(json.dumps(records))
+        return path, images
+
+    return write

@@ -1,0 +1,412 @@
+"""STGC callback: exact cosines inside real models, the CEL's effect, and Lightning integration."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, TensorDataset
+
+from stgc.callback import STGC, find_moe_probes
+from stgc.conflict.hf_experts import restore_experts, use_stgc_experts
+from stgc.moe import SparseMoE
+from support.lightning_models import (
+    CausalLMModule,
+    ForeignMoEModule,
+    tiny_olmoe,
+    token_batches,
+    upcycled_qwen2,
+)
+
+
+def _trainer(callbacks, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    return L.Trainer(callbacks=callbacks, **(defaults | kwargs))
+
+
+# -- exactness inside real models -----------------------------------------------------------------
+
+
+def _brute_force_cosines(expert_fn, expert_params, inputs, output_grads, topk_index, topk_weight, expert):
+    """Per-token gradients of one expert's parameters via torch.func, and their cosine to the sum.
+
+    Token t's gradient is ∂/∂θ ⟨w_te · expert(x_t), ∂L/∂y_t⟩, y the MoE layer's output."""
+    routed = (topk_index == expert).any(dim=-1)  # (N,)
+    rows = routed.nonzero().squeeze(1)
+    weight = (topk_weight * (topk_index == expert)).sum(dim=-1)  # (N,)
+
+    def token_objective(params, x, w, dy):
+        return (w * expert_fn(params, x[None])[0] * dy).sum()
+
+    per_token = vmap(grad(token_objective), in_dims=(None, 0, 0, 0))(
+        expert_params, inputs[rows], weight[rows], output_grads[rows]
+    )
+    flat = torch.cat([g.reshape(len(rows), -1) for g in per_token.values()], dim=1)  # (n_e, P)
+    total = flat.sum(dim=0, keepdim=True)
+    return rows, torch.nn.functional.cosine_similarity(flat, total.expand_as(flat), dim=1)
+
+
+def _probe_cosines(conflicts, expert):
+    mine = conflicts.expert == expert
+    return conflicts.rows[mine], conflicts.cosine[mine]
+
+
+def _moe_io(model, moe_type):
+    """Forward hooks keeping each MoE block's input and output (with retained grad)."""
+    captured = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            output.retain_grad()
+            captured[name] = (args[0].reshape(-1, args[0].shape[-1]), output)
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, moe_type):
+            module.register_forward_hook(keep(name))
+    return captured
+
+
+def test_sparse_moe_cosines_match_brute_force_per_token_gradients() -> None:
+    model = upcycled_qwen2().double()
+    probes = find_moe_probes(model)
+    captured = _moe_io(model, SparseMoE)
+    for probe in probes:
+        probe.start(capturing=True)
+    ids = next(iter(token_batches()))[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    worst = 0.0
+    for probe, (name, (inputs, output)) in zip(probes, captured.items(), strict=True):
+        layer = dict(model.named_modules())[name]
+        record = layer.last_routing
+        conflicts = probe.conflicts()
+        for expert_index, expert in enumerate(layer.experts):
+            params = {k: v.detach() for k, v in expert.named_parameters()}
+            rows, expected = _brute_force_cosines(
+                lambda p, x, e=expert: functional_call(e, p, (x,)),
+                params,
+                inputs.detach(),
+                output.grad.reshape(-1, output.shape[-1]),
+                record.topk_index,
+                record.topk_weight.double(),
+                expert_index,
+            )
+            got_rows, got = _probe_cosines(conflicts, expert_index)
+            order = torch.argsort(got_rows)
+            assert torch.equal(got_rows[order], rows)
+            worst = max(worst, (got[order] - expected).abs().max().item())
+    assert worst <= 1e-6, worst
+
+
+def test_transformers_experts_cosines_match_brute_force() -> None:
+    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+    model = tiny_olmoe().double()
+    previous = use_stgc_experts(model)
+    probes = find_moe_probes(model)
+    captured = _moe_io(model, OlmoeSparseMoeBlock)
+    for probe in probes:
+        probe.start(capturing=True)
+    ids = next(iter(token_batches()))[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    for probe, (name, (inputs, output)) in zip(probes, captured.items(), strict=True):
+        block = dict(model.named_modules())[name]
+        _, topk_weight, topk_index = block.gate(inputs.detach())
+        experts = block.experts
+        for expert_index in range(experts.num_experts):
+            params = {
+                "gate_up": experts.gate_up_proj[expert_index].detach(),
+                "down": experts.down_proj[expert_index].detach(),
+            }
+
+            def expert_fn(p, x, experts=experts):
+                gate, up = torch.nn.functional.linear(x, p["gate_up"]).chunk(2, dim=-1)
+                return torch.nn.functional.linear(experts.act_fn(gate) * up, p["down"])
+
+            rows, expected = _brute_force_cosines(
+                expert_fn,
+                params,
+                inputs.detach(),
+                output.grad.reshape(-1, output.shape[-1]),
+                topk_index,
+                topk_weight,
+                expert_index,
+            )
+            got_rows, got = _probe_cosines(probe.conflicts(), expert_index)
+            order = torch.argsort(got_rows)
+            assert torch.equal(got_rows[order], rows)
+            torch.testing.assert_close(got[order], expected, atol=1e-6, rtol=0)
+    restore_experts(previous)
+
+
+def test_stgc_experts_implementation_matches_eager() -> None:
+    model = tiny_olmoe()
+    ids = next(iter(token_batches()))[0]
+    model.set_experts_implementation("eager")
+    eager = model(input_ids=ids).logits
+    previous = use_stgc_experts(model)
+    assert model.get_experts_implementation()[""] == "stgc"
+    torch.testing.assert_close(model(input_ids=ids).logits, eager)
+    restore_experts(previous)
+    assert model.get_experts_implementation()[""] == "eager"
+
+
+# -- the method on a constructed expert -----------------------------------------------------------
+
+
+class OppositeGroups(L.LightningModule):
+    """Eight identical tokens through one MoE layer; six pull an expert one way, two the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+        self.moe = SparseMoE(mlp, hidden_size=4, num_experts=2, top_k=1)
+        self.token = torch.randn(4)
+        self.direction = torch.randn(4)
+        self.sign = torch.tensor([1.0] * 6 + [-1.0] * 2)  # tokens 6 and 7 are the minority
+
+    def training_step(self, batch, batch_idx):
+        out = self.moe(self.token.expand(1, 8, 4))  # (1, 8, 4)
+        return (out[0] * self.sign[:, None] * self.direction).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
+
+    def expert_probability(self) -> torch.Tensor:
+        logits = self.moe.router(self.token)
+        return logits.softmax(-1)
+
+
+def test_minority_with_opposite_gradients_is_flagged_and_routed_away() -> None:
+    runs = {}
+    for loss_weight in (0.0, 1.0):
+        module = OppositeGroups()
+        chosen = int(module.expert_probability().argmax())
+        callback = STGC(loss_weight=loss_weight, histogram_every_n_steps=0)
+        seen = {}
+        original = callback.on_after_backward
+
+        def spy(trainer, pl_module, original=original, callback=callback, seen=seen):
+            seen["conflicts"] = callback.probes[0].conflicts()
+            original(trainer, pl_module)
+
+        callback.on_after_backward = spy
+        _trainer([callback], max_steps=1).fit(module)
+        runs[loss_weight] = (module, seen["conflicts"], chosen)
+
+    (baseline, conflicts, chosen), (treated, _, _) = runs[0.0], runs[1.0]
+    order = torch.argsort(conflicts.rows)
+    torch.testing.assert_close(conflicts.cosine[order], torch.tensor([1.0] * 6 + [-1.0] * 2))
+    assert torch.equal(conflicts.expert, torch.full((8,), chosen))
+    for (name, before), after in zip(baseline.named_parameters(), treated.parameters(), strict=True):
+        if name == "moe.router.weight":
+            assert not torch.equal(before, after), "the CEL must move the router"
+        else:
+            assert torch.equal(before, after), f"the CEL changed {name}"
+    assert treated.expert_probability()[chosen] < baseline.expert_probability()[chosen]
+
+
+# -- Lightning integration ------------------------------------------------------------------------
+
+
+def test_foreign_transformers_moe_trains_with_stgc_and_logs_statistics() -> None:
+    module = ForeignMoEModule()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = _trainer([STGC(loss_weight=0.1, histogram_every_n_steps=0)])
+    trainer.fit(module)
+    metrics = trainer.callback_metrics
+    for key in (
+        "stgc/conflict_ratio/all",
+        "stgc/cosine_mean/all",
+        "stgc/cosine_std/all",
+        "stgc/cel_loss/all",
+        "stgc/conflict_ratio/layer_0",
+        "stgc/expert_load/layer_1/expert_3",
+        "stgc/expert_conflict_ratio/layer_0/expert_0",
+    ):
+        assert key in metrics, key
+    assert 0.0 <= float(metrics["stgc/conflict_ratio/all"]) <= 1.0
+    assert module.model.get_experts_implementation()[""] != "stgc"  # restored at teardown
+    assert all(not torch.equal(before[n], p) for n, p in module.named_parameters() if "gate.weight" in n)
+
+
+def test_modality_split_is_logged_for_our_moe() -> None:
+    module = CausalLMModule(upcycled_qwen2())
+
+    class WithModality(CausalLMModule):
+        def training_step(self, batch, batch_idx):
+            from stgc.moe import routing_context
+
+            (ids,) = batch
+            modality = (torch.arange(ids.shape[1]) < 4).long().expand_as(ids)  # first 4 positions "image"
+            with routing_context(self.model, torch.ones_like(ids, dtype=torch.bool), modality):
+                return self.model(input_ids=ids, labels=ids).loss
+
+    module = WithModality(module.model)
+    trainer = _trainer([STGC(histogram_every_n_steps=0)])
+    trainer.fit(module)
+    assert "stgc/conflict_ratio_image/layer_0" in trainer.callback_metrics
+    assert "stgc/conflict_ratio_text/layer_1" in trainer.callback_metrics
+
+
+def test_no_moe_layer_is_a_clear_error_at_fit_start() -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dense = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    with pytest.raises(MisconfigurationException, match="found no MoE layer in CausalLMModule"):
+        _trainer([STGC()]).fit(CausalLMModule(dense))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"threshold": 2.0}, "threshold=2.0"),
+        ({"loss_weight": -1.0}, "loss_weight=-1.0"),
+        ({"loss_type": "kl"}, "loss_type='kl'"),
+        ({"every_n_steps": 0}, "every_n_steps=0"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps=0"),
+        ({"histogram_every_n_steps": -1}, "histogram_every_n_steps=-1"),
+    ],
+)
+def test_arguments_are_validated(kwargs, match) -> None:
+    with pytest.raises(MisconfigurationException, match=match):
+        STGC(**kwargs)
+
+
+def _router_weights(module) -> list[torch.Tensor]:
+    return [p.detach().clone() for n, p in module.named_parameters() if "router" in n]
+
+
+def test_accumulating_two_identical_micro_batches_equals_one_batch() -> None:
+    """LM loss and CEL are both divided by the accumulation steps, so the update is the same."""
+    one_batch = CausalLMModule(upcycled_qwen2())
+    ids = next(iter(token_batches()))[0]
+    one_batch.train_dataloader = lambda: DataLoader(TensorDataset(ids), batch_size=4)
+    twice = CausalLMModule(upcycled_qwen2())
+    twice.train_dataloader = lambda: DataLoader(TensorDataset(torch.cat([ids, ids])), batch_size=4)
+    single = STGC(loss_weight=1.0, histogram_every_n_steps=0)
+    accumulated = STGC(loss_weight=1.0, histogram_every_n_steps=0)
+    _trainer([single], max_steps=1).fit(one_batch)
+    _trainer([accumulated], max_steps=1, accumulate_grad_batches=2).fit(twice)
+    assert (single.measured_micro_batches, accumulated.measured_micro_batches) == (1, 2)
+    for a, b in zip(one_batch.parameters(), twice.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    baseline = CausalLMModule(upcycled_qwen2())
+    baseline.train_dataloader = one_batch.train_dataloader
+    _trainer([STGC(loss_weight=0.0, histogram_every_n_steps=0)], max_steps=1).fit(baseline)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(_router_weights(baseline), _router_weights(one_batch), strict=True)
+    )
+
+
+def test_resume_restores_running_statistics(tmp_path) -> None:
+    first = STGC(histogram_every_n_steps=0)
+    trainer = _trainer([first], max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(CausalLMModule(upcycled_qwen2()))
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    resumed = STGC(histogram_every_n_steps=0)
+    _trainer([resumed], max_steps=4, default_root_dir=tmp_path).fit(
+        CausalLMModule(upcycled_qwen2()), ckpt_path=checkpoint
+    )
+    assert resumed.measured_micro_batches == 4
+    assert torch.all(resumed.assignment_counts >= first.assignment_counts)
+    assert resumed.assignment_counts.sum() > first.assignment_counts.sum()
+
+
+def test_every_n_steps_and_start_step() -> None:
+    callback = STGC(start_step=1, every_n_steps=2, histogram_every_n_steps=0)
+    _trainer([callback], max_steps=4).fit(CausalLMModule(upcycled_qwen2()))
+    assert callback.measured_micro_batches == 2  # steps 1 and 3
+
+
+class NaNAtLastStep(CausalLMModule):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx == 2 else loss
+
+
+def test_non_finite_step_is_skipped_and_counted() -> None:
+    module = NaNAtLastStep(upcycled_qwen2())
+    callback = STGC(loss_weight=1.0, histogram_every_n_steps=0)
+    added = []
+    original = callback._cel_gradient
+
+    def spy(*args, **kwargs):
+        loss, router_grad = original(*args, **kwargs)
+        added.append(router_grad)
+        return loss, router_grad
+
+    callback._cel_gradient = spy
+    _trainer([callback], max_steps=3).fit(module)
+    assert callback.skipped_nonfinite == 1
+    assert callback.measured_micro_batches == 2
+    assert all(torch.isfinite(g).all() for g in added)
+
+
+def test_bf16_mixed_precision_gives_finite_conflicts() -> None:
+    callback = STGC(loss_weight=0.1, histogram_every_n_steps=0)
+    trainer = _trainer([callback], precision="bf16-mixed")
+    trainer.fit(CausalLMModule(upcycled_qwen2()))
+    assert callback.skipped_nonfinite == 0 and callback.measured_micro_batches == 2
+    assert torch.isfinite(trainer.callback_metrics["stgc/cosine_mean/all"])
+
+
+def test_histograms_and_heatmap_reach_tensorboard(tmp_path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="stgc")
+    _trainer([STGC(histogram_every_n_steps=1)], logger=logger).fit(CausalLMModule(upcycled_qwen2()))
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "images": 0}).Reload()
+    assert {"stgc/cosine/layer_0", "stgc/cosine/layer_1"} <= set(events.Tags()["histograms"])
+    assert "stgc/conflict_ratio_heatmap" in events.Tags()["images"]
+    assert "stgc/conflict_ratio/all" in events.Tags()["scalars"]
+
+
+def _ddp_run(tmp_path, *flags):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "support" / "ddp_stgc.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), *flags], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_ddp_replicas_stay_identical_with_the_router_gradient_all_reduced(tmp_path) -> None:
+    rank0, rank1 = _ddp_run(tmp_path)
+    assert rank0["measured"] == rank1["measured"] == 3
+    for name, value in rank0["state_dict"].items():
+        torch.testing.assert_close(value, rank1["state_dict"][name], atol=0, rtol=0, msg=name)
+    control = tmp_path / "control"
+    control.mkdir()
+    rank0, rank1 = _ddp_run(control, "--no-reduce")  # without the all-reduce the routers drift apart
+    routers = [n for n in rank0["state_dict"] if "router" in n]
+    assert any(not torch.equal(rank0["state_dict"][n], rank1["state_dict"][n]) for n in routers)

@@ -1,0 +1,219 @@
+"""Dataset, collate and DataModules: padding, bad images, eval expansion, seeded split."""
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from stgc.data import InstructionDataModule, LlavaCollator, PretrainDataModule
+from stgc.data import datamodule as datamodule_module
+
+N_IMAGE = 4
+PAD = 0
+
+
+def to_tensor(image) -> torch.Tensor:
+    """(3, 8, 8) float image in [0, 1]."""
+    return torch.from_numpy(np.array(image.resize((8, 8)))).permute(2, 0, 1).float() / 255
+
+
+def record(i: int, n_turns: int = 2, image: bool = True) -> dict:
+    """A record with n_turns typed answers."""
+    turns = []
+    for k in range(n_turns):
+        turns += [
+            {"from": "human", "value": ("<image>\n" if image and k == 0 else "") + f"question {k}?"},
+            {"from": "gpt", "value": f"answer {i} {k}", "type": "yes/no" if k else "color"},
+        ]
+    return {"id": f"r{i}", **({"image": f"r{i}.png"} if image else {}), "conversations": turns}
+
+
+def make_dm(cls, path, images, tokenizer, **kwargs):
+    """A DataModule attached to the tokenizer and test transforms."""
+    dm = cls(train_json=str(path), image_folder=str(images), **kwargs)
+    dm.attach(tokenizer, to_tensor, to_tensor, N_IMAGE)
+    return dm
+
+
+def test_collate_pads_right_and_prompts_left():
+    items = [
+        {
+            "image": torch.zeros(3, 2, 2),
+            "input_ids": torch.tensor([5, 6, 7]),
+            "labels": torch.tensor([-100, 6, 7]),
+            "prompt_ids": torch.tensor([5]),
+            "answer": "a",
+            "question_type": "color",
+        },
+        None,
+        {
+            "image": torch.ones(3, 2, 2),
+            "input_ids": torch.tensor([8]),
+            "labels": torch.tensor([8]),
+            "prompt_ids": torch.tensor([8, 9]),
+            "answer": "b",
+            "question_type": "other",
+        },
+    ]
+    batch = LlavaCollator(pad_token_id=PAD)(items)
+    assert batch["images"].shape == (2, 3, 2, 2) and batch["images"].dtype == torch.float32
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, PAD, PAD]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["prompt_input_ids"].tolist() == [[PAD, 5], [8, 9]]
+    assert batch["prompt_attention_mask"].tolist() == [[0, 1], [1, 1]]
+    assert (batch["answers"], batch["question_types"], batch["num_dropped"]) == (
+        ["a", "b"],
+        ["color", "other"],
+        1,
+    )
+    assert all(
+        batch[k].dtype == torch.long for k in ("input_ids", "attention_mask", "labels", "prompt_input_ids")
+    )
+    assert LlavaCollator(PAD)([None, None]) is None
+
+
+def test_train_batch(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(i) for i in range(2)] + [record(2, image=False)])
+    dm = make_dm(InstructionDataModule, path, images, easy_vqa_tokenizer, val_json=str(path), batch_size=3)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"images", "input_ids", "attention_mask", "labels", "num_dropped"}
+    assert batch["images"].shape == (3, 3, 8, 8)
+    n_image_ids = (batch["input_ids"] == IMAGE_TOKEN_ID).sum(1).sort().values.tolist()
+    assert n_image_ids == [0, N_IMAGE, N_IMAGE]
+    text_only = (batch["input_ids"] == IMAGE_TOKEN_ID).sum(1) == 0
+    assert batch["images"][text_only].abs().sum() == 0
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == easy_vqa_tokenizer.pad_token_id).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_eval_expands_instruction_answers(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(0, n_turns=3), record(1, n_turns=1)])
+    dm = make_dm(
+        InstructionDataModule, path, images, easy_vqa_tokenizer, val_json=str(path), eval_batch_size=8
+    )
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 2 and len(dm.datasets["val"]) == 4
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["answers"] == ["answer 0 0", "answer 0 1", "answer 0 2", "answer 1 0"]
+    assert batch["question_types"] == ["color", "yes/no", "yes/no", "color"]
+    for row in range(4):  # labels: exactly that answer and its eos; the prompt ends where they begin
+        trained = batch["labels"][row] != IGNORE_INDEX
+        answer_ids = easy_vqa_tokenizer(" " + batch["answers"][row], add_special_tokens=False)["input_ids"]
+        assert batch["labels"][row][trained].tolist() == [*answer_ids, easy_vqa_tokenizer.eos_token_id]
+        prompt = batch["prompt_input_ids"][row][batch["prompt_attention_mask"][row] == 1]
+        start = int(trained.nonzero()[0])
+        assert prompt.tolist() == batch["input_ids"][row][:start].tolist()
+
+
+def test_plain_eval_has_no_prompt_fields(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(0), record(1)])
+    dm = make_dm(PretrainDataModule, path, images, easy_vqa_tokenizer, val_json=str(path))
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape[0] == 2 and "prompt_input_ids" not in batch
+
+
+def test_undecodable_image_strict(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(0), record(1)], broken_images=("r1.png",))
+    dm = make_dm(
+        PretrainDataModule, path, images, easy_vqa_tokenizer, val_json=str(path), skip_bad_records=False
+    )
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: record 'r1': cannot decode")):
+        next(iter(dm.val_dataloader()))
+
+
+def test_undecodable_image_skipped(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(0), record(1), record(2)], broken_images=("r1.png",))
+    dm = make_dm(PretrainDataModule, path, images, easy_vqa_tokenizer, val_json=str(path))
+    dm.setup("fit")
+    with pytest.warns(UserWarning, match="r1"):
+        batch = next(iter(dm.val_dataloader()))
+    assert batch["num_dropped"] == 1 and batch["input_ids"].shape[0] == 2
+    assert dm.datasets["val"].skipped == {"bad_image": 1}
+
+
+def test_all_masked_after_truncation_skipped(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(0), record(1)])
+    dm = make_dm(PretrainDataModule, path, images, easy_vqa_tokenizer, val_json=str(path), max_length=N_IMAGE)
+    dm.setup("fit")
+    with pytest.warns(UserWarning, match="no trained token"):
+        assert next(iter(dm.val_dataloader()), None) is None
+    assert dm.datasets["val"].skipped == {"all_masked": 2}
+
+
+def test_seeded_split(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(i, n_turns=1) for i in range(40)])
+
+    def split(seed: int) -> tuple[list[str], list[str]]:
+        dm = make_dm(PretrainDataModule, path, images, easy_vqa_tokenizer, val_fraction=0.25, seed=seed)
+        dm.setup("fit")
+        return [r.id for r in dm.datasets["train"].records], [r.id for r in dm.datasets["val"].records]
+
+    train, val = split(0)
+    assert len(val) == 10 and sorted(train + val) == sorted(f"r{i}" for i in range(40))
+    assert split(0) == (train, val) and split(1)[1] != val
+
+
+def test_train_loader_order_is_seeded(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(i, n_turns=1) for i in range(20)])
+
+    def order(seed: int) -> list[list[list[int]]]:
+        dm = make_dm(
+            PretrainDataModule, path, images, easy_vqa_tokenizer, val_json=str(path), batch_size=4, seed=seed
+        )
+        dm.setup("fit")
+        return [b["input_ids"].tolist() for b in dm.train_dataloader()]
+
+    assert order(3) == order(3) != order(4)
+
+
+def test_test_loader_needs_test_json(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(0)])
+    dm = make_dm(PretrainDataModule, path, images, easy_vqa_tokenizer)
+    with pytest.raises(ValueError, match="test_json is not set"):
+        dm.setup("test")
+
+
+def test_setup_takes_model_inputs_from_the_trainer(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(0), record(1)])
+    dm = InstructionDataModule(train_json=str(path), image_folder=str(images), test_json=str(path))
+    with pytest.raises(RuntimeError, match="call attach"):
+        dm.setup("test")
+    model = SimpleNamespace(
+        tokenizer=easy_vqa_tokenizer, image_transform=lambda train: to_tensor, num_image_tokens=2
+    )
+    dm.trainer = SimpleNamespace(lightning_module=model)
+    dm.setup("test")
+    assert (next(iter(dm.test_dataloader()))["input_ids"] == IMAGE_TOKEN_ID).sum() == 2 * 4  # 4 answers
+
+
+def test_prepare_data_runs_easy_vqa_when_files_are_missing(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(datamodule_module.easy_vqa, "prepare", calls.append)
+    train_json = tmp_path / "evqa" / "instruct_train.json"
+    dm = InstructionDataModule(train_json=str(train_json), image_folder=str(tmp_path), prepare_easy_vqa=True)
+    dm.prepare_data()
+    assert calls == [train_json.parent]
+
+
+def test_easy_vqa_end_to_end(easy_vqa_dir, easy_vqa_tokenizer):
+    dm = InstructionDataModule(
+        train_json=str(easy_vqa_dir / "instruct_train.json"),
+        image_folder=str(easy_vqa_dir / "images"),
+        test_json=str(easy_vqa_dir / "instruct_test.json"),
+        limit_records=20,
+        batch_size=4,
+        eval_batch_size=16,
+    )
+    dm.attach(easy_vqa_tokenizer, to_tensor, to_tensor, N_IMAGE)
+    dm.setup("fit")
+    dm.setup("test")
+    train, test = next(iter(dm.train_dataloader())), next(iter(dm.test_dataloader()))
+    assert train["images"].shape == (4, 3, 8, 8) and test["prompt_input_ids"].shape[0] == 16
+    assert set(test["question_types"]) <= {"yes/no", "color", "shape"}

@@ -1,0 +1,96 @@
+"""The bundled easy-VQA preparation: layout, captions consistent with answers, idempotence, tokenizer."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from stgc.data.easy_vqa import PALETTE, SHAPES, captions, prepare, question_type
+from stgc.data.records import load_records
+from stgc.data.templates import DEFAULT_SYSTEM_PROMPT
+
+JSON_FILES = ("pretrain_train.json", "pretrain_test.json", "instruct_train.json", "instruct_test.json")
+
+
+def test_layout_and_counts(easy_vqa_dir):
+    assert len(list((easy_vqa_dir / "images" / "train").glob("*.png"))) == 4000
+    assert len(list((easy_vqa_dir / "images" / "test").glob("*.png"))) == 1000
+    pretrain = json.loads((easy_vqa_dir / "pretrain_test.json").read_text())
+    assert len(pretrain) == 1000 and pretrain[0]["id"] == "test_0" and pretrain[0]["image"] == "test/0.png"
+    instruct, skipped = load_records(
+        easy_vqa_dir / "instruct_test.json", easy_vqa_dir / "images", skip_bad_records=False
+    )
+    assert not skipped and sum(len(r.turns) for r in instruct) == 9673
+    assert instruct[0].turns[0].question.startswith("<image>\n")
+
+
+def test_captions_agree_with_answers(easy_vqa_dir):
+    for split in ("train", "test"):
+        pretrain = json.loads((easy_vqa_dir / f"pretrain_{split}.json").read_text())
+        caption = {r["id"]: r["conversations"][1]["value"] for r in pretrain}
+        for record in json.loads((easy_vqa_dir / f"instruct_{split}.json").read_text()):
+            _, colour, shape = caption[record["id"]].split()
+            assert colour in PALETTE and shape in (*SHAPES, "shape")
+            for turn in record["conversations"][1::2]:
+                assert turn["type"] == question_type(turn["value"])
+                if turn["type"] == "color":
+                    assert turn["value"] == colour
+                elif turn["type"] == "shape":
+                    assert turn["value"] == shape
+
+
+def test_captions_from_facts_elimination_and_pixels(tmp_path):
+    Image.new("RGB", (8, 8), PALETTE["teal"]).save(tmp_path / "teal.png")
+    questions = [
+        "is there a circle?",
+        "is there not a triangle?",
+        "what color is the shape?",
+        "is there a blue shape?",
+    ]
+    answers = ["no", "no", "red", "no"]
+    paths = {0: tmp_path / "teal.png", 1: tmp_path / "teal.png"}
+    # image 0: not a circle, a triangle (negation), red; image 1: nothing but "not blue" -> pixels, no shape
+    result = captions(questions, answers, [0, 0, 0, 1], paths)
+    assert result == {0: "a red triangle", 1: "a teal shape"}
+    with pytest.raises(ValueError, match="contradict"):
+        captions(["what color is the shape?", "what color is the shape?"], ["red", "blue"], [0, 0], paths)
+
+
+def test_question_type():
+    assert [question_type(a) for a in ("yes", "no", "circle", "gray")] == [
+        "yes/no",
+        "yes/no",
+        "shape",
+        "color",
+    ]
+    with pytest.raises(ValueError, match="'purple'"):
+        question_type("purple")
+
+
+def test_prepare_is_idempotent(easy_vqa_dir, capsys):
+    outputs = [easy_vqa_dir / f for f in JSON_FILES] + [easy_vqa_dir / "tokenizer" / "tokenizer.json"]
+    before = {p: p.stat().st_mtime_ns for p in outputs}
+    missing = easy_vqa_dir / "images" / "train" / "7.png"
+    content = missing.read_bytes()
+    missing.unlink()
+    prepare(easy_vqa_dir)
+    assert {p: p.stat().st_mtime_ns for p in outputs} == before
+    assert missing.read_bytes() == content
+    assert "complete (1 images copied" in capsys.readouterr().out
+
+
+def test_tokenizer_round_trip(easy_vqa_tokenizer):
+    tok = easy_vqa_tokenizer
+    assert (tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token) == ("<pad>", "<s>", "</s>", "<unk>")
+    assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3 and len(tok) <= 1000
+    text = f"{DEFAULT_SYSTEM_PROMPT} USER: \nwhat color is the circle? ASSISTANT: teal"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and tok.unk_token_id not in ids
+
+
+def test_script_prepares(tmp_path, monkeypatch, easy_vqa_dir):
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["prepare_easy_vqa.py", "--out", str(easy_vqa_dir)])
+    runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "prepare_easy_vqa.py"), run_name="__main__")
