@@ -9,13 +9,14 @@ from stgc.module import LVLMModule
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
-    """Run the CLI; configs may interpolate each other's values (omegaconf parser mode)."""
+    """Run the CLI; configs may use omegaconf interpolation."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
     return LightningCLI(
         LVLMModule,
         LightningDataModule,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},  # stage runs have fixed versions, so reruns overwrite
         args=args,
     )
 

@@ -106,7 +106,9 @@ class LVLMModule(L.LightningModule):
     def forward(self, batch: dict[str, Any]):
         return self.model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every record of the batch was bad and skipped (counted by the dataset)
+            return None
         lm_loss = self(batch).loss
         loss = lm_loss
         batch_size = batch["input_ids"].shape[0]
@@ -132,7 +134,11 @@ class LVLMModule(L.LightningModule):
             for key, value in routing_stats(record).items():
                 self.log(f"{prefix}/{key}", value)
 
-    def _evaluate(self, batch: dict[str, Any], loss_metric: MeanMetric, vqa_metric: VQAAccuracy) -> None:
+    def _evaluate(
+        self, batch: dict[str, Any] | None, loss_metric: MeanMetric, vqa_metric: VQAAccuracy
+    ) -> None:
+        if batch is None:
+            return
         loss = self(batch).loss
         num_targets = (batch["labels"][:, 1:] != -100).sum()
         loss_metric.update(loss, weight=num_targets)
