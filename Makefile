@@ -21,7 +21,7 @@ train: data
 	$(PY) scripts/train_easy_vqa.py
 
 test: install
-	$(PY) -m ruff check src tests scripts
+	$(PY) -m ruff check src tests scripts examples
 	$(PY) -m pytest
 
 bench: install

@@ -1,0 +1,154 @@
+"""The LVLM and its LightningModule: splice, parameter groups, upcycling from a checkpoint, round trip."""
+
+import lightning as L
+import pytest
+import torch
+
+from stgc.constants import IMAGE_TOKEN_ID
+from stgc.model.metrics import VQAAccuracy, normalize_answer
+from stgc.module import LVLMModule, parameter_groups
+from stgc.moe import moe_layers
+
+TINY_LM = {
+    "model_type": "qwen2",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+@pytest.fixture
+def tiny_module(easy_vqa_dir):
+    def build(**kwargs) -> LVLMModule:
+        torch.manual_seed(0)
+        defaults = dict(
+            tokenizer=str(easy_vqa_dir / "tokenizer"), lm_config=TINY_LM, trainable=["projector", "lm"]
+        )
+        return LVLMModule(**(defaults | kwargs))
+
+    return build
+
+
+def _batch(module: LVLMModule, num_text: int = 5) -> dict[str, torch.Tensor]:
+    p = module.num_image_tokens
+    ids = torch.tensor([[7] * 2 + [IMAGE_TOKEN_ID] * p + [8] * num_text, [9] * (2 + p + num_text)])
+    labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, -100)
+    return {
+        "images": torch.randn(2, 3, 64, 64),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+    }
+
+
+def test_image_patches_are_spliced_at_the_image_positions_in_order(tiny_module) -> None:
+    module = tiny_module()
+    batch = _batch(module)
+    embeds, image_mask = module.model.embed(batch["images"], batch["input_ids"])
+    patches = module.model.projector(module.model.vision_tower(batch["images"][:1]))[
+        0
+    ]  # only sample 0 has an image
+    p = module.num_image_tokens
+    torch.testing.assert_close(embeds[0, 2 : 2 + p], patches)
+    text = module.model.language_model.get_input_embeddings()
+    torch.testing.assert_close(embeds[1], text(batch["input_ids"][1]))
+    torch.testing.assert_close(embeds[0, 2 + p :], text(torch.tensor([8] * 5)))
+    assert image_mask.sum() == p and image_mask[0, 2 : 2 + p].all()
+
+
+def test_wrong_number_of_image_positions_is_a_clear_error(tiny_module) -> None:
+    module = tiny_module()
+    ids = torch.tensor([[IMAGE_TOKEN_ID] * 3 + [5]])
+    with pytest.raises(ValueError, match="3 image positions for 1 images, expected 64 per image"):
+        module.model.embed(torch.randn(1, 3, 64, 64), ids)
+
+
+def test_trainable_groups_freeze_everything_else(tiny_module) -> None:
+    module = tiny_module(trainable=["projector"])
+    groups = parameter_groups(module.model)
+    assert all(p.requires_grad for p in groups["projector"])
+    assert not any(p.requires_grad for p in groups["lm"] + groups["vision_tower"])
+    with pytest.raises(ValueError, match=r"unknown groups \['decoder'\]"):
+        tiny_module(trainable=["decoder"])
+    with pytest.raises(ValueError, match="trainable group 'experts' has no parameters"):
+        tiny_module(trainable=["experts"])
+
+
+def _save(module: LVLMModule, path) -> str:
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+def test_stage3_upcycles_a_stage2_checkpoint_into_an_equivalent_moe(tiny_module, tmp_path) -> None:
+    dense = tiny_module().eval()
+    checkpoint = _save(dense, tmp_path / "stage2.ckpt")
+    moe = tiny_module(
+        moe={"num_experts": 4, "top_k": 2}, init_from=checkpoint, trainable=["experts", "routers"]
+    ).eval()
+    assert list(moe_layers(moe.model)) == ["language_model.model.layers.0.mlp"]  # every other of 2 layers
+    batch = _batch(dense)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(batch).logits, dense(batch).logits, atol=1e-5, rtol=1e-5)
+    trainable = {n for n, p in moe.named_parameters() if p.requires_grad}
+    assert trainable and all(".experts." in n or ".router." in n for n in trainable)
+
+
+def test_moe_checkpoint_round_trip_gives_identical_logits(tiny_module, tmp_path) -> None:
+    moe = tiny_module(moe={"num_experts": 4, "top_k": 2}, trainable=["experts", "routers"]).eval()
+    for parameter in moe_layers(moe.model)["language_model.model.layers.0.mlp"].router.parameters():
+        torch.nn.init.normal_(parameter)  # make routing non-trivial
+    checkpoint = _save(moe, tmp_path / "stage3.ckpt")
+    restored = LVLMModule.load_from_checkpoint(checkpoint, init_from=None).eval()
+    fresh = tiny_module(
+        moe={"num_experts": 4, "top_k": 2}, init_from=checkpoint, trainable=["experts"]
+    ).eval()
+    batch = _batch(moe)
+    with torch.no_grad():
+        expected = moe(batch).logits
+        torch.testing.assert_close(restored(batch).logits, expected, atol=0, rtol=0)
+        torch.testing.assert_close(fresh(batch).logits, expected, atol=0, rtol=0)
+
+
+def test_moe_checkpoint_needs_moe_settings(tiny_module, tmp_path) -> None:
+    checkpoint = _save(
+        tiny_module(moe={"num_experts": 2, "top_k": 1}, trainable=["experts"]), tmp_path / "m.ckpt"
+    )
+    with pytest.raises(ValueError, match="holds an MoE model; set `moe`"):
+        tiny_module(init_from=checkpoint)
+
+
+def test_greedy_generation_returns_new_tokens_only(tiny_module) -> None:
+    module = tiny_module().eval()
+    batch = _batch(module)
+    prompt = {
+        "images": batch["images"],
+        "prompt_input_ids": batch["input_ids"],
+        "prompt_attention_mask": batch["attention_mask"],
+    }
+    new_ids = module.model.generate(
+        batch["images"], batch["input_ids"], batch["attention_mask"], 3, eos_token_id=-1, pad_token_id=0
+    )
+    assert new_ids.shape == (2, 3)
+    logits = module(batch | {"labels": None}).logits
+    assert torch.equal(new_ids[:, 0], logits[:, -1].argmax(-1))  # the first greedy token
+    assert len(module.answer(prompt)) == 2
+
+
+def test_vqa_accuracy_normalises_and_splits_by_type() -> None:
+    assert normalize_answer("  The Blue!  ") == "blue"
+    metric = VQAAccuracy()
+    metric.update(
+        ["Yes", "red", "circle.", "a cat"],
+        ["yes", "blue", "Circle", "cat"],
+        ["yes/no", "color", "shape", "misc"],
+    )
+    result = metric.compute()
+    assert result["overall"] == 0.75
+    assert (result["yes_no"], result["color"], result["shape"], result["other"]) == (1.0, 0.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="2 predictions, 1 targets"):
+        metric.update(["a", "b"], ["a"], ["other"])
