@@ -1,4 +1,4 @@
-"""End to end through the CLI: `stgc fit` stages I -> II -> III (+ STGC), then `stgc validate`, on a slice."""
+"""End to end through the CLI: `stgc fit` stages 0 -> I -> II -> III (+ STGC), then validate/test, on a slice."""
 
 import json
 import runpy
@@ -9,32 +9,26 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import main as stgc
+from support.tiny import TINY_LM as TINY_LM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_LM = json.dumps(
-    {
-        "model_type": "qwen2",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-    }
-)
+TINY_LM = json.dumps(TINY_LM_CONFIG)
 
 
 def _args(config: str, data_dir: Path, log_root: Path) -> list[str]:
-    prefix = "pretrain" if "stage1" in config else "instruct"
-    return [
+    """A stage's config files (stage 0 has no LVLM), pointed at the slice, with tiny budgets."""
+    is_clip = config.startswith("stage0")
+    prefix = "instruct" if config.startswith(("stage2", "stage3")) else "pretrain"
+    model = [] if is_clip else ["-c", str(ROOT / "configs" / "easy_vqa" / "model.yaml")]
+    lm = [] if is_clip else [f"--model.init_args.lm_config={TINY_LM}"]
+    configs = [
         "-c",
         str(ROOT / "configs" / "trainer.yaml"),
-        "-c",
-        str(ROOT / "configs" / "easy_vqa" / "model.yaml"),
+        *model,
         "-c",
         str(ROOT / "configs" / "easy_vqa" / config),
-        f"--model.tokenizer={data_dir / 'tokenizer'}",
-        f"--model.lm_config={TINY_LM}",
+    ]
+    data = [
         f"--data.init_args.train_json={data_dir / f'{prefix}_train.json'}",
         f"--data.init_args.test_json={data_dir / f'{prefix}_test.json'}",
         f"--data.init_args.image_folder={data_dir / 'images'}",
@@ -42,9 +36,14 @@ def _args(config: str, data_dir: Path, log_root: Path) -> list[str]:
         "--data.init_args.val_fraction=0.1",
         "--data.init_args.batch_size=8",
         "--data.init_args.eval_batch_size=16",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=3",
-        "--trainer.log_every_n_steps=1",
+    ]
+    budget = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1"]
+    return [
+        *configs,
+        f"--model.init_args.tokenizer={data_dir / 'tokenizer'}",
+        *lm,
+        *data,
+        *budget,
         f"--trainer.logger.init_args.save_dir={log_root}",
     ]
 
@@ -55,23 +54,38 @@ def _scalars(log_dir: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(easy_vqa_dir, tmp_path_factory):
-    """Stages I, II and III with STGC added from the command line; returns the log root."""
+    """Stages 0, I, II and III with STGC added from the command line; returns the log root."""
     log_root = tmp_path_factory.mktemp("logs")
-    stgc(["fit", *_args("stage1_pretrain.yaml", easy_vqa_dir, log_root)])
+    clip = log_root / "clip.pt"
+    stgc(["fit", *_args("stage0_clip.yaml", easy_vqa_dir, log_root), f"--model.init_args.export_path={clip}"])
+    stage1_args = _args("stage1_pretrain.yaml", easy_vqa_dir, log_root)
+    stgc(["fit", *stage1_args, f"--model.init_args.vision_pretrained={clip}"])
     stage1 = log_root / "easy_vqa" / "stage1" / "checkpoints" / "last.ckpt"
-    stgc(["fit", *_args("stage2_finetune.yaml", easy_vqa_dir, log_root), f"--model.init_from={stage1}"])
-    stage2 = log_root / "easy_vqa" / "stage2" / "checkpoints" / "last.ckpt"
     stgc(
         [
             "fit",
-            *_args("stage3_moe.yaml", easy_vqa_dir, log_root),
-            f"--model.init_from={stage2}",
-            "--trainer.callbacks+=stgc.STGC",
-            "--trainer.callbacks.loss_weight=0.05",
-            "--trainer.callbacks.histogram_every_n_steps=1",
+            *_args("stage2_finetune.yaml", easy_vqa_dir, log_root),
+            f"--model.init_args.init_from={stage1}",
         ]
     )
+    stage2 = log_root / "easy_vqa" / "stage2" / "checkpoints" / "last.ckpt"
+    stage3_args = _args("stage3_moe.yaml", easy_vqa_dir, log_root) + [f"--model.init_args.init_from={stage2}"]
+    stgc_callback = [
+        "--trainer.callbacks+=stgc.STGC",
+        "--trainer.callbacks.loss_weight=0.05",
+        "--trainer.callbacks.histogram_every_n_steps=1",
+    ]
+    stgc(["fit", *stage3_args, *stgc_callback])
     return log_root
+
+
+def test_stage0_exports_a_clip_checkpoint_that_stage1_loads(pipeline) -> None:
+    assert (pipeline / "clip.pt").is_file()
+    assert {"train/clip_loss", "val/clip_loss", "val/retrieval_acc"} <= _scalars(
+        pipeline / "easy_vqa" / "stage0"
+    )
+    stage1 = (pipeline / "easy_vqa" / "stage1" / "config.yaml").read_text()
+    assert f"vision_pretrained: {pipeline / 'clip.pt'}" in stage1
 
 
 def test_each_stage_writes_checkpoints_and_metrics(pipeline) -> None:
@@ -110,7 +124,7 @@ def test_validate_and_test_a_checkpoint(pipeline, easy_vqa_dir) -> None:
     checkpoint = pipeline / "easy_vqa" / "stage2" / "checkpoints" / "last.ckpt"
     args = _args("stage2_finetune.yaml", easy_vqa_dir, pipeline) + [
         f"--ckpt_path={checkpoint}",
-        "--model.init_from=null",
+        "--model.init_args.init_from=null",
     ]
     validated = stgc(["validate", *args])
     assert {"val/loss", "val/vqa_acc"} <= set(validated.trainer.callback_metrics)

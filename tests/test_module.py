@@ -8,16 +8,7 @@ from stgc.constants import IMAGE_TOKEN_ID
 from stgc.model.metrics import VQAAccuracy, normalize_answer
 from stgc.module import LVLMModule, parameter_groups
 from stgc.moe import moe_layers
-
-TINY_LM = {
-    "model_type": "qwen2",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+from support.tiny import TINY_LM
 
 
 @pytest.fixture
@@ -62,7 +53,8 @@ def test_image_patches_are_spliced_at_the_image_positions_in_order(tiny_module) 
 def test_wrong_number_of_image_positions_is_a_clear_error(tiny_module) -> None:
     module = tiny_module()
     ids = torch.tensor([[IMAGE_TOKEN_ID] * 3 + [5]])
-    with pytest.raises(ValueError, match="3 image positions for 1 images, expected 64 per image"):
+    expected = f"3 image positions for 1 images, expected {module.num_image_tokens} per image"
+    with pytest.raises(ValueError, match=expected):
         module.model.embed(torch.randn(1, 3, 64, 64), ids)
 
 

@@ -1,6 +1,5 @@
 """The LightningModule: trains the LVLM through stages I-III and evaluates it on VQA."""
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ from stgc.model.metrics import VQAAccuracy
 from stgc.model.projector import build_projector
 from stgc.model.vision import VisionTower
 from stgc.moe import moe_layers, moe_losses, routing_stats, short_layer_name, upcycle
+from stgc.optim import adamw_warmup_cosine
 
 PARAMETER_GROUPS = ("vision_tower", "projector", "lm", "experts", "routers")
 
@@ -189,19 +189,9 @@ class LVLMModule(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(parameters, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total_steps = self.trainer.estimated_stepping_batches
-        warmup_steps = max(1, int(self.hparams.warmup_ratio * total_steps))
-
-        def warmup_cosine(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        h = self.hparams
+        trained = [p for p in self.parameters() if p.requires_grad]
+        return adamw_warmup_cosine(self, trained, h.lr, h.weight_decay, h.warmup_ratio)
 
 
 def parameter_groups(model: LVLM) -> dict[str, list[nn.Parameter]]:

@@ -9,6 +9,7 @@ product X·Gᵀ per expert linear, and nothing is kept once the weight hook has 
 Notation: N routed tokens of the layer, E experts, n_e rows processed by expert e.
 """
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ class LayerConflicts:
     finite: Tensor  # () bool: every gradient term was finite (a NaN/inf micro-batch is skipped)
 
 
-class LayerProbe:
+class LayerProbe(ABC):
     """One MoE layer as STGC sees it: its router weight, its routing, and the cosine terms."""
 
     def __init__(self, name: str, router_weight: nn.Parameter, num_experts: int) -> None:
@@ -49,8 +50,9 @@ class LayerProbe:
         self.handles: list = []
         self._terms: dict[int, list[Tensor]] = {}  # expert -> [⟨g_i,G⟩ (n_e,), ‖g_i‖² (n_e,), ‖G‖² ()]
 
+    @abstractmethod
     def routing(self) -> LayerRouting:
-        raise NotImplementedError
+        """Where the last captured forward sent this layer's tokens."""
 
     def start(self, capturing: bool) -> None:
         """Begin a micro-batch: forget the last one's terms; capture only when asked."""

@@ -1,0 +1,394 @@
+"""What does STGC cost? Training steps with and without the callback, alternated in one run.
+
+For the default stage III easy-vqa model (and a larger LM shape) on a fixed batch:
+  * step time: plain, STGC with conflicts every step, STGC every 4th step (paired by repetition);
+  * s, the experts' share of the plain step (their fwd+bwd timed alone on the step's own rows),
+    and the floor 1 + s/3 that exact cosines cannot beat (one extra product per expert linear);
+  * STGC's extra time against the two naive ways to get the same cosines: per-token gradients
+    materialised with torch.func, and a second backward pass (with G = ΔᵀX recomputed);
+  * peak memory with / without (CUDA: allocator peak; CPU: peak RSS of a fresh process per variant);
+  * the cosine computation's time over growing token counts (should grow linearly).
+
+    python scripts/bench_stgc.py [--quick] [--out results/bench_stgc.json]
+
+The last line prints the step-time and peak-memory ratios.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.func import functional_call, grad
+
+from stgc import STGC
+from stgc.conflict import linear_gradient_terms, token_gradient_cosine
+from stgc.constants import IMAGE_TOKEN_ID
+from stgc.data.easy_vqa import prepare
+from stgc.module import LVLMModule
+from stgc.moe import moe_layers, moe_losses
+
+DATA = Path("data/easy_vqa")
+LM = {  # the easy-vqa LM (configs/easy_vqa/model.yaml) and a larger one
+    "default": {"hidden_size": 192, "intermediate_size": 512, "num_attention_heads": 4},
+    "large": {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8},
+}
+
+
+def build(shape: str, device: str) -> LVLMModule:
+    """Stage III: the easy-vqa LVLM with 4-expert top-2 MoE in every other layer; experts and routers train."""
+    torch.manual_seed(0)
+    lm = {
+        "model_type": "qwen2",
+        "num_hidden_layers": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        **LM[shape],
+    }
+    module = LVLMModule(
+        tokenizer=str(DATA / "tokenizer"),
+        lm_config=lm,
+        moe={"num_experts": 4, "top_k": 2},
+        trainable=["experts", "routers"],
+    )
+    for layer in moe_layers(module.model).values():  # trained routers are not uniform: make routing matter
+        torch.nn.init.normal_(layer.router.weight, std=0.05)
+    return module.to(device)
+
+
+def batch(module: LVLMModule, batch_size: int, text_tokens: int, device: str) -> dict[str, torch.Tensor]:
+    """A stage III-shaped batch: the image positions then text, every position trained but the image."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = len(module.tokenizer)
+    text = torch.randint(4, vocab, (batch_size, text_tokens), generator=generator)
+    image = torch.full((batch_size, module.num_image_tokens), IMAGE_TOKEN_ID)
+    ids = torch.cat([image, text], dim=1)
+    return {
+        "images": torch.randn(batch_size, 3, 64, 64, generator=generator).to(device),
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": ids.masked_fill(ids == IMAGE_TOKEN_ID, -100).to(device),
+    }
+
+
+class Stepper:
+    """One optimizer step of the LM loss + aux loss, optionally driving an STGC callback by hand."""
+
+    def __init__(self, module: LVLMModule, data: dict, callback: STGC | None, every_n: int = 1) -> None:
+        self.module, self.data, self.callback, self.every_n = module, data, callback, every_n
+        self.optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+        self.trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
+        self.trainer.strategy.connect(module)
+        self.count = 0
+        if callback is not None:
+            callback.setup(self.trainer, module, "fit")
+
+    def __call__(self) -> None:
+        active = self.callback is not None and self.count % self.every_n == 0
+        if self.callback is not None:
+            self.callback._active = active
+            for probe in self.callback.probes:
+                probe.start(active)
+        loss = self.module(self.data).loss + 0.01 * moe_losses(self.module.model)[0]
+        loss.backward()
+        if active:
+            self.callback.on_after_backward(self.trainer, self.module)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.count += 1
+
+    def close(self) -> None:
+        if self.callback is not None:
+            self.callback.teardown(self.trainer, self.module, "fit")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def step_times(shape: str, data: dict, reps: int, device: str) -> dict[str, list[float]]:
+    """Per-repetition times of the three variants, run round-robin on identical copies of the model
+    (so no variant pays for another's hooks); 'every_4' is the mean of 4 steps."""
+    quiet = {"log_every_n_steps": 10**9, "histogram_every_n_steps": 0}
+    variants = {
+        "plain": Stepper(build(shape, device), data, None),
+        "stgc_every_step": Stepper(build(shape, device), data, STGC(loss_weight=0.01, **quiet)),
+        "stgc_every_4": Stepper(build(shape, device), data, STGC(loss_weight=0.01, **quiet), every_n=4),
+    }
+    times = {name: [] for name in variants}
+    for rep in range(reps + 2):  # the first two rounds warm up
+        for name, stepper in variants.items():
+            steps = 4 if name == "stgc_every_4" else 1
+            elapsed = sum(timed(stepper, device) for _ in range(steps)) / steps
+            if rep >= 2:
+                times[name].append(elapsed)
+    for stepper in variants.values():
+        stepper.close()
+    return times
+
+
+def captured_experts(
+    module: LVLMModule, data: dict
+) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
+    """(expert, its input rows, the gradient at its output) for every expert of every MoE layer, one step."""
+    captured, outputs = [], []
+
+    def keep(expert):
+        def hook(_, args, output):
+            output.retain_grad()
+            captured.append((expert, args[0].detach()))
+            outputs.append(output)
+
+        return hook
+
+    handles = [
+        e.register_forward_hook(keep(e)) for layer in moe_layers(module.model).values() for e in layer.experts
+    ]
+    module(data).loss.backward()
+    for handle in handles:
+        handle.remove()
+    module.zero_grad(set_to_none=True)
+    return [(e, x, out.grad) for (e, x), out in zip(captured, outputs, strict=True) if x.shape[0]]
+
+
+def experts_time(experts: list, device: str) -> float:
+    """The experts' forward and backward alone, on the rows they processed in a real step."""
+
+    def run():
+        for expert, x, output_grad in experts:
+            expert(x.requires_grad_()).backward(output_grad)
+
+    return timed(run, device)
+
+
+def linears_io(expert: torch.nn.Module, x: torch.Tensor, output_grad: torch.Tensor):
+    """X and Δ of each of a SwiGLU expert's linears (gate, up, down), recomputed for the naive ways."""
+    x = x.detach().requires_grad_()
+    gate, up = expert.gate_proj(x), expert.up_proj(x)
+    hidden = expert.act_fn(gate) * up
+    out = expert.down_proj(hidden)
+    deltas = torch.autograd.grad(out, [gate, up, out], output_grad)
+    return [x.detach(), x.detach(), hidden.detach()], list(deltas)
+
+
+def materialised_time(experts: list, device: str, chunk: int = 256) -> float:
+    """Naive 1: per-token gradients with torch.func (in chunks, to fit memory), cosine to their sum."""
+
+    def run():
+        for expert, x, output_grad in experts:
+            params = {k: v.detach() for k, v in expert.named_parameters()}
+
+            def token_grad(p, xi, gi, expert=expert):
+                return grad(lambda q: (functional_call(expert, q, (xi[None],))[0] * gi).sum())(p)
+
+            per_token = torch.func.vmap(token_grad, in_dims=(None, 0, 0), chunk_size=chunk)
+            flats = [
+                torch.cat([g.reshape(len(xs), -1) for g in per_token(params, xs, gs).values()], 1)
+                for xs, gs in zip(x.split(chunk), output_grad.split(chunk), strict=True)
+            ]
+            total = sum(f.sum(0) for f in flats)
+            [torch.nn.functional.cosine_similarity(f, total[None], dim=1) for f in flats]
+
+    return timed(run, device)
+
+
+def second_backward_time(module: LVLMModule, data: dict, device: str) -> float:
+    """Naive 2: the extra cost of a second backward pass for the expert output gradients, then the
+    cosines from X and Δ with G recomputed (what a callback without hooks in backward must do)."""
+    outputs, inputs = [], []
+
+    def keep(_, args, output):
+        inputs.append(args[0])
+        outputs.append(output)
+
+    experts = [e for layer in moe_layers(module.model).values() for e in layer.experts]
+    handles = [e.register_forward_hook(keep) for e in experts]
+    loss = module(data).loss
+    loss.backward(retain_graph=True)
+    for handle in handles:
+        handle.remove()
+
+    def run():
+        output_grads = torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True)
+        for expert, x, output_grad in zip(experts, inputs, output_grads, strict=True):
+            if x.shape[0]:
+                token_gradient_cosine(*linears_io(expert, x, output_grad))
+
+    elapsed = timed(run, device)
+    module.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def linearity(hidden: int, intermediate: int, sizes: list[int], device: str) -> list[dict]:
+    """Time of one SwiGLU expert's cosine terms (G given, as STGC has it) against the token count."""
+    rows = []
+    for n in sizes:
+        shapes = [(hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]
+        xs = [torch.randn(n, d_in, device=device) for d_in, _ in shapes]
+        deltas = [torch.randn(n, d_out, device=device) for _, d_out in shapes]
+        grads = [d.T @ x for x, d in zip(xs, deltas, strict=True)]
+
+        def run(xs=xs, deltas=deltas, grads=grads):
+            for x, d, g in zip(xs, deltas, grads, strict=True):
+                linear_gradient_terms(x, d, grad_weight=g)
+
+        run()
+        elapsed = statistics.median(timed(run, device) for _ in range(5))
+        rows.append({"tokens": n, "ms": 1e3 * elapsed, "us_per_token": 1e6 * elapsed / n})
+    return rows
+
+
+def peak_memory(shape: str, variant: str, batch_size: int, text_tokens: int, device: str) -> float:
+    """Peak memory (MiB) of a few training steps of one variant, in a fresh process."""
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-probe",
+        shape,
+        variant,
+        str(batch_size),
+        str(text_tokens),
+        device,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(shape: str, variant: str, batch_size: int, text_tokens: int, device: str) -> None:
+    module = build(shape, device)
+    data = batch(module, batch_size, text_tokens, device)
+    callback = (
+        STGC(loss_weight=0.01, log_every_n_steps=10**9, histogram_every_n_steps=0)
+        if variant == "stgc"
+        else None
+    )
+    stepper = Stepper(module, data, callback)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        stepper()
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    print(peak / 2**20)
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
+    module = build(shape, device)
+    data = batch(module, args.batch_size, args.text_tokens, device)
+    times = step_times(shape, data, args.reps, device)
+    plain = statistics.median(times["plain"])
+    experts = captured_experts(module, data)
+    experts_alone = statistics.median(experts_time(experts, device) for _ in range(args.reps))
+    share = experts_alone / plain
+    stgc_extra = statistics.median(times["stgc_every_step"]) - plain
+    materialised = statistics.median(
+        materialised_time(experts, device) for _ in range(max(1, args.reps // 4))
+    )
+    second = statistics.median(
+        second_backward_time(module, data, device) for _ in range(max(1, args.reps // 2))
+    )
+    memory = {
+        variant: statistics.median(
+            peak_memory(shape, variant, args.batch_size, args.text_tokens, device)
+            for _ in range(args.memory_reps)
+        )
+        for variant in ("plain", "stgc")
+    }
+    hidden, intermediate = LM[shape]["hidden_size"], LM[shape]["intermediate_size"]
+    return {
+        "shape": {"lm": LM[shape], "batch": [args.batch_size, module.num_image_tokens + args.text_tokens]},
+        "plain_step_ms": 1e3 * plain,
+        "stgc_step_ms": 1e3 * statistics.median(times["stgc_every_step"]),
+        "stgc_every_4_step_ms": 1e3 * statistics.median(times["stgc_every_4"]),
+        "ratio_every_step": median_ratio(times["stgc_every_step"], times["plain"]),
+        "ratio_every_4": median_ratio(times["stgc_every_4"], times["plain"]),
+        "experts_share_s": share,
+        "floor": 1 + share / 3,
+        "stgc_extra_ms": 1e3 * stgc_extra,
+        "materialised_extra_ms": 1e3 * materialised,
+        "second_backward_extra_ms": 1e3 * second,
+        "extra_vs_materialised": stgc_extra / materialised,
+        "extra_vs_second_backward": stgc_extra / second,
+        "peak_mib": memory,
+        "memory_ratio": memory["stgc"] / memory["plain"],
+        "linearity": linearity(hidden, intermediate, args.sizes, device),
+    }
+
+
+def print_table(results: dict) -> None:
+    print(
+        f"{'shape':8} {'plain ms':>9} {'stgc ms':>8} {'ratio':>6} {'floor':>6} {'s':>5} {'every4':>7} "
+        f"{'mem':>5} {'vs mat':>7} {'vs 2nd':>7}"
+    )
+    for shape, r in results.items():
+        print(
+            f"{shape:8} {r['plain_step_ms']:9.1f} {r['stgc_step_ms']:8.1f} {r['ratio_every_step']:6.3f} "
+            f"{r['floor']:6.3f} {r['experts_share_s']:5.2f} {r['ratio_every_4']:7.3f} {r['memory_ratio']:5.2f} "
+            f"{r['extra_vs_materialised']:7.3f} {r['extra_vs_second_backward']:7.3f}"
+        )
+    for shape, r in results.items():
+        line = ", ".join(
+            f"{row['tokens']}: {row['ms']:.2f} ms ({row['us_per_token']:.2f} us/token)"
+            for row in r["linearity"]
+        )
+        print(f"conflict terms vs tokens ({shape}): {line}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-probe":
+        shape, variant, batch_size, text_tokens, device = sys.argv[2:]
+        memory_probe(shape, variant, int(batch_size), int(text_tokens), device)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="default shape only, small batch (< 60 s)")
+    parser.add_argument("--out", default="results/bench_stgc.json")
+    args = parser.parse_args()
+    args.batch_size, args.text_tokens = (8, 64) if args.quick else (32, 150)
+    args.reps, args.memory_reps = (6, 1) if args.quick else (20, 2)
+    args.sizes = [256, 512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    prepare(DATA)  # the tokenizer of the easy-vqa model (idempotent)
+    shapes = ["default"] if args.quick else ["default", "large"]
+    results = {shape: bench_shape(shape, args, device) for shape in shapes}
+    print_table(results)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(
+        json.dumps(
+            {"device": device, "threads": torch.get_num_threads(), "quick": args.quick, "results": results},
+            indent=2,
+        )
+        + "\n"
+    )
+    r = results["default"]
+    print(
+        f"step time ratio {r['ratio_every_step']:.3f} (floor {r['floor']:.3f}), every 4th {r['ratio_every_4']:.3f}, "
+        f"peak memory ratio {r['memory_ratio']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

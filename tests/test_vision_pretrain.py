@@ -1,0 +1,37 @@
+"""Stage 0: captions from LLaVA labels, and the exported CLIP checkpoint loads into the LVLM's tower."""
+
+import lightning as L
+import torch
+
+from stgc.constants import IGNORE_INDEX
+from stgc.model.vision import VisionTower
+from stgc.vision_pretrain import CLIPPretrainModule
+
+
+def test_captions_are_the_trained_label_ids_padded_to_the_context(easy_vqa_dir, tmp_path) -> None:
+    module = CLIPPretrainModule(
+        tokenizer=str(easy_vqa_dir / "tokenizer"), export_path=str(tmp_path / "clip.pt")
+    )
+    labels = torch.tensor([[IGNORE_INDEX, 11, 12, 2], [IGNORE_INDEX, IGNORE_INDEX, 13, 2]])
+    captions = module.captions(labels)
+    assert captions.shape == (2, module.context_length)
+    assert captions[0, :3].tolist() == [11, 12, 2] and captions[1, :2].tolist() == [13, 2]
+    assert (captions[0, 3:] == module.tokenizer.pad_token_id).all()
+
+
+def test_exported_clip_checkpoint_is_what_the_vision_tower_loads(easy_vqa_dir, tmp_path) -> None:
+    export = tmp_path / "clip.pt"
+    module = CLIPPretrainModule(tokenizer=str(easy_vqa_dir / "tokenizer"), export_path=str(export))
+    torch.nn.init.normal_(module.clip.visual.conv1.weight)  # differ from any fresh initialisation
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    module.trainer.strategy._lightning_module = module
+    module.on_train_end()
+    tower = VisionTower("stgc-vit-tiny", pretrained=str(export))
+    torch.testing.assert_close(tower.visual.conv1.weight, module.clip.visual.conv1.weight, atol=0, rtol=0)
+    torch.testing.assert_close(
+        tower.visual.transformer.resblocks[0].mlp.c_fc.weight,
+        module.clip.visual.transformer.resblocks[0].mlp.c_fc.weight,
+        atol=0,
+        rtol=0,
+    )
