@@ -33,6 +33,7 @@ QUICK = [  # a tiny slice, model and budget: checks that the study runs end to e
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=4",
     "--trainer.limit_test_batches=2",
+    "--trainer.log_every_n_steps=1",
 ]
 
 
