@@ -1,0 +1,191 @@
+"""LightningDataModules for LLaVA-format data: stage I (plain captions) and stages II/III (instructions)."""
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from stgc.data import easy_vqa
+from stgc.data.collate import LlavaCollator
+from stgc.data.dataset import ImageTransform, LlavaDataset
+from stgc.data.records import Record, load_records
+from stgc.data.templates import DEFAULT_SYSTEM_PROMPT, InstructionTemplate, PlainTemplate, Template
+
+
+class LlavaDataModule(LightningDataModule):
+    """Shared base: loads the JSON files, carves val from train if needed, builds datasets and loaders.
+
+    The tokenizer, image transforms and num_image_tokens come from the LightningModule at setup
+    (its `tokenizer`, `image_transform(train)`, `num_image_tokens`), or from attach() beforehand.
+    """
+
+    def __init__(
+        self,
+        train_json: str,
+        image_folder: str,
+        val_json: str | None = None,
+        test_json: str | None = None,
+        val_fraction: float = 0.05,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        max_length: int = 256,
+        seed: int = 0,
+        skip_bad_records: bool = True,
+        limit_records: int | None = None,
+        prepare_easy_vqa: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        for name, value in [
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("max_length", max_length),
+        ]:
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if limit_records is not None and limit_records < 1:
+            raise ValueError(f"limit_records must be None or >= 1, got {limit_records}")
+        self.save_hyperparameters(logger=False)
+        self.template: Template | None = None
+        self.collator: LlavaCollator | None = None
+        self.transforms: dict[str, ImageTransform] = {}
+        self.datasets: dict[str, LlavaDataset] = {}
+
+    def make_template(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> Template:
+        """The conversation template of this stage."""
+        raise NotImplementedError
+
+    def attach(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        train_transform: ImageTransform,
+        eval_transform: ImageTransform,
+        num_image_tokens: int,
+    ) -> None:
+        """Give the model-side inputs (for standalone use; setup() otherwise takes them from the model)."""
+        self.template = self.make_template(tokenizer, num_image_tokens)
+        # padding is masked out everywhere, so eos serves when the tokenizer has no pad token
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.collator = LlavaCollator(pad_id)
+        self.transforms = {"train": train_transform, "eval": eval_transform}
+
+    def prepare_data(self) -> None:
+        """Write the bundled easy-VQA data next to train_json when asked to and a file is missing."""
+        files = [self.hparams.train_json, self.hparams.val_json, self.hparams.test_json]
+        if self.hparams.prepare_easy_vqa and not all(Path(f).is_file() for f in files if f):
+            easy_vqa.prepare(Path(self.hparams.train_json).parent)
+
+    def setup(self, stage: str) -> None:
+        """Attach the model's tokenizer/transforms if needed, then build the datasets of `stage`."""
+        if self.template is None:
+            if self.trainer is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} has no tokenizer: call attach() or use it with a Trainer"
+                )
+            model = self.trainer.lightning_module
+            self.attach(
+                model.tokenizer,
+                model.image_transform(True),
+                model.image_transform(False),
+                model.num_image_tokens,
+            )
+        if stage in ("fit", "validate") and "train" not in self.datasets:
+            train, skipped = self.load(self.hparams.train_json)
+            if self.hparams.val_json is None:
+                train, val, val_skipped = *self.split(train), Counter()
+            else:
+                val, val_skipped = self.load(self.hparams.val_json)
+            self.datasets["train"] = self.dataset(train, skipped, evaluation=False)
+            self.datasets["val"] = self.dataset(val, val_skipped, evaluation=True)
+        if stage in ("test", "predict") and "test" not in self.datasets:
+            if self.hparams.test_json is None:
+                raise ValueError(
+                    f"{type(self).__name__}.test_json is not set; pass the test file to test or predict"
+                )
+            self.datasets["test"] = self.dataset(*self.load(self.hparams.test_json), evaluation=True)
+
+    def load(self, json_path: str) -> tuple[list[Record], Counter[str]]:
+        """Valid records of one file and its skip counts."""
+        h = self.hparams
+        return load_records(json_path, h.image_folder, h.skip_bad_records, h.limit_records)
+
+    def split(self, records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+        """Seeded train/val split by record (so all answers of a conversation stay on one side)."""
+        n_val = max(1, round(self.hparams.val_fraction * len(records)))
+        if n_val >= len(records):
+            raise ValueError(
+                f"{self.hparams.train_json}: {len(records)} records are too few to carve a val split"
+            )
+        order = torch.randperm(
+            len(records), generator=torch.Generator().manual_seed(self.hparams.seed)
+        ).tolist()
+        val_idx = set(order[:n_val])
+        return [r for i, r in enumerate(records) if i not in val_idx], [records[i] for i in sorted(val_idx)]
+
+    def dataset(self, records: Sequence[Record], skipped: Counter[str], evaluation: bool) -> LlavaDataset:
+        """Dataset with this module's template, transform and limits."""
+        transform = self.transforms["eval" if evaluation else "train"]
+        return LlavaDataset(
+            records,
+            self.template,
+            transform,
+            self.hparams.max_length,
+            evaluation,
+            self.hparams.skip_bad_records,
+            skipped,
+        )
+
+    def loader(self, split: str, **kwargs: Any) -> DataLoader:
+        """DataLoader over a built split."""
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.datasets[split],
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=self.collator,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled with a seeded generator, so runs are reproducible."""
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return self.loader("train", batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation samples in file order."""
+        return self.loader("val", batch_size=self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test samples in file order."""
+        return self.loader("test", batch_size=self.hparams.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same samples as test."""
+        return self.test_dataloader()
+
+
+class PretrainDataModule(LlavaDataModule):
+    """Stage I: image + caption, loss on the caption ("plain" template)."""
+
+    def make_template(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> Template:
+        """Plain captioning template."""
+        return PlainTemplate(tokenizer, num_image_tokens)
+
+
+class InstructionDataModule(LlavaDataModule):
+    """Stages II/III: multi-turn conversations, loss on answers; eval has one sample per answer."""
+
+    def __init__(self, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.system_prompt = system_prompt
+
+    def make_template(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> Template:
+        """Vicuna-v1 instruction template with this module's system prompt."""
+        return InstructionTemplate(tokenizer, num_image_tokens, self.system_prompt)

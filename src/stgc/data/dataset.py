@@ -1,0 +1,94 @@
+"""A map-style dataset over validated records: encodes lazily and loads images with PIL."""
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
+from torch.utils.data import Dataset
+
+from stgc.data.records import Record, RecordError
+from stgc.data.templates import Template
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W)
+
+
+class LlavaDataset(Dataset):
+    """Samples of records; with evaluation=True an instruction record gives one sample per answer.
+
+    A record that fails when loaded (undecodable image, too long, nothing trained after truncation)
+    raises RecordError, or with skip_bad_records gives None (dropped by the collate) and is counted
+    in `skipped` (per DataLoader worker when num_workers > 0).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        template: Template,
+        image_transform: ImageTransform,
+        max_length: int,
+        evaluation: bool = False,
+        skip_bad_records: bool = True,
+        skipped: Counter[str] | None = None,
+    ) -> None:
+        self.records = records
+        self.template = template
+        self.image_transform = image_transform
+        self.max_length = max_length
+        self.evaluation = evaluation and template.expands_turns
+        self.skip_bad_records = skip_bad_records
+        self.skipped = Counter(skipped)  # load-time counts, then those found in __getitem__
+        # (record index, answer index or None for the whole conversation)
+        self.index: list[tuple[int, int | None]] = [
+            (r, t)
+            for r, rec in enumerate(records)
+            for t in (range(len(rec.turns)) if self.evaluation else [None])
+        ]
+        self._blank: torch.Tensor | None = None
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx: int) -> dict[str, Any] | None:
+        """Encoded sample with its image tensor, or None for a bad record in skip mode."""
+        record_idx, turn = self.index[idx]
+        record = self.records[record_idx]
+        try:
+            encoded = self.template.encode(record, self.max_length, turn)
+            image = self.load_image(record)
+        except RecordError as err:
+            if not self.skip_bad_records:
+                raise
+            if not self._warned:
+                rank_zero_warn(f"{err}; skipping it and counting further skips in dataset.skipped")
+                self._warned = True
+            self.skipped[err.reason] += 1
+            return None
+        item = {
+            "image": image,  # (3, H, W)
+            "input_ids": torch.tensor(encoded.input_ids),  # (L,)
+            "labels": torch.tensor(encoded.labels),  # (L,)
+        }
+        if turn is not None:
+            answered = record.turns[turn]
+            item["prompt_ids"] = item["input_ids"][: encoded.prompt_length]  # (P,)
+            item["answer"] = answered.answer
+            item["question_type"] = answered.question_type
+        return item
+
+    def load_image(self, record: Record) -> torch.Tensor:
+        """Transformed RGB image, or zeros of the transform's output shape for a text-only record."""
+        if record.image is None:
+            if self._blank is None:
+                self._blank = torch.zeros_like(self.image_transform(Image.new("RGB", (64, 64))))
+            return self._blank
+        try:
+            with Image.open(record.image) as img:
+                return self.image_transform(img.convert("RGB"))
+        except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise RecordError(
+                record.source, record.id, "bad_image", f"cannot decode {record.image}: {err}"
+            ) from err

@@ -1,0 +1,195 @@
+"""The bundled easy-VQA dataset (PyPI `easy_vqa`) in LLaVA format, with a small trained tokenizer.
+
+Layout written by prepare(out_dir):
+    images/{train,test}/<n>.png              copies of the 64x64 images
+    pretrain_{train,test}.json               one caption record per image ("a blue rectangle")
+    instruct_{train,test}.json               one multi-turn conversation per image, typed answers
+    tokenizer/                               byte-level BPE, loadable with AutoTokenizer
+"""
+
+import json
+import shutil
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import easy_vqa
+import numpy as np
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from stgc.constants import IMAGE_PLACEHOLDER
+from stgc.data.templates import DEFAULT_SYSTEM_PROMPT
+
+SPLITS = ("train", "test")
+SHAPES = ("circle", "rectangle", "triangle")
+PALETTE = {  # the exact fill colours easy-VQA draws its shapes with
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "teal": (0, 128, 128),
+    "brown": (165, 42, 42),
+    "gray": (128, 128, 128),
+    "black": (0, 0, 0),
+}
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+VOCAB_SIZE = 1000  # an upper bound: easy-VQA's few words are fully merged well below it
+
+
+def question_type(answer: str) -> str:
+    """The eval category of an answer: "yes/no", "shape" or "color"."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    if answer in SHAPES:
+        return "shape"
+    if answer in PALETTE:
+        return "color"
+    raise ValueError(f"unknown easy-VQA answer {answer!r}")
+
+
+def resolve(facts: set[str], excluded: set[str], vocabulary: set[str]) -> str | None:
+    """The one value of an attribute that the answers imply, None if they leave it open."""
+    stated = facts & vocabulary
+    if len(stated) > 1:
+        raise ValueError(f"answers contradict each other: {sorted(stated)}")
+    candidates = stated or vocabulary - excluded
+    return next(iter(candidates)) if len(candidates) == 1 else None
+
+
+def pixel_colour(path: Path) -> str:
+    """The palette colour covering most pixels (the background is never an exact palette colour)."""
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))  # (H, W, 3)
+    counts = {name: int((rgb == value).all(-1).sum()) for name, value in PALETTE.items()}
+    return max(counts, key=counts.get)
+
+
+def captions(
+    questions: list[str], answers: list[str], image_ids: list[int], paths: dict[int, Path]
+) -> dict[int, str]:
+    """Caption per image from what its answers imply; colour falls back to pixels, shape to "shape"."""
+    facts, excluded = defaultdict(set), defaultdict(set)
+    vocabulary = set(SHAPES) | set(PALETTE)
+    for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
+        words = set(question.rstrip("?").split())
+        if answer not in ("yes", "no"):  # "what color is the circle?" -> blue: circle and blue hold
+            facts[image_id] |= (words | {answer}) & vocabulary
+            continue
+        holds = (answer == "yes") != bool(words & {"not", "no"})
+        mentioned = words & vocabulary
+        if holds:
+            facts[image_id] |= mentioned
+        elif len(mentioned) == 1:  # "is there a red shape?" -> no: not red
+            excluded[image_id] |= mentioned
+    out = {}
+    for image_id, path in paths.items():
+        colour = resolve(facts[image_id], excluded[image_id], set(PALETTE)) or pixel_colour(path)
+        shape = resolve(facts[image_id], excluded[image_id], set(SHAPES)) or "shape"
+        out[image_id] = f"a {colour} {shape}"
+    return out
+
+
+def split_records(split: str) -> tuple[list[dict], list[dict]]:
+    """Pretrain (caption) and instruction (all questions of an image) records of one split."""
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = {i: Path(p) for i, p in getattr(easy_vqa, f"get_{split}_image_paths")().items()}
+    if missing := set(image_ids) - set(paths):
+        raise ValueError(f"easy-VQA {split}: questions refer to missing images {sorted(missing)[:5]}")
+    caption = captions(questions, answers, image_ids, paths)
+    qa = defaultdict(list)
+    for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
+        qa[image_id].append((question, answer))
+    pretrain, instruct = [], []
+    for image_id in sorted(paths):
+        record_id, image = f"{split}_{image_id}", f"{split}/{image_id}.png"
+        pretrain.append(
+            {
+                "id": record_id,
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": IMAGE_PLACEHOLDER},
+                    {"from": "gpt", "value": caption[image_id]},
+                ],
+            }
+        )
+        if not qa[image_id]:
+            continue
+        conversation = []
+        for k, (question, answer) in enumerate(qa[image_id]):
+            prefix = f"{IMAGE_PLACEHOLDER}\n" if k == 0 else ""
+            conversation += [
+                {"from": "human", "value": prefix + question},
+                {"from": "gpt", "value": answer, "type": question_type(answer)},
+            ]
+        instruct.append({"id": record_id, "image": image, "conversations": conversation})
+    return pretrain, instruct
+
+
+def copy_images(split: str, images_dir: Path) -> int:
+    """Copy a split's PNGs, skipping those already there with the right size; return the number copied."""
+    target = images_dir / split
+    target.mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for image_id, src in getattr(easy_vqa, f"get_{split}_image_paths")().items():
+        dst = target / f"{image_id}.png"
+        if not dst.is_file() or dst.stat().st_size != Path(src).stat().st_size:
+            shutil.copyfile(src, dst)
+            copied += 1
+    return copied
+
+
+def write_json(path: Path, data: list[dict]) -> None:
+    """Write atomically, so a present file is always a complete one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def train_tokenizer(texts: list[str], out_dir: Path) -> int:
+    """Train a byte-level BPE on `texts`, save it as a transformers tokenizer directory; return its vocab size."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS).save_pretrained(out_dir)
+    return tokenizer.get_vocab_size()
+
+
+def prepare(out_dir: str | Path) -> Path:
+    """Write easy-VQA in LLaVA format plus a tokenizer under out_dir, once: copied images are kept,
+    the JSON files and tokenizer are rebuilt together unless all of them are present."""
+    start, out_dir = time.perf_counter(), Path(out_dir)
+    images_dir = out_dir / "images"
+    copied = sum(copy_images(split, images_dir) for split in SPLITS)
+    json_paths = [out_dir / f"{kind}_{split}.json" for split in SPLITS for kind in ("pretrain", "instruct")]
+    tokenizer_dir = out_dir / "tokenizer"
+    outputs = [*json_paths, tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer_config.json"]
+    if all(p.is_file() for p in outputs):
+        print(f"easy-VQA in {out_dir}: complete ({copied} images copied, {time.perf_counter() - start:.1f}s)")
+        return out_dir
+
+    texts, summary = [DEFAULT_SYSTEM_PROMPT, " USER: ", " ASSISTANT:"], []
+    for split in SPLITS:
+        pretrain, instruct = split_records(split)
+        write_json(out_dir / f"pretrain_{split}.json", pretrain)
+        write_json(out_dir / f"instruct_{split}.json", instruct)
+        for record in pretrain + instruct:
+            texts += [
+                " " + turn["value"].replace(IMAGE_PLACEHOLDER, "").strip() for turn in record["conversations"]
+            ]
+        n_turns = sum(len(r["conversations"]) // 2 for r in instruct)
+        n_open = sum(r["conversations"][1]["value"].endswith(" shape") for r in pretrain)
+        summary.append(f"{split}: {len(pretrain)} images ({n_open} of unknown shape), {n_turns} questions")
+    vocab_size = train_tokenizer(texts, tokenizer_dir)
+    print(
+        f"easy-VQA in {out_dir}: {'; '.join(summary)}; {copied} images copied; "
+        f"tokenizer vocab {vocab_size} ({time.perf_counter() - start:.1f}s)"
+    )
+    return out_dir
