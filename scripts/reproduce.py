@@ -23,6 +23,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import main as stgc
+from stgc.data.easy_vqa import prepare
 from stgc.pipeline import fit_stage, last_checkpoint, stage_args
 
 QUESTION_TYPES = ("yes_no", "color", "shape")
@@ -258,6 +259,7 @@ def main() -> None:
         args.extra += QUICK
     out, log_root = Path(args.out), Path(args.log_root)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    prepare(Path("data/easy_vqa"))  # the models need its tokenizer before any DataModule runs (idempotent)
     ensure_stage2(args, log_root)
     runs = plan(args)
     start = time.perf_counter()

@@ -23,9 +23,7 @@ def test_exported_clip_checkpoint_is_what_the_vision_tower_loads(easy_vqa_dir, t
     export = tmp_path / "clip.pt"
     module = CLIPPretrainModule(tokenizer=str(easy_vqa_dir / "tokenizer"), export_path=str(export))
     torch.nn.init.normal_(module.clip.visual.conv1.weight)  # differ from any fresh initialisation
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    module.trainer.strategy._lightning_module = module
+    module.trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     module.on_train_end()
     tower = VisionTower("stgc-vit-tiny", pretrained=str(export))
     torch.testing.assert_close(tower.visual.conv1.weight, module.clip.visual.conv1.weight, atol=0, rtol=0)
