@@ -371,13 +371,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="default shape only, small batch (< 60 s)")
     parser.add_argument("--out", default="results/bench_stgc.json")
+    parser.add_argument(
+        "--shapes", nargs="+", choices=list(LM), default=list(LM), help="ignored with --quick"
+    )
     args = parser.parse_args()
     args.batch_size, args.text_tokens = (8, 64) if args.quick else (32, 150)
     args.reps, args.memory_reps = (6, 1) if args.quick else (20, 2)
     args.sizes = [256, 512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prepare(DATA)  # the tokenizer of the easy-vqa model (idempotent)
-    shapes = ["default"] if args.quick else ["default", "large"]
+    shapes = ["default"] if args.quick else args.shapes
     results = {}
     for shape in shapes:
         results[shape] = bench_shape(shape, args, device)
@@ -391,7 +394,7 @@ def main() -> None:
         )
         + "\n"
     )
-    r = results["default"]
+    r = results[shapes[0]]
     print(
         f"step time ratio {r['ratio_every_step']:.3f} (floor {r['floor']:.3f}), every 4th {r['ratio_every_4']:.3f}, "
         f"peak memory ratio {r['memory_ratio']:.3f}"
