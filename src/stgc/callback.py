@@ -145,8 +145,8 @@ class STGC(L.Callback):
         layers = [probe.conflicts() for probe in self.probes]
         finite = bool(torch.stack([c.finite.cpu() for c in layers]).all())
         cel_losses = []
-        for probe, conflicts in zip(self.probes, layers, strict=True):
-            conflicting = conflicts.has_grad & (conflicts.cosine < self.threshold)  # (S,)
+        conflicting_masks = [c.has_grad & (c.cosine < self.threshold) for c in layers]  # (S,) per layer
+        for probe, conflicts, conflicting in zip(self.probes, layers, conflicting_masks, strict=True):
             cel_loss, router_grad = self._cel_gradient(probe, conflicts, conflicting, trainer, finite)
             if self.loss_weight > 0:
                 router_grad = self._average_across_processes(trainer, router_grad)
@@ -158,7 +158,7 @@ class STGC(L.Callback):
             self.skipped_nonfinite += 1
             return
         self.measured_micro_batches += 1
-        self._update_counts(layers)
+        self._update_counts(layers, conflicting_masks)
         step = trainer.global_step
         if (step + 1) % (self.log_every_n_steps or trainer.log_every_n_steps) == 0:
             self._log_scalars(pl_module, layers, cel_losses)
@@ -200,13 +200,11 @@ class STGC(L.Callback):
         return loss.detach(), grad
 
     # -- statistics ---------------------------------------------------------------------------------
-    def _update_counts(self, layers: list[LayerConflicts]) -> None:
-        for index, conflicts in enumerate(layers):
-            num_experts = self.conflict_counts.shape[1]
-            conflicting = conflicts.has_grad & (conflicts.cosine < self.threshold)
-            self.assignment_counts[index] += torch.bincount(
-                conflicts.expert[conflicts.has_grad], minlength=num_experts
-            ).cpu()
+    def _update_counts(self, layers: list[LayerConflicts], conflicting_masks: list[torch.Tensor]) -> None:
+        num_experts = self.conflict_counts.shape[1]
+        for index, (conflicts, conflicting) in enumerate(zip(layers, conflicting_masks, strict=True)):
+            assigned = conflicts.expert[conflicts.has_grad]
+            self.assignment_counts[index] += torch.bincount(assigned, minlength=num_experts).cpu()
             self.conflict_counts[index] += torch.bincount(
                 conflicts.expert[conflicting], minlength=num_experts
             ).cpu()

@@ -124,10 +124,10 @@ def _find_router_weight(parent: nn.Module, experts: nn.Module) -> nn.Parameter |
 def use_stgc_experts(module: nn.Module) -> dict[PreTrainedModel, object]:
     """Switch every outermost transformers model inside `module` to the "stgc" experts implementation;
     returns what each used before, for `restore_experts`."""
-    previous = {}
-    for model in module.modules():
-        inside_another = any(model is not m and model in set(m.modules()) for m in previous)
-        if isinstance(model, PreTrainedModel) and not inside_another:
+    previous, covered = {}, set()
+    for model in module.modules():  # parents come before their children
+        if isinstance(model, PreTrainedModel) and id(model) not in covered:
+            covered.update(id(child) for child in model.modules())
             previous[model] = model.get_experts_implementation()
             model.set_experts_implementation(IMPLEMENTATION)
     return previous
