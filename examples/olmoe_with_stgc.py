@@ -51,7 +51,7 @@ def main() -> dict[str, float]:
         log_every_n_steps=2,
         logger=False,
         enable_checkpointing=False,
-        callbacks=[STGC(threshold=0.0, loss_weight=0.01)],
+        callbacks=[STGC(threshold=-0.1, loss_weight=0.01)],
     )
     trainer.fit(LanguageModel())
     stats = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("/all")}

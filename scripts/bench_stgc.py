@@ -189,23 +189,26 @@ def linears_io(expert: torch.nn.Module, x: torch.Tensor, output_grad: torch.Tens
     return [x.detach(), x.detach(), hidden.detach()], list(deltas)
 
 
-def materialised_time(experts: list, device: str, chunk: int = 256) -> float:
-    """Naive 1: per-token gradients with torch.func (in chunks, to fit memory), cosine to their sum."""
+def materialised_time(experts: list, device: str, chunk_floats: int = 2**28) -> float:
+    """Naive 1: per-token gradients with torch.func, cosine to their sum (the expert's ordinary
+    gradient). Chunked so one chunk holds at most chunk_floats gradient entries (1 GiB in fp32)."""
 
     def run():
         for expert, x, output_grad in experts:
             params = {k: v.detach() for k, v in expert.named_parameters()}
+            chunk = max(1, min(256, chunk_floats // sum(p.numel() for p in params.values())))
 
-            def token_grad(p, xi, gi, expert=expert):
-                return grad(lambda q: (functional_call(expert, q, (xi[None],))[0] * gi).sum())(p)
+            def loss(p, xs, gs, expert=expert):  # sum over the rows of xs of <expert(x_i), g_i>
+                return (functional_call(expert, p, (xs,)) * gs).sum()
 
-            per_token = torch.func.vmap(token_grad, in_dims=(None, 0, 0), chunk_size=chunk)
-            flats = [
-                torch.cat([g.reshape(len(xs), -1) for g in per_token(params, xs, gs).values()], 1)
-                for xs, gs in zip(x.split(chunk), output_grad.split(chunk), strict=True)
-            ]
-            total = sum(f.sum(0) for f in flats)
-            [torch.nn.functional.cosine_similarity(f, total[None], dim=1) for f in flats]
+            def token_grad(p, xi, gi):
+                return grad(loss)(p, xi[None], gi[None])
+
+            total = torch.cat([g.reshape(-1) for g in grad(loss)(params, x, output_grad).values()])
+            per_token = torch.func.vmap(token_grad, in_dims=(None, 0, 0))
+            for xs, gs in zip(x.split(chunk), output_grad.split(chunk), strict=True):
+                flat = torch.cat([g.reshape(len(xs), -1) for g in per_token(params, xs, gs).values()], 1)
+                torch.nn.functional.cosine_similarity(flat, total[None], dim=1)
 
     return timed(run, device)
 
@@ -374,9 +377,11 @@ def main() -> None:
     parser.add_argument(
         "--shapes", nargs="+", choices=list(LM), default=list(LM), help="ignored with --quick"
     )
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20, quick 6)")
     args = parser.parse_args()
     args.batch_size, args.text_tokens = (8, 64) if args.quick else (32, 150)
-    args.reps, args.memory_reps = (6, 1) if args.quick else (20, 2)
+    args.memory_reps = 1 if args.quick else 2
+    args.reps = args.reps or (6 if args.quick else 20)
     args.sizes = [256, 512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prepare(DATA)  # the tokenizer of the easy-vqa model (idempotent)

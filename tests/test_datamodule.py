@@ -173,6 +173,35 @@ def test_train_loader_order_is_seeded(write_llava, easy_vqa_tokenizer):
     assert order(3) == order(3) != order(4)
 
 
+def test_group_by_length_batches_similar_lengths_and_sorts_eval(write_llava, easy_vqa_tokenizer):
+    turns = [1, 6, 3, 1, 6, 3]
+    path, images = write_llava([record(i, n_turns=n) for i, n in enumerate(turns)])
+    dm = make_dm(
+        InstructionDataModule,
+        path,
+        images,
+        easy_vqa_tokenizer,
+        val_json=str(path),
+        test_json=str(path),
+        batch_size=2,
+        eval_batch_size=100,
+        group_by_length=True,
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    lengths = dm.datasets["train"].lengths
+    # words ("<image>", then "question k?" and "answer i k" per turn) plus the image tokens
+    assert lengths == [1 + len(r.turns) * 5 + N_IMAGE for r in dm.datasets["train"].records]
+    masks = [b["attention_mask"] for b in dm.train_dataloader()]
+    padding = sum((m == 0).sum().item() for m in masks)
+    assert len(masks) == 3 and padding <= 4, "batches pair equal turn counts (shuffled, 1 vs 6 turns pad ~60)"
+    val = next(iter(dm.val_dataloader()))  # every answer, shortest prompt first
+    assert val["input_ids"].shape[0] == sum(turns)
+    assert val["attention_mask"].sum(1).tolist() == sorted(val["attention_mask"].sum(1).tolist())
+    predicted = next(iter(dm.predict_dataloader()))  # file order, as predictions are read
+    assert predicted["answers"][:3] == ["answer 0 0", "answer 1 0", "answer 1 1"]
+
+
 def test_test_loader_needs_test_json(write_llava, easy_vqa_tokenizer):
     path, images = write_llava([record(0)])
     dm = make_dm(PretrainDataModule, path, images, easy_vqa_tokenizer)

@@ -50,6 +50,25 @@ def test_image_patches_are_spliced_at_the_image_positions_in_order(tiny_module) 
     assert image_mask.sum() == p and image_mask[0, 2 : 2 + p].all()
 
 
+def test_cls_patch_keeps_the_cls_token_first(tiny_module) -> None:
+    """LLaVA's "cls_patch": the CLS token of the chosen block, then its patch tokens."""
+    patch = tiny_module(vision_feature_layer=-1)
+    cls_patch = tiny_module(vision_feature_layer=-1, vision_select_feature="cls_patch")
+    assert cls_patch.num_image_tokens == patch.num_image_tokens + 1 == 65
+    cls_patch.model.vision_tower.load_state_dict(patch.model.vision_tower.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    with_cls = cls_patch.model.vision_tower(images)
+    torch.testing.assert_close(with_cls[:, 1:], patch.model.vision_tower(images))
+    # independently: run the blocks by hand and take token 0 of the last block's output
+    visual = cls_patch.model.vision_tower.visual
+    x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, 64, width)
+    x = torch.cat([visual.class_embedding.expand(2, 1, -1), x], dim=1) + visual.positional_embedding
+    x = visual.transformer(visual.ln_pre(x))
+    torch.testing.assert_close(with_cls[:, 0], x[:, 0])
+    with pytest.raises(ValueError, match="select_feature='cls'"):
+        tiny_module(vision_select_feature="cls")
+
+
 def test_wrong_number_of_image_positions_is_a_clear_error(tiny_module) -> None:
     module = tiny_module()
     ids = torch.tensor([[IMAGE_TOKEN_ID] * 3 + [5]])

@@ -39,7 +39,8 @@ class STGC(L.Callback):
     """Solving Token Gradient Conflict (Yang et al., ICLR 2025) for any LightningModule with MoE layers.
 
     Args:
-        threshold: a token conflicts in an expert when cos(g_t, ḡ_e) < threshold.
+        threshold: a token conflicts in an expert when cos(g_t, ḡ_e) < threshold (default and
+            loss_weight chosen on easy-vqa by scripts/reproduce.py; see the README).
         loss_weight: λ of the CEL; 0 only measures (how a baseline records the same statistics).
         loss_type: "negated_logits" (the paper's) or "unlikelihood".
         start_step: first optimizer step at which STGC runs.
@@ -50,7 +51,7 @@ class STGC(L.Callback):
 
     def __init__(
         self,
-        threshold: float = 0.0,
+        threshold: float = -0.1,
         loss_weight: float = 0.01,
         loss_type: str = "negated_logits",
         start_step: int = 0,

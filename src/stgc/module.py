@@ -33,6 +33,7 @@ class LVLMModule(L.LightningModule):
         vision_model: str = "stgc-vit-tiny",
         vision_pretrained: str | None = None,
         vision_feature_layer: int = -2,
+        vision_select_feature: str = "patch",
         projector: str = "mlp2x_gelu",
         moe: dict[str, Any] | None = None,
         router_aux_loss_coef: float = 0.01,
@@ -52,7 +53,9 @@ class LVLMModule(L.LightningModule):
                 f"trainable={list(trainable)}: unknown groups {unknown}; choose from {PARAMETER_GROUPS}"
             )
         self.tokenizer = load_tokenizer(tokenizer)
-        vision_tower = VisionTower(vision_model, vision_pretrained, vision_feature_layer)
+        vision_tower = VisionTower(
+            vision_model, vision_pretrained, vision_feature_layer, vision_select_feature
+        )
         language_model = build_language_model(self.tokenizer, lm_path, lm_config)
         text_size = language_model.get_input_embeddings().embedding_dim
         self.model = LVLM(
@@ -78,7 +81,7 @@ class LVLMModule(L.LightningModule):
     # -- what the DataModules need from the model --------------------------------------------
     @property
     def num_image_tokens(self) -> int:
-        return self.model.vision_tower.num_patches
+        return self.model.vision_tower.num_tokens
 
     def image_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         return self.model.vision_tower.image_transform(train)

@@ -14,6 +14,7 @@ from stgc.data import easy_vqa
 from stgc.data.collate import LlavaCollator
 from stgc.data.dataset import ImageTransform, LlavaDataset
 from stgc.data.records import Record, load_records
+from stgc.data.sampler import LengthGroupedSampler
 from stgc.data.templates import DEFAULT_SYSTEM_PROMPT, InstructionTemplate, PlainTemplate, Template
 
 
@@ -39,6 +40,7 @@ class LlavaDataModule(LightningDataModule):
         skip_bad_records: bool = True,
         limit_records: int | None = None,
         prepare_easy_vqa: bool = False,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -154,21 +156,35 @@ class LlavaDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with a seeded generator, so runs are reproducible."""
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return self.loader("train", batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+        """Shuffled with a seeded generator, so runs are reproducible; with group_by_length each
+        batch holds conversations of similar length (less padding)."""
+        h = self.hparams
+        if h.group_by_length:
+            sampler = LengthGroupedSampler(self.datasets["train"].lengths, h.batch_size, h.seed)
+            return self.loader("train", batch_size=h.batch_size, sampler=sampler)
+        generator = torch.Generator().manual_seed(h.seed)
+        return self.loader("train", batch_size=h.batch_size, shuffle=True, generator=generator)
+
+    def eval_loader(self, split: str) -> DataLoader:
+        """Samples in file order, or shortest first with group_by_length (the metrics do not
+        depend on the order, and an eval sample holds every earlier turn: lengths vary a lot)."""
+        order = None
+        if self.hparams.group_by_length:
+            lengths = self.datasets[split].lengths
+            order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        return self.loader(split, batch_size=self.hparams.eval_batch_size, sampler=order)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation samples in file order."""
-        return self.loader("val", batch_size=self.hparams.eval_batch_size)
+        """Validation samples, ordered as eval_loader says."""
+        return self.eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        """Test samples in file order."""
-        return self.loader("test", batch_size=self.hparams.eval_batch_size)
+        """Test samples, ordered as eval_loader says."""
+        return self.eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """Same samples as test."""
-        return self.test_dataloader()
+        """The test samples in file order, so predictions line up with the file's records."""
+        return self.loader("test", batch_size=self.hparams.eval_batch_size)
 
 
 class PretrainDataModule(LlavaDataModule):

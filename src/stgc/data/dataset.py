@@ -52,6 +52,17 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Approximate token count of each sample, as LLaVA estimates it: words plus image tokens."""
+        lengths = []
+        for record_idx, turn in self.index:
+            record = self.records[record_idx]
+            turns = record.turns if turn is None else record.turns[: turn + 1]
+            words = sum(len(t.question.split()) + len(t.answer.split()) for t in turns)
+            lengths.append(words + (self.template.num_image_tokens if record.image else 0))
+        return lengths
+
     def __getitem__(self, idx: int) -> dict[str, Any] | None:
         """Encoded sample with its image tensor, or None for a bad record in skip mode."""
         record_idx, turn = self.index[idx]

@@ -9,13 +9,13 @@ from stgc.constants import IMAGE_TOKEN_ID
 from stgc.model.vision import VisionTower
 from stgc.moe import routing_context
 
-# Notation: B batch, L sequence length (image positions included), P patches per image,
-# V vision width, D the LM's embedding width.
+# Notation: B batch, L sequence length (image positions included), P image tokens per image
+# (its patches, CLS first if kept), V vision width, D the LM's embedding width.
 
 
 class LVLM(nn.Module):
     """LLaVA-style model. `input_ids` hold P consecutive IMAGE_TOKEN_ID positions per image;
-    those positions get the image's projected patch features, in order."""
+    those positions get the image's projected features, in order."""
 
     def __init__(
         self, vision_tower: VisionTower, projector: nn.Module, language_model: PreTrainedModel
@@ -37,7 +37,7 @@ class LVLM(nn.Module):
             if num_positions != patches.shape[0] * patches.shape[1]:
                 raise ValueError(
                     f"input_ids hold {num_positions} image positions for {patches.shape[0]} images, "
-                    f"expected {patches.shape[1]} per image (the vision tower's patch count)"
+                    f"expected {patches.shape[1]} per image (the vision tower's token count)"
                 )
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), patches.to(embeds.dtype))
         return embeds, image_mask

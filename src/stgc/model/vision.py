@@ -1,4 +1,4 @@
-"""Vision tower: an open_clip ViT that returns the patch tokens of one chosen layer (LLaVA style)."""
+"""Vision tower: an open_clip ViT that returns the image tokens of one chosen layer (LLaVA style)."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -13,15 +13,23 @@ open_clip.add_model_config(Path(__file__).parent / "vision_configs")
 
 
 class VisionTower(nn.Module):
-    """Patch-token features of an open_clip vision transformer.
+    """Image-token features (patches, optionally CLS) of an open_clip vision transformer.
 
     `feature_layer` indexes the transformer blocks like a Python list: LLaVA takes the
-    penultimate block's output (-2). The CLS token is dropped, and so are the blocks after the
-    chosen one.
+    penultimate block's output (-2); the blocks after it are dropped. `select_feature` is LLaVA's
+    mm_vision_select_feature: "patch" drops the CLS token, "cls_patch" keeps it first.
     """
 
-    def __init__(self, model_name: str, pretrained: str | None = None, feature_layer: int = -2) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None = None,
+        feature_layer: int = -2,
+        select_feature: str = "patch",
+    ) -> None:
         super().__init__()
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"select_feature={select_feature!r}; choose 'patch' or 'cls_patch'")
         if pretrained is not None and not Path(pretrained).is_file():
             raise FileNotFoundError(f"vision_pretrained={pretrained!r} is not a local checkpoint file")
         clip, self.train_transform, self.eval_transform = open_clip.create_model_and_transforms(
@@ -37,18 +45,23 @@ class VisionTower(nn.Module):
         self.visual.prune_intermediate_layers([feature_layer % num_layers], prune_norm=True, prune_head=True)
         self.hidden_size: int = self.visual.transformer.width
         grid = self.visual.grid_size
-        self.num_patches: int = grid[0] * grid[1]
+        self.keep_cls = select_feature == "cls_patch"
+        self.num_tokens: int = grid[0] * grid[1] + self.keep_cls
 
     def image_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         """open_clip's own preprocessing for this tower: PIL image -> (3, H, W) tensor."""
         return self.train_transform if train else self.eval_transform
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, num_patches, hidden_size) patch features."""
+        """(B, 3, H, W) images -> (B, num_tokens, hidden_size) features (CLS first if kept)."""
         out = self.visual.forward_intermediates(
             images,
             indices=1,  # the last kept block
             intermediates_only=True,
             output_fmt="NLC",
+            output_extra_tokens=self.keep_cls,
         )
-        return out["image_intermediates"][0]
+        patches = out["image_intermediates"][0]  # (B, grid_h * grid_w, hidden_size)
+        if self.keep_cls:
+            return torch.cat([out["image_intermediates_prefix"][0], patches], dim=1)
+        return patches

@@ -1,0 +1,37 @@
+"""LengthGroupedSampler: a seeded permutation whose batches group similar lengths."""
+
+import torch
+
+from stgc.data.sampler import LengthGroupedSampler
+
+
+def padded_fraction(order: list[int], lengths: list[int], batch_size: int) -> float:
+    """Share of a padded batch's positions that are padding, over all batches of `order`."""
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    return 1 - sum(lengths) / padded
+
+
+def test_permutation_seeded_per_epoch_and_less_padding() -> None:
+    lengths = torch.randint(70, 300, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    sampler = LengthGroupedSampler(lengths, batch_size=32, seed=3, mega_batch_factor=4)
+    first = list(sampler)
+    assert sorted(first) == list(range(1000))
+    assert list(sampler) == first, "same seed and epoch, same order"
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == list(range(1000)) and second != first
+    # the 8 left over after 31 full batches come last, so the loader's chunks are the sampler's batches
+    full = [first[i : i + 32] for i in range(0, 992, 32)]
+    for batch in full:
+        spread = max(lengths[i] for i in batch) - min(lengths[i] for i in batch)
+        assert spread < 100, "a slice of a length-sorted mega-batch of 128 (random batches span ~220)"
+    shuffled = torch.randperm(1000, generator=torch.Generator().manual_seed(3)).tolist()
+    assert padded_fraction(first, lengths, 32) < 0.5 * padded_fraction(shuffled, lengths, 32)
+
+
+def test_batches_come_in_random_order_not_sorted() -> None:
+    lengths = list(range(640))
+    order = list(LengthGroupedSampler(lengths, batch_size=32, seed=0, mega_batch_factor=20))
+    batch_max = [max(order[i : i + 32]) for i in range(0, 640, 32)]
+    assert batch_max != sorted(batch_max)
