@@ -307,8 +307,9 @@ def test_accumulating_two_identical_micro_batches_equals_one_batch() -> None:
     one_batch.train_dataloader = lambda: DataLoader(TensorDataset(ids), batch_size=4)
     twice = CausalLMModule(upcycled_qwen2())
     twice.train_dataloader = lambda: DataLoader(TensorDataset(torch.cat([ids, ids])), batch_size=4)
-    single = STGC(loss_weight=1.0, histogram_every_n_steps=0)
-    accumulated = STGC(loss_weight=1.0, histogram_every_n_steps=0)
+    # τ = 0: at the default −0.1 this tiny random model may flag no token, and the CEL would be idle
+    single = STGC(loss_weight=1.0, threshold=0.0, histogram_every_n_steps=0)
+    accumulated = STGC(loss_weight=1.0, threshold=0.0, histogram_every_n_steps=0)
     _trainer([single], max_steps=1).fit(one_batch)
     _trainer([accumulated], max_steps=1, accumulate_grad_batches=2).fit(twice)
     assert (single.measured_micro_batches, accumulated.measured_micro_batches) == (1, 2)

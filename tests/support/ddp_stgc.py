@@ -22,7 +22,9 @@ class NoReduceSTGC(STGC):
 def main() -> None:
     out_dir = Path(sys.argv[1])
     callback = (NoReduceSTGC if "--no-reduce" in sys.argv else STGC)(
-        loss_weight=1.0, histogram_every_n_steps=0
+        loss_weight=1.0,
+        threshold=0.0,
+        histogram_every_n_steps=0,  # τ = 0: this tiny model has conflicts
     )
     trainer = L.Trainer(
         accelerator="cpu",
