@@ -52,7 +52,7 @@ class Run:
     seed: int
     loss_weight: float = 0.0  # 0: the baseline, STGC only measures
     threshold: float = 0.0
-    callback: bool = True  # False: the MoE without STGC at all, for step time and as a check
+    callback: bool = True  # False: the MoE without STGC at all, to time a plain step
 
     @property
     def arm(self) -> str:
@@ -294,8 +294,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny slice and model: checks the script works")
     parser.add_argument("--stage2", default="logs/easy_vqa/stage2/checkpoints/last.ckpt")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--loss-weight", type=float, default=0.01)
-    parser.add_argument("--threshold", type=float, default=0.0)
     parser.add_argument("--sweep-loss-weights", type=float, nargs="*", default=[0.01, 0.1, 1.0])
     parser.add_argument("--sweep-thresholds", type=float, nargs="+", default=[0.0, -0.1])
     parser.add_argument("--test-every", type=int, default=3, help="test on every n-th test image")
