@@ -1,0 +1,56 @@
+"""Padded share of batches on easy-vqa with and without group_by_length (stage II settings).
+
+    python scripts/padding_share.py
+
+Lengths are the real token counts of the encoded samples; batches follow the DataModule's orders.
+"""
+
+import os
+
+import torch
+from transformers import AutoTokenizer
+
+from stgc.data import InstructionDataModule
+from stgc.data.sampler import LengthGroupedSampler
+
+DATA = "data/easy_vqa"
+
+
+def padded_share(order: list[int], lengths: list[int], batch_size: int) -> float:
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return 1 - sum(lengths) / sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    data = InstructionDataModule(
+        train_json=f"{DATA}/instruct_train.json",
+        image_folder=f"{DATA}/images",
+        system_prompt="Answer questions about the image.",
+        batch_size=32,
+        eval_batch_size=64,
+        max_length=400,
+    )
+    no_image = lambda image: torch.zeros(1)  # noqa: E731 (only the token counts matter here)
+    data.attach(AutoTokenizer.from_pretrained(f"{DATA}/tokenizer"), no_image, no_image, 64)
+    data.setup("fit")
+    for split, batch_size in (("train", 32), ("val", 64)):
+        dataset = data.datasets[split]
+        tokens = [
+            len(dataset.template.encode(dataset.records[r], 400, t).input_ids) for r, t in dataset.index
+        ]
+        estimate = dataset.lengths
+        if split == "train":
+            plain = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(0)).tolist()
+            grouped = list(LengthGroupedSampler(estimate, batch_size, seed=0))
+        else:
+            plain = list(range(len(tokens)))  # file order
+            grouped = sorted(range(len(estimate)), key=estimate.__getitem__)
+        print(
+            f"{split}: padded share {padded_share(plain, tokens, batch_size):.3f} without group_by_length, "
+            f"{padded_share(grouped, tokens, batch_size):.3f} with it"
+        )
+
+
+if __name__ == "__main__":
+    main()
