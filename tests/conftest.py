@@ -25,7 +25,9 @@ def easy_vqa_tokenizer(easy_vqa_dir):
 
 @pytest.fixture
 def write_llava(tmp_path):
-    """Function writing records to tmp_path/data.json and 8x8 PNGs for their images under tmp_path/images."""
+    """Function writing records to tmp_path/data.json and 8x8 PNGs for their images under tmp_path/images;
+    `broken_images` are PNGs cut short: their header reads, their pixels do not."""
+    import io
     import json
 
     from PIL import Image
@@ -37,7 +39,9 @@ def write_llava(tmp_path):
             if isinstance(record, dict) and record.get("image"):
                 path = images / record["image"]
                 if record["image"] in broken_images:
-                    path.write_bytes(b"not a png")
+                    png = io.BytesIO()
+                    Image.new("RGB", (8, 8), (255, 0, 0)).save(png, "PNG")
+                    path.write_bytes(png.getvalue()[:50])  # past the IHDR header, inside the pixel data
                 else:
                     Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
         path = tmp_path / "data.json"

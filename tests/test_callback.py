@@ -280,6 +280,17 @@ def test_no_moe_layer_is_a_clear_error_at_fit_start() -> None:
         _trainer([STGC()]).fit(CausalLMModule(dense))
 
 
+def test_sharded_strategies_are_refused_by_name() -> None:
+    """Lightning's FSDP needs CUDA (it refuses accelerator="cpu"), so this checks the refusal itself."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="32-true")
+    with pytest.raises(MisconfigurationException, match="STGC does not support FSDPStrategy: .* Use DDP"):
+        STGC().setup(trainer, CausalLMModule(upcycled_qwen2()), "fit")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

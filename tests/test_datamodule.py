@@ -10,6 +10,7 @@ import torch
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data import InstructionDataModule, LlavaCollator, PretrainDataModule
 from stgc.data import datamodule as datamodule_module
+from stgc.data.collate import is_empty
 
 N_IMAGE = 4
 PAD = 0
@@ -41,6 +42,7 @@ def make_dm(cls, path, images, tokenizer, **kwargs):
 def test_collate_pads_right_and_prompts_left():
     items = [
         {
+            "id": "r0",
             "image": torch.zeros(3, 2, 2),
             "input_ids": torch.tensor([5, 6, 7]),
             "labels": torch.tensor([-100, 6, 7]),
@@ -48,8 +50,9 @@ def test_collate_pads_right_and_prompts_left():
             "answer": "a",
             "question_type": "color",
         },
-        None,
+        {"skipped": ("r1", "bad_image")},
         {
+            "id": "r2",
             "image": torch.ones(3, 2, 2),
             "input_ids": torch.tensor([8]),
             "labels": torch.tensor([8]),
@@ -65,15 +68,17 @@ def test_collate_pads_right_and_prompts_left():
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["prompt_input_ids"].tolist() == [[PAD, 5], [8, 9]]
     assert batch["prompt_attention_mask"].tolist() == [[0, 1], [1, 1]]
-    assert (batch["answers"], batch["question_types"], batch["num_dropped"]) == (
+    assert (batch["ids"], batch["answers"], batch["question_types"], batch["skipped"]) == (
+        ["r0", "r2"],
         ["a", "b"],
         ["color", "other"],
-        1,
+        [("r1", "bad_image")],
     )
     assert all(
         batch[k].dtype == torch.long for k in ("input_ids", "attention_mask", "labels", "prompt_input_ids")
     )
-    assert LlavaCollator(PAD)([None, None]) is None
+    empty = LlavaCollator(PAD)([{"skipped": ("r1", "bad_image")}, {"skipped": ("r3", "too_long")}])
+    assert is_empty(empty) and empty == {"skipped": [("r1", "bad_image"), ("r3", "too_long")]}
 
 
 def test_train_batch(write_llava, easy_vqa_tokenizer):
@@ -81,7 +86,7 @@ def test_train_batch(write_llava, easy_vqa_tokenizer):
     dm = make_dm(InstructionDataModule, path, images, easy_vqa_tokenizer, val_json=str(path), batch_size=3)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"images", "input_ids", "attention_mask", "labels", "num_dropped"}
+    assert set(batch) == {"ids", "images", "input_ids", "attention_mask", "labels", "skipped"}
     assert batch["images"].shape == (3, 3, 8, 8)
     n_image_ids = (batch["input_ids"] == IMAGE_TOKEN_ID).sum(1).sort().values.tolist()
     assert n_image_ids == [0, N_IMAGE, N_IMAGE]
@@ -134,8 +139,7 @@ def test_undecodable_image_skipped(write_llava, easy_vqa_tokenizer):
     dm.setup("fit")
     with pytest.warns(UserWarning, match="r1"):
         batch = next(iter(dm.val_dataloader()))
-    assert batch["num_dropped"] == 1 and batch["input_ids"].shape[0] == 2
-    assert dm.datasets["val"].skipped == {"bad_image": 1}
+    assert batch["skipped"] == [("r1", "bad_image")] and batch["ids"] == ["r0", "r2"]
 
 
 def test_all_masked_after_truncation_skipped(write_llava, easy_vqa_tokenizer):
@@ -143,8 +147,8 @@ def test_all_masked_after_truncation_skipped(write_llava, easy_vqa_tokenizer):
     dm = make_dm(PretrainDataModule, path, images, easy_vqa_tokenizer, val_json=str(path), max_length=N_IMAGE)
     dm.setup("fit")
     with pytest.warns(UserWarning, match="no trained token"):
-        assert next(iter(dm.val_dataloader()), None) is None
-    assert dm.datasets["val"].skipped == {"all_masked": 2}
+        batch = next(iter(dm.val_dataloader()))
+    assert is_empty(batch) and batch["skipped"] == [("r0", "all_masked"), ("r1", "all_masked")]
 
 
 def test_seeded_split(write_llava, easy_vqa_tokenizer):
@@ -217,7 +221,7 @@ def test_setup_takes_model_inputs_from_the_trainer(write_llava, easy_vqa_tokeniz
     model = SimpleNamespace(
         tokenizer=easy_vqa_tokenizer, image_transform=lambda train: to_tensor, num_image_tokens=2
     )
-    dm.trainer = SimpleNamespace(lightning_module=model)
+    dm.trainer = SimpleNamespace(lightning_module=model, world_size=1, global_rank=0)
     dm.setup("test")
     assert (next(iter(dm.test_dataloader()))["input_ids"] == IMAGE_TOKEN_ID).sum() == 2 * 4  # 4 answers
 

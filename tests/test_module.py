@@ -163,3 +163,54 @@ def test_vqa_accuracy_normalises_and_splits_by_type() -> None:
     assert (result["yes_no"], result["color"], result["shape"], result["other"]) == (1.0, 0.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="2 predictions, 1 targets"):
         metric.update(["a", "b"], ["a"], ["other"])
+
+
+class InjectNaN(LVLMModule):
+    """Returns a NaN loss at one step (a stand-in for an overflow deep in a long run)."""
+
+    nan_step = 1
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == self.nan_step else loss
+
+
+class WeightsPerStep(L.Callback):
+    """The trained weights before every step, and after the last."""
+
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def _snapshot(self, pl_module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten().clone() for p in pl_module.parameters() if p.requires_grad])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.weights.append(self._snapshot(pl_module))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.weights.append(self._snapshot(pl_module))
+
+
+def test_non_finite_loss_and_empty_batch_skip_their_steps_and_training_goes_on(easy_vqa_dir) -> None:
+    """Step 1's loss is NaN and step 3's batch had only bad records: both steps leave every weight
+    and the optimizer state alone; the skips are counted and logged; the other steps train."""
+    torch.manual_seed(0)
+    module = InjectNaN(
+        tokenizer=str(easy_vqa_dir / "tokenizer"), lm_config=TINY_LM, trainable=["projector", "lm"]
+    )
+    batches = [_batch(module)] * 3 + [{"skipped": [("r9", "bad_image")]}, _batch(module)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda batch: batch)
+    weights = WeightsPerStep()
+    trainer = L.Trainer(
+        max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[weights],
+    )  # fmt: skip
+    trainer.fit(module, loader)
+    changed = [
+        not torch.equal(before, after)
+        for before, after in zip(weights.weights, weights.weights[1:], strict=False)
+    ]
+    assert changed == [True, False, True, False, True]
+    assert module.skipped_steps == 2 and trainer.callback_metrics["train/skipped_steps"] == 2
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert trainer.optimizers[0].state[next(p for p in module.parameters() if p.requires_grad)]["step"] == 3

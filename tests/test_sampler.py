@@ -1,5 +1,6 @@
 """LengthGroupedSampler: a seeded permutation whose batches group similar lengths."""
 
+import pytest
 import torch
 
 from stgc.data.sampler import LengthGroupedSampler
@@ -35,3 +36,20 @@ def test_batches_come_in_random_order_not_sorted() -> None:
     order = list(LengthGroupedSampler(lengths, batch_size=32, seed=0, mega_batch_factor=20))
     batch_max = [max(order[i : i + 32]) for i in range(0, 640, 32)]
     assert batch_max != sorted(batch_max)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_split_each_epoch_without_overlap_but_for_padding(world_size) -> None:
+    """Every sample is on one rank, except the fewer than world_size that pad the ranks to equal
+    lengths; at each step the ranks' batches come from one sorted global batch (similar lengths)."""
+    lengths = [int(x) for x in torch.randint(1, 500, (103,), generator=torch.Generator().manual_seed(1))]
+    ranks = [
+        list(LengthGroupedSampler(lengths, 4, seed=3, mega_batch_factor=2, num_replicas=world_size, rank=r))
+        for r in range(world_size)
+    ]
+    assert {len(r) for r in ranks} == {len(LengthGroupedSampler(lengths, 4, num_replicas=world_size))}
+    every = [i for r in ranks for i in r]
+    assert set(every) == set(range(103)) and len(every) - 103 == -103 % world_size
+    first_steps = [sorted(lengths[i] for r in ranks for i in r[4 * s : 4 * s + 4]) for s in range(3)]
+    spread = sum(max(step) - min(step) for step in first_steps) / 3
+    assert spread < 0.5 * (max(lengths) - min(lengths))

@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
 from typing_extensions import override
@@ -21,6 +22,8 @@ from stgc.conflict.hf_experts import HFExpertsProbe, is_hf_experts, restore_expe
 from stgc.conflict.loss import LOSS_TYPES, conflict_elimination_loss
 from stgc.conflict.probes import LayerConflicts, LayerProbe, SparseMoEProbe
 from stgc.moe import SparseMoE, short_layer_name
+
+SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
 def find_moe_probes(module: torch.nn.Module) -> list[LayerProbe]:
@@ -102,6 +105,12 @@ class STGC(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if isinstance(trainer.strategy, SHARDED_STRATEGIES):
+            raise MisconfigurationException(
+                f"STGC does not support {type(trainer.strategy).__name__}: it shards the parameters into "
+                "flat buffers, so the per-expert weight gradients STGC reads and the router weight's .grad "
+                "it adds to are not there. Use DDP (configs/trainer/ddp.yaml)."
+            )
         if "16-mixed" == trainer.precision and trainer.precision_plugin.scaler is None:
             raise MisconfigurationException("STGC under precision='16-mixed' needs the plugin's GradScaler")
         self._previous_experts = use_stgc_experts(pl_module)
@@ -162,7 +171,7 @@ class STGC(L.Callback):
         self._update_counts(layers, conflicting_masks)
         step = trainer.global_step
         if (step + 1) % (self.log_every_n_steps or trainer.log_every_n_steps) == 0:
-            self._log_scalars(pl_module, layers, cel_losses)
+            self._log_scalars(trainer, pl_module, layers, cel_losses)
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
             self._log_histograms(trainer, layers)
 
@@ -211,38 +220,27 @@ class STGC(L.Callback):
             ).cpu()
 
     def _log_scalars(
-        self, pl_module: L.LightningModule, layers: list[LayerConflicts], cel_losses: list[torch.Tensor]
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        layers: list[LayerConflicts],
+        cel_losses: list[torch.Tensor],
     ) -> None:
         """stgc/<stat>/<layer> and overall: conflict ratio (also by modality), cosine mean/std, CEL;
-        per layer × expert: conflict ratio and load."""
+        per layer × expert: conflict ratio and load. Each rank flags its own tokens (against its own
+        experts' mean gradients); the logged figures are global, from sums reduced over the ranks."""
+        num_experts = self.conflict_counts.shape[1]
+        sums = torch.stack(
+            [
+                _layer_sums(c, self.threshold, cel, num_experts)
+                for c, cel in zip(layers, cel_losses, strict=True)
+            ]
+        )  # (layers, SUMS + 2 * experts)
+        sums = trainer.strategy.reduce(sums, reduce_op="sum") if trainer.world_size > 1 else sums
         metrics: dict[str, torch.Tensor] = {}
-        all_cosines, all_conflicting = [], []
-        for probe, conflicts, cel_loss in zip(self.probes, layers, cel_losses, strict=True):
-            cosine = conflicts.cosine[conflicts.has_grad]  # (S_g,)
-            conflicting = cosine < self.threshold
-            expert = conflicts.expert[conflicts.has_grad]
-            all_cosines.append(cosine)
-            all_conflicting.append(conflicting)
-            layer = probe.name
-            metrics.update(_summary(f"{layer}", cosine, conflicting))
-            metrics[f"stgc/cel_loss/{layer}"] = cel_loss
-            if conflicts.modality is not None:
-                modality = conflicts.modality[conflicts.has_grad]
-                for value, modality_name in ((0, "text"), (1, "image")):
-                    selected = conflicting[modality == value]
-                    if selected.numel():
-                        metrics[f"stgc/conflict_ratio_{modality_name}/{layer}"] = selected.float().mean()
-            assignments = torch.bincount(expert, minlength=probe.num_experts).float()  # (E,)
-            conflicts_per_expert = torch.bincount(expert[conflicting], minlength=probe.num_experts).float()
-            for e in range(probe.num_experts):
-                metrics[f"stgc/expert_load/{layer}/expert_{e}"] = assignments[e] / assignments.sum().clamp(
-                    min=1
-                )
-                metrics[f"stgc/expert_conflict_ratio/{layer}/expert_{e}"] = conflicts_per_expert[
-                    e
-                ] / assignments[e].clamp(min=1)
-        metrics.update(_summary("all", torch.cat(all_cosines), torch.cat(all_conflicting)))
-        metrics["stgc/cel_loss/all"] = torch.stack(cel_losses).mean()
+        for probe, layer_sums in zip(self.probes, sums, strict=True):
+            metrics.update(_layer_metrics(probe.name, layer_sums, probe.num_experts, trainer.world_size))
+        metrics.update(_layer_metrics("all", sums.sum(0), 0, trainer.world_size * len(layers)))
         metrics["stgc/skipped_nonfinite"] = torch.tensor(float(self.skipped_nonfinite))
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False)
@@ -287,15 +285,62 @@ class STGC(L.Callback):
         self.assignment_counts = state_dict["assignment_counts"]
 
 
-def _summary(layer: str, cosine: torch.Tensor, conflicting: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Conflict ratio and the paper's gradient consistency (cosine mean and std) of one layer."""
-    if cosine.numel() == 0:
-        return {}
-    return {
-        f"stgc/conflict_ratio/{layer}": conflicting.float().mean(),
-        f"stgc/cosine_mean/{layer}": cosine.mean(),
-        f"stgc/cosine_std/{layer}": cosine.std(correction=0),
-    }
+SUMS = (
+    "tokens",
+    "conflicting",
+    "cosine",
+    "cosine_sq",
+    "text",
+    "text_conflicting",
+    "image",
+    "image_conflicting",
+    "cel",
+)
+
+
+def _layer_sums(
+    conflicts: LayerConflicts, threshold: float, cel_loss: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """One layer's statistics as sums (named by SUMS, then assignments and conflicts per expert), so
+    that ranks combine by adding them."""
+    cosine = conflicts.cosine[conflicts.has_grad].double()  # (S_g,)
+    conflicting = cosine < threshold
+    expert = conflicts.expert[conflicts.has_grad]
+    modality = conflicts.modality[conflicts.has_grad] if conflicts.modality is not None else None
+    by_modality = []
+    for value in (0, 1):  # text, image
+        selected = conflicting[modality == value] if modality is not None else conflicting[:0]
+        by_modality += [selected.numel(), selected.sum()]
+    sums = [cosine.numel(), conflicting.sum(), cosine.sum(), cosine.square().sum(), *by_modality, cel_loss]
+    return torch.cat(
+        [
+            torch.stack([torch.as_tensor(v, dtype=torch.float64, device=cosine.device) for v in sums]),
+            torch.bincount(expert, minlength=num_experts).double(),
+            torch.bincount(expert[conflicting], minlength=num_experts).double(),
+        ]
+    )
+
+
+def _layer_metrics(
+    layer: str, sums: torch.Tensor, num_experts: int, cel_count: int
+) -> dict[str, torch.Tensor]:
+    """Conflict ratios, the paper's gradient consistency (cosine mean and std), the CEL averaged over
+    `cel_count` terms, and per expert (when num_experts > 0) the load and conflict ratio."""
+    s = dict(zip(SUMS, sums.float(), strict=False))
+    metrics = {f"stgc/cel_loss/{layer}": s["cel"] / cel_count}
+    if s["tokens"] > 0:
+        mean = s["cosine"] / s["tokens"]
+        metrics[f"stgc/conflict_ratio/{layer}"] = s["conflicting"] / s["tokens"]
+        metrics[f"stgc/cosine_mean/{layer}"] = mean
+        metrics[f"stgc/cosine_std/{layer}"] = (s["cosine_sq"] / s["tokens"] - mean**2).clamp(min=0).sqrt()
+    for modality in ("text", "image"):
+        if s[modality] > 0:
+            metrics[f"stgc/conflict_ratio_{modality}/{layer}"] = s[f"{modality}_conflicting"] / s[modality]
+    assignments, conflicts = sums[len(SUMS) :].float().view(2, -1)[:, :num_experts]  # (E,), (E,)
+    for e in range(num_experts):
+        metrics[f"stgc/expert_load/{layer}/expert_{e}"] = assignments[e] / assignments.sum().clamp(min=1)
+        metrics[f"stgc/expert_conflict_ratio/{layer}/expert_{e}"] = conflicts[e] / assignments[e].clamp(min=1)
+    return metrics
 
 
 def _heatmap(layer_names: list[str], ratios: torch.Tensor) -> torch.Tensor:

@@ -3,24 +3,25 @@
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from PIL import Image
 from torch import nn
 from torchmetrics import MeanMetric
 
+from stgc.checkpoint import KeepsRNGState
+from stgc.data.collate import is_empty
 from stgc.model.language_model import build_language_model, load_tokenizer
 from stgc.model.lvlm import LVLM
 from stgc.model.metrics import VQAAccuracy
 from stgc.model.projector import build_projector
 from stgc.model.vision import VisionTower
 from stgc.moe import moe_layers, moe_losses, routing_stats, short_layer_name, upcycle
-from stgc.optim import adamw_warmup_cosine
+from stgc.optim import SkipsBadSteps, adamw_warmup_cosine
 
 PARAMETER_GROUPS = ("vision_tower", "projector", "lm", "experts", "routers")
 
 
-class LVLMModule(L.LightningModule):
+class LVLMModule(SkipsBadSteps, KeepsRNGState):
     """One module for all stages: `moe` upcycles the LM (stage III); `trainable` picks the groups
     that train (MoE-LLaVA: stage I ["projector"], stage II ["projector", "lm"], stage III
     ["experts", "routers"]); `init_from` starts from the previous stage's checkpoint."""
@@ -109,9 +110,9 @@ class LVLMModule(L.LightningModule):
     def forward(self, batch: dict[str, Any]):
         return self.model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
 
-    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
-        if batch is None:  # every record of the batch was bad and skipped (counted by the dataset)
-            return None
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        if is_empty(batch):  # every record of the batch was bad (reported by the DataModule)
+            return self.empty_batch_loss()
         lm_loss = self(batch).loss
         loss = lm_loss
         batch_size = batch["input_ids"].shape[0]
@@ -137,10 +138,8 @@ class LVLMModule(L.LightningModule):
             for key, value in routing_stats(record).items():
                 self.log(f"{prefix}/{key}", value)
 
-    def _evaluate(
-        self, batch: dict[str, Any] | None, loss_metric: MeanMetric, vqa_metric: VQAAccuracy
-    ) -> None:
-        if batch is None:
+    def _evaluate(self, batch: dict[str, Any], loss_metric: MeanMetric, vqa_metric: VQAAccuracy) -> None:
+        if is_empty(batch):
             return
         loss = self(batch).loss
         num_targets = (batch["labels"][:, 1:] != -100).sum()

@@ -11,18 +11,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import open_clip
 import torch
 from PIL import Image
 
+from stgc.checkpoint import KeepsRNGState
 from stgc.constants import IGNORE_INDEX
+from stgc.data.collate import is_empty
 from stgc.model.language_model import load_tokenizer
 from stgc.model.vision import VisionTower  # noqa: F401  (registers the bundled tiny configs)
-from stgc.optim import adamw_warmup_cosine
+from stgc.optim import SkipsBadSteps, adamw_warmup_cosine
 
 
-class CLIPPretrainModule(L.LightningModule):
+class CLIPPretrainModule(SkipsBadSteps, KeepsRNGState):
     """Contrastive image-caption training of an open_clip model; writes `export_path` at the end."""
 
     def __init__(
@@ -64,9 +65,9 @@ class CLIPPretrainModule(L.LightningModule):
             row[: ids.numel()] = ids
         return texts
 
-    def _step(self, batch: dict[str, Any] | None, stage: str) -> torch.Tensor | None:
-        if batch is None:
-            return None
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
+        if is_empty(batch):
+            return self.empty_batch_loss() if stage == "train" else None
         image_features, text_features, logit_scale = self.clip(
             batch["images"], self.captions(batch["labels"])
         )[:3]
@@ -82,10 +83,10 @@ class CLIPPretrainModule(L.LightningModule):
             self.log("val/retrieval_acc", hit, batch_size=batch_size)
         return loss
 
-    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._step(batch, "val")
 
     def on_train_end(self) -> None:

@@ -16,24 +16,32 @@ def pad(seqs: list[torch.Tensor], value: int, left: bool = False) -> torch.Tenso
     return out
 
 
+def is_empty(batch: dict[str, Any]) -> bool:
+    """Whether every sample of the batch was a skipped bad record."""
+    return "input_ids" not in batch
+
+
 class LlavaCollator:
-    """Collate dataset items into a batch dict; drops None items (bad records in skip mode)."""
+    """Collate dataset items into a batch dict; drops "skipped" items (bad records in skip mode)."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
-    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-        """Batch of the kept items (None if none is left); "num_dropped" counts the dropped ones."""
-        kept = [item for item in items if item is not None]
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Batch of the kept items; "skipped" lists the (record id, reason) of the dropped ones, and
+        a batch whose every item was dropped holds only that (see is_empty)."""
+        kept = [item for item in items if "skipped" not in item]
+        skipped = [item["skipped"] for item in items if "skipped" in item]
         if not kept:
-            return None
+            return {"skipped": skipped}
         ids = [item["input_ids"] for item in kept]
         batch = {
+            "ids": [item["id"] for item in kept],
             "images": torch.stack([item["image"] for item in kept]).float(),  # (B, 3, H, W)
             "input_ids": pad(ids, self.pad_token_id),  # (B, L)
             "attention_mask": pad([torch.ones_like(i) for i in ids], 0),  # (B, L)
             "labels": pad([item["labels"] for item in kept], IGNORE_INDEX),  # (B, L)
-            "num_dropped": len(items) - len(kept),
+            "skipped": skipped,
         }
         if "prompt_ids" in kept[0]:
             prompts = [item["prompt_ids"] for item in kept]

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -59,6 +61,7 @@ class LlavaDataModule(LightningDataModule):
         self.collator: LlavaCollator | None = None
         self.transforms: dict[str, ImageTransform] = {}
         self.datasets: dict[str, LlavaDataset] = {}
+        self.found_bad: dict[str, dict[str, str]] = {}  # split -> {record id: reason}, found in batches
 
     def make_template(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> Template:
         """The conversation template of this stage."""
@@ -131,7 +134,9 @@ class LlavaDataModule(LightningDataModule):
         val_idx = set(order[:n_val])
         return [r for i, r in enumerate(records) if i not in val_idx], [records[i] for i in sorted(val_idx)]
 
-    def dataset(self, records: Sequence[Record], skipped: Counter[str], evaluation: bool) -> LlavaDataset:
+    def dataset(
+        self, records: Sequence[Record], load_skipped: Counter[str], evaluation: bool
+    ) -> LlavaDataset:
         """Dataset with this module's template, transform and limits."""
         transform = self.transforms["eval" if evaluation else "train"]
         return LlavaDataset(
@@ -141,8 +146,40 @@ class LlavaDataModule(LightningDataModule):
             self.hparams.max_length,
             evaluation,
             self.hparams.skip_bad_records,
-            skipped,
+            load_skipped,
         )
+
+    # -- bad records ------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Note the bad records a batch dropped (each record once, however often it is drawn)."""
+        if batch["skipped"]:
+            trainer = self.trainer
+            split = (
+                "train"
+                if trainer.training
+                else "val"
+                if trainer.validating or trainer.sanity_checking
+                else "test"
+            )
+            self.found_bad.setdefault(split, {}).update(batch["skipped"])
+        return batch
+
+    def skip_report(self) -> dict[str, Counter[str]]:
+        """Bad records skipped so far per split, by reason: refused when the file was read, or found
+        while loading samples (pixel data, length; counted once a batch has held them)."""
+        report = {}
+        for split, dataset in self.datasets.items():
+            found = Counter(self.found_bad.get(split, {}).values())
+            if counts := dataset.load_skipped + found:
+                report[split] = counts
+        return report
+
+    def teardown(self, stage: str) -> None:
+        """Report every skip of the run, once, at its end."""
+        for split, counts in self.skip_report().items():
+            rank_zero_info(
+                f"{type(self).__name__}: {split}: skipped {counts.total()} bad records: {dict(counts)}"
+            )
 
     def loader(self, split: str, **kwargs: Any) -> DataLoader:
         """DataLoader over a built split."""
@@ -160,19 +197,32 @@ class LlavaDataModule(LightningDataModule):
         batch holds conversations of similar length (less padding)."""
         h = self.hparams
         if h.group_by_length:
-            sampler = LengthGroupedSampler(self.datasets["train"].lengths, h.batch_size, h.seed)
+            world_size, rank = self.world()
+            lengths = self.datasets["train"].lengths
+            sampler = LengthGroupedSampler(lengths, h.batch_size, h.seed, num_replicas=world_size, rank=rank)
             return self.loader("train", batch_size=h.batch_size, sampler=sampler)
         generator = torch.Generator().manual_seed(h.seed)
         return self.loader("train", batch_size=h.batch_size, shuffle=True, generator=generator)
 
     def eval_loader(self, split: str) -> DataLoader:
         """Samples in file order, or shortest first with group_by_length (the metrics do not
-        depend on the order, and an eval sample holds every earlier turn: lengths vary a lot)."""
-        order = None
+        depend on the order, and an eval sample holds every earlier turn: lengths vary a lot);
+        split across ranks without repeats under DDP."""
+        order = range(len(self.datasets[split]))
         if self.hparams.group_by_length:
             lengths = self.datasets[split].lengths
-            order = sorted(range(len(lengths)), key=lengths.__getitem__)
+            order = sorted(order, key=lengths.__getitem__)
+        world_size, rank = self.world()
+        if world_size > 1:  # each sample on exactly one rank, none repeated: the metrics stay exact
+            order = UnrepeatedDistributedSamplerWrapper(
+                order, num_replicas=world_size, rank=rank, shuffle=False
+            )
         return self.loader(split, batch_size=self.hparams.eval_batch_size, sampler=order)
+
+    def world(self) -> tuple[int, int]:
+        """(number of processes, this one's rank) of the trainer, (1, 0) without one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
     def val_dataloader(self) -> DataLoader:
         """Validation samples, ordered as eval_loader says."""

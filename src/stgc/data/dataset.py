@@ -18,9 +18,10 @@ ImageTransform = Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W)
 class LlavaDataset(Dataset):
     """Samples of records; with evaluation=True an instruction record gives one sample per answer.
 
-    A record that fails when loaded (undecodable image, too long, nothing trained after truncation)
-    raises RecordError, or with skip_bad_records gives None (dropped by the collate) and is counted
-    in `skipped` (per DataLoader worker when num_workers > 0).
+    A record that fails when loaded (undecodable pixels, too long, nothing trained after truncation)
+    raises RecordError, or with skip_bad_records gives a {"skipped": (id, reason)} item that the
+    collate drops and reports in the batch (so counts are exact with DataLoader workers too).
+    `load_skipped` holds the counts of records already refused when the file was read.
     """
 
     def __init__(
@@ -31,7 +32,7 @@ class LlavaDataset(Dataset):
         max_length: int,
         evaluation: bool = False,
         skip_bad_records: bool = True,
-        skipped: Counter[str] | None = None,
+        load_skipped: Counter[str] | None = None,
     ) -> None:
         self.records = records
         self.template = template
@@ -39,7 +40,7 @@ class LlavaDataset(Dataset):
         self.max_length = max_length
         self.evaluation = evaluation and template.expands_turns
         self.skip_bad_records = skip_bad_records
-        self.skipped = Counter(skipped)  # load-time counts, then those found in __getitem__
+        self.load_skipped = Counter(load_skipped)
         # (record index, answer index or None for the whole conversation)
         self.index: list[tuple[int, int | None]] = [
             (r, t)
@@ -63,8 +64,8 @@ class LlavaDataset(Dataset):
             lengths.append(words + (self.template.num_image_tokens if record.image else 0))
         return lengths
 
-    def __getitem__(self, idx: int) -> dict[str, Any] | None:
-        """Encoded sample with its image tensor, or None for a bad record in skip mode."""
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        """Encoded sample with its image tensor, or a "skipped" item for a bad record in skip mode."""
         record_idx, turn = self.index[idx]
         record = self.records[record_idx]
         try:
@@ -74,11 +75,11 @@ class LlavaDataset(Dataset):
             if not self.skip_bad_records:
                 raise
             if not self._warned:
-                rank_zero_warn(f"{err}; skipping it and counting further skips in dataset.skipped")
+                rank_zero_warn(f"{err}; skipping it, and reporting further skips in the batches")
                 self._warned = True
-            self.skipped[err.reason] += 1
-            return None
+            return {"skipped": (record.id, err.reason)}
         item = {
+            "id": record.id,
             "image": image,  # (3, H, W)
             "input_ids": torch.tensor(encoded.input_ids),  # (L,)
             "labels": torch.tensor(encoded.labels),  # (L,)

@@ -1,0 +1,84 @@
+"""`stgc fit` of stage III with STGC under DDP on 2 CPU processes (gloo), through the CLI."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stgc.cli import main as stgc
+from stgc.data.records import load_records
+from support.fit import ROOT, fit_command, run, stage3_stgc
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def ddp_run(easy_vqa_dir, tmp_path_factory) -> tuple[Path, list[dict]]:
+    log_root = tmp_path_factory.mktemp("ddp")
+    ranks_dir = log_root / "ranks"
+    ddp = ["-c", "configs/trainer/ddp.yaml", "--trainer.accelerator=cpu", "--trainer.devices=2"]
+    record = ["--trainer.callbacks+=support.ranks.RecordRanks", f"--trainer.callbacks.out_dir={ranks_dir}"]
+    run(
+        fit_command(
+            [*stage3_stgc(easy_vqa_dir, log_root, EPOCHS, *ddp, "--trainer.limit_val_batches=null"), *record]
+        )
+    )
+    return log_root, [torch.load(ranks_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_replicas_hold_identical_weights(ddp_run) -> None:
+    _, ranks = ddp_run
+    for key, value in ranks[0]["state_dict"].items():
+        assert torch.equal(value, ranks[1]["state_dict"][key]), key
+
+
+def test_each_record_is_seen_by_one_rank_per_epoch(ddp_run, easy_vqa_dir) -> None:
+    """24 train records, batch 4 per rank: 3 steps of 2 × 4, no padding needed. Val samples are
+    answers: the 6 val records' answers are split over the ranks, each answered once."""
+    _, ranks = ddp_run
+    records, _ = load_records(easy_vqa_dir / "instruct_train.json", easy_vqa_dir / "images", limit_records=30)
+    for epoch in range(EPOCHS):
+        rank0, rank1 = (ranks[r]["train_ids"][epoch] for r in range(2))
+        assert len(rank0) == len(rank1) == 12 and not set(rank0) & set(rank1)
+        val0, val1 = (ranks[r]["val_ids"][epoch] for r in range(2))
+        assert len(set(val0 + val1)) == 6 and abs(len(val0) - len(val1)) <= 1
+        assert len(val0) + len(val1) == sum(len(r.turns) for r in records if r.id in set(val0 + val1))
+    assert set(ranks[0]["train_ids"][0]) | set(ranks[1]["train_ids"][0]) == set(
+        ranks[0]["train_ids"][1]
+    ) | set(ranks[1]["train_ids"][1])
+
+
+def test_stgc_statistics_are_global_sums_of_per_rank_conflicts(ddp_run) -> None:
+    """Each rank flags its own tokens; the logged ratio is all ranks' conflicts over all their tokens."""
+    _, ranks = ddp_run
+    conflicts, assignments = 0, 0
+    for rank in ranks:
+        (c_before, a_before), (c_last, a_last) = rank["step_counts"][-2:]
+        conflicts += int((c_last - c_before).sum())
+        assignments += int((a_last - a_before).sum())
+    rank0_only = (ranks[0]["step_counts"][-1][0] - ranks[0]["step_counts"][-2][0]).sum() / (
+        ranks[0]["step_counts"][-1][1] - ranks[0]["step_counts"][-2][1]
+    ).sum()
+    logged = ranks[0]["metrics"]["stgc/conflict_ratio/all"]
+    assert logged == pytest.approx(conflicts / assignments, abs=1e-6)
+    assert 0 < logged < 1 and logged != pytest.approx(float(rank0_only), abs=1e-6)
+
+
+def test_vqa_metric_is_reduced_over_all_val_answers(ddp_run, easy_vqa_dir, tmp_path, monkeypatch) -> None:
+    """The DDP-logged val accuracy and loss equal a single-process `stgc validate` of the final weights."""
+    log_root, ranks = ddp_run
+    checkpoint = log_root / "easy_vqa" / "stage3_stgc" / "checkpoints" / "last.ckpt"
+    monkeypatch.chdir(ROOT)
+    args = stage3_stgc(easy_vqa_dir, tmp_path, EPOCHS, "--trainer.limit_val_batches=null")
+    cli = stgc(["validate", *args, f"--ckpt_path={checkpoint}"])
+    single = cli.trainer.callback_metrics
+    assert float(single["val/vqa_acc"]) == pytest.approx(ranks[0]["metrics"]["val/vqa_acc"], abs=1e-6)
+    assert float(single["val/loss"]) == pytest.approx(ranks[0]["metrics"]["val/loss"], abs=1e-4)
+
+
+def test_only_rank_zero_writes_logs_and_checkpoints(ddp_run) -> None:
+    log_root, _ = ddp_run
+    events = sorted(p.relative_to(log_root) for p in log_root.rglob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].parts[:2] == ("easy_vqa", "stage3_stgc")
+    checkpoints = sorted(p.name for p in (log_root / "easy_vqa" / "stage3_stgc" / "checkpoints").iterdir())
+    assert checkpoints == ["best.ckpt", "last.ckpt"]
