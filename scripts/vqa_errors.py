@@ -35,8 +35,8 @@ def answers(module: LVLMModule, split: str, limit: int) -> list[tuple[str, str, 
         module.tokenizer, module.image_transform(True), module.image_transform(False), module.num_image_tokens
     )
     data.setup("validate" if split == "val" else "test")
-    dataset = data.datasets[split]
-    loader = data.val_dataloader() if split == "val" else data.predict_dataloader()  # both in file order
+    loader = data.answer_loader(split)  # one sample per answer, in file order
+    dataset = data.per_answer[split]
     rows = []
     for batch in loader:
         for generated in module.answer(batch):

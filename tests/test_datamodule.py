@@ -96,14 +96,33 @@ def test_train_batch(write_llava, easy_vqa_tokenizer):
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
 
 
-def test_eval_expands_instruction_answers(write_llava, easy_vqa_tokenizer):
+def test_eval_samples_are_conversations_with_their_answers(write_llava, easy_vqa_tokenizer):
     path, images = write_llava([record(0, n_turns=3), record(1, n_turns=1)])
     dm = make_dm(
         InstructionDataModule, path, images, easy_vqa_tokenizer, val_json=str(path), eval_batch_size=8
     )
     dm.setup("fit")
-    assert len(dm.datasets["train"]) == 2 and len(dm.datasets["val"]) == 4
+    assert len(dm.datasets["train"]) == len(dm.datasets["val"]) == 2
     batch = next(iter(dm.val_dataloader()))
+    assert batch["answers"] == [["answer 0 0", "answer 0 1", "answer 0 2"], ["answer 1 0"]]
+    assert batch["question_types"] == [["color", "yes/no", "yes/no"], ["color"]]
+    eos = easy_vqa_tokenizer.eos_token_id
+    for row, answers in enumerate(batch["answers"]):  # labels: every answer and its eos, in order
+        expected = [
+            i
+            for a in answers
+            for i in [*easy_vqa_tokenizer(" " + a, add_special_tokens=False)["input_ids"], eos]
+        ]
+        assert batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist() == expected
+
+
+def test_answer_loader_has_one_sample_per_answer_with_its_prompt(write_llava, easy_vqa_tokenizer):
+    path, images = write_llava([record(0, n_turns=3), record(1, n_turns=1)])
+    dm = make_dm(
+        InstructionDataModule, path, images, easy_vqa_tokenizer, val_json=str(path), eval_batch_size=8
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.answer_loader("val")))
     assert batch["answers"] == ["answer 0 0", "answer 0 1", "answer 0 2", "answer 1 0"]
     assert batch["question_types"] == ["color", "yes/no", "yes/no", "color"]
     for row in range(4):  # labels: exactly that answer and its eos; the prompt ends where they begin
@@ -120,7 +139,7 @@ def test_plain_eval_has_no_prompt_fields(write_llava, easy_vqa_tokenizer):
     dm = make_dm(PretrainDataModule, path, images, easy_vqa_tokenizer, val_json=str(path))
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
-    assert batch["input_ids"].shape[0] == 2 and "prompt_input_ids" not in batch
+    assert batch["input_ids"].shape[0] == 2 and "prompt_input_ids" not in batch and "answers" not in batch
 
 
 def test_undecodable_image_strict(write_llava, easy_vqa_tokenizer):
@@ -199,8 +218,8 @@ def test_group_by_length_batches_similar_lengths_and_sorts_eval(write_llava, eas
     masks = [b["attention_mask"] for b in dm.train_dataloader()]
     padding = sum((m == 0).sum().item() for m in masks)
     assert len(masks) == 3 and padding <= 4, "batches pair equal turn counts (shuffled, 1 vs 6 turns pad ~60)"
-    val = next(iter(dm.val_dataloader()))  # every answer, shortest prompt first
-    assert val["input_ids"].shape[0] == sum(turns)
+    val = next(iter(dm.val_dataloader()))  # every conversation, shortest first
+    assert val["input_ids"].shape[0] == len(turns) and sorted(map(len, val["answers"])) == sorted(turns)
     assert val["attention_mask"].sum(1).tolist() == sorted(val["attention_mask"].sum(1).tolist())
     predicted = next(iter(dm.predict_dataloader()))  # file order, as predictions are read
     assert predicted["answers"][:3] == ["answer 0 0", "answer 1 0", "answer 1 1"]
@@ -223,7 +242,7 @@ def test_setup_takes_model_inputs_from_the_trainer(write_llava, easy_vqa_tokeniz
     )
     dm.trainer = SimpleNamespace(lightning_module=model, world_size=1, global_rank=0)
     dm.setup("test")
-    assert (next(iter(dm.test_dataloader()))["input_ids"] == IMAGE_TOKEN_ID).sum() == 2 * 4  # 4 answers
+    assert (next(iter(dm.test_dataloader()))["input_ids"] == IMAGE_TOKEN_ID).sum() == 2 * 2  # 2 records
 
 
 def test_prepare_data_runs_easy_vqa_when_files_are_missing(tmp_path, monkeypatch):
@@ -248,5 +267,5 @@ def test_easy_vqa_end_to_end(easy_vqa_dir, easy_vqa_tokenizer):
     dm.setup("fit")
     dm.setup("test")
     train, test = next(iter(dm.train_dataloader())), next(iter(dm.test_dataloader()))
-    assert train["images"].shape == (4, 3, 8, 8) and test["prompt_input_ids"].shape[0] == 16
-    assert set(test["question_types"]) <= {"yes/no", "color", "shape"}
+    assert train["images"].shape == (4, 3, 8, 8) and test["input_ids"].shape[0] == 16
+    assert {t for types in test["question_types"] for t in types} <= {"yes/no", "color", "shape"}

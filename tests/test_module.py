@@ -214,3 +214,44 @@ def test_non_finite_loss_and_empty_batch_skip_their_steps_and_training_goes_on(e
     assert module.skipped_steps == 2 and trainer.callback_metrics["train/skipped_steps"] == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert trainer.optimizers[0].state[next(p for p in module.parameters() if p.requires_grad)]["step"] == 3
+
+
+def test_teacher_forced_scoring_gives_exactly_the_generated_answers(easy_vqa_dir) -> None:
+    """The VQA metric's one-forward-per-conversation scoring returns, answer for answer, the text
+    that greedy generation from each answer's own prompt returns (the predict path), on a briefly
+    trained model that gets some answers right and some wrong."""
+    from stgc.data import InstructionDataModule
+
+    torch.manual_seed(0)
+    module = LVLMModule(
+        tokenizer=str(easy_vqa_dir / "tokenizer"), lm_config=TINY_LM, trainable=["projector", "lm"], lr=3e-3
+    )
+    data = InstructionDataModule(
+        train_json=str(easy_vqa_dir / "instruct_train.json"),
+        image_folder=str(easy_vqa_dir / "images"),
+        limit_records=24,
+        val_fraction=0.25,
+        max_length=400,
+        batch_size=6,
+        eval_batch_size=4,
+    )
+    trainer = L.Trainer(
+        max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, data)
+    module.eval()
+    generated_for = []
+    generate = module._generate_from
+    module._generate_from = lambda prompts, images: generated_for.extend(prompts) or generate(prompts, images)
+    with torch.no_grad():
+        scored = [
+            text
+            for batch in data.val_dataloader()
+            for text in module.score_answers(batch, module(batch).logits)
+        ]
+        generated = [text for batch in data.answer_loader("val") for text in module.answer(batch)]
+    targets = [t.answer for r in data.datasets["val"].records for t in r.turns]
+    assert scored == generated
+    right = sum(s == t for s, t in zip(scored, targets, strict=True))
+    assert 0 < right < len(targets) and 0 < len(generated_for) < len(targets)

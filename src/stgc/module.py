@@ -9,7 +9,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from stgc.checkpoint import KeepsRNGState
-from stgc.data.collate import is_empty
+from stgc.constants import IGNORE_INDEX
+from stgc.data.collate import is_empty, pad
 from stgc.model.language_model import build_language_model, load_tokenizer
 from stgc.model.lvlm import LVLM
 from stgc.model.metrics import VQAAccuracy
@@ -141,11 +142,59 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
     def _evaluate(self, batch: dict[str, Any], loss_metric: MeanMetric, vqa_metric: VQAAccuracy) -> None:
         if is_empty(batch):
             return
-        loss = self(batch).loss
-        num_targets = (batch["labels"][:, 1:] != -100).sum()
-        loss_metric.update(loss, weight=num_targets)
+        output = self(batch)
+        num_targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        loss_metric.update(output.loss, weight=num_targets)
         if "answers" in batch:
-            vqa_metric.update(self.answer(batch), batch["answers"], batch["question_types"])
+            answers = [a for sample in batch["answers"] for a in sample]
+            types = [t for sample in batch["question_types"] for t in sample]
+            vqa_metric.update(self.score_answers(batch, output.logits), answers, types)
+
+    @torch.no_grad()
+    def score_answers(self, batch: dict[str, Any], logits: torch.Tensor) -> list[str]:
+        """What greedy generation answers to every question of the batch's conversations, given the
+        true earlier turns, in order — from the teacher-forced logits where they suffice.
+
+        Greedy decoding reproduces an answer exactly when the teacher-forced argmax at each of its
+        tokens and at its end token is that token (each next step then sees the same context) and
+        they fit in max_new_tokens, so those answers need no generation. Only the others are
+        generated, from their prompts (the conversation up to the answer), as predict does: the
+        text is the same either way, at the cost of one forward per conversation, not one
+        forward and one generation per answer.
+        """
+        predicted = logits[:, :-1].argmax(-1)  # (B, L-1): the greedy next token after each position
+        targets = batch["labels"][:, 1:]  # (B, L-1)
+        reproduced, prompts, images = [], [], []  # token ids, or the prompt to generate from
+        for row, sample_answers in enumerate(batch["answers"]):
+            positions = (targets[row] != IGNORE_INDEX).nonzero().squeeze(1)  # (T,) trained positions
+            breaks = (positions[1:] - positions[:-1] != 1).nonzero().squeeze(1) + 1
+            spans = positions.tensor_split(breaks.tolist())  # a run per answer: its tokens and eos
+            for span in spans[: len(sample_answers)]:  # a run past them is an answer cut by max_length
+                fits = len(span) <= self.hparams.max_new_tokens  # generation would reach its eos
+                if fits and torch.equal(predicted[row, span], targets[row, span]):
+                    reproduced.append(targets[row, span])
+                else:
+                    reproduced.append(None)
+                    prompts.append(batch["input_ids"][row, : int(span[0]) + 1])  # (P,) up to the answer
+                    images.append(batch["images"][row])
+        texts = self.tokenizer.batch_decode(
+            [ids for ids in reproduced if ids is not None], skip_special_tokens=True
+        )
+        texts = iter(text.strip() for text in texts)
+        generated = iter(self._generate_from(prompts, images) if prompts else [])
+        return [next(texts) if ids is not None else next(generated) for ids in reproduced]
+
+    def _generate_from(self, prompts: list[torch.Tensor], images: list[torch.Tensor]) -> list[str]:
+        """Greedy answers to unpadded prompts (P_i,) with their images (3, H, W)."""
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = self.tokenizer.eos_token_id if pad_id is None else pad_id
+        device = prompts[0].device
+        batch = {
+            "images": torch.stack(images),
+            "prompt_input_ids": pad(prompts, pad_id, left=True).to(device),
+            "prompt_attention_mask": pad([torch.ones_like(p) for p in prompts], 0, left=True).to(device),
+        }
+        return self.answer(batch)
 
     def _log_evaluation(self, stage: str, loss_metric: MeanMetric, vqa_metric: VQAAccuracy) -> None:
         loss = loss_metric.compute()

@@ -51,4 +51,7 @@ class LlavaCollator:
             )  # (B, P)
             batch["answers"] = [item["answer"] for item in kept]
             batch["question_types"] = [item["question_type"] for item in kept]
+        elif "answers" in kept[0]:  # per sample: its answers' texts and types, in order
+            batch["answers"] = [item["answers"] for item in kept]
+            batch["question_types"] = [item["question_types"] for item in kept]
         return batch

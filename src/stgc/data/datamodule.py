@@ -62,6 +62,7 @@ class LlavaDataModule(LightningDataModule):
         self.transforms: dict[str, ImageTransform] = {}
         self.datasets: dict[str, LlavaDataset] = {}
         self.found_bad: dict[str, dict[str, str]] = {}  # split -> {record id: reason}, found in batches
+        self.per_answer: dict[str, LlavaDataset] = {}  # split -> one sample per answer (predict)
 
     def make_template(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> Template:
         """The conversation template of this stage."""
@@ -107,14 +108,14 @@ class LlavaDataModule(LightningDataModule):
                 train, val, val_skipped = *self.split(train), Counter()
             else:
                 val, val_skipped = self.load(self.hparams.val_json)
-            self.datasets["train"] = self.dataset(train, skipped, evaluation=False)
-            self.datasets["val"] = self.dataset(val, val_skipped, evaluation=True)
+            self.datasets["train"] = self.dataset(train, skipped, answers="none")
+            self.datasets["val"] = self.dataset(val, val_skipped, answers="all")
         if stage in ("test", "predict") and "test" not in self.datasets:
             if self.hparams.test_json is None:
                 raise ValueError(
                     f"{type(self).__name__}.test_json is not set; pass the test file to test or predict"
                 )
-            self.datasets["test"] = self.dataset(*self.load(self.hparams.test_json), evaluation=True)
+            self.datasets["test"] = self.dataset(*self.load(self.hparams.test_json), answers="all")
 
     def load(self, json_path: str) -> tuple[list[Record], Counter[str]]:
         """Valid records of one file and its skip counts."""
@@ -134,17 +135,15 @@ class LlavaDataModule(LightningDataModule):
         val_idx = set(order[:n_val])
         return [r for i, r in enumerate(records) if i not in val_idx], [records[i] for i in sorted(val_idx)]
 
-    def dataset(
-        self, records: Sequence[Record], load_skipped: Counter[str], evaluation: bool
-    ) -> LlavaDataset:
-        """Dataset with this module's template, transform and limits."""
-        transform = self.transforms["eval" if evaluation else "train"]
+    def dataset(self, records: Sequence[Record], load_skipped: Counter[str], answers: str) -> LlavaDataset:
+        """Dataset with this module's template, transform and limits (see LlavaDataset for `answers`)."""
+        transform = self.transforms["train" if answers == "none" else "eval"]
         return LlavaDataset(
             records,
             self.template,
             transform,
             self.hparams.max_length,
-            evaluation,
+            answers,
             self.hparams.skip_bad_records,
             load_skipped,
         )
@@ -181,11 +180,11 @@ class LlavaDataModule(LightningDataModule):
                 f"{type(self).__name__}: {split}: skipped {counts.total()} bad records: {dict(counts)}"
             )
 
-    def loader(self, split: str, **kwargs: Any) -> DataLoader:
-        """DataLoader over a built split."""
+    def loader(self, dataset: LlavaDataset, **kwargs: Any) -> DataLoader:
+        """DataLoader over one of the built datasets."""
         workers = self.hparams.num_workers
         return DataLoader(
-            self.datasets[split],
+            dataset,
             num_workers=workers,
             persistent_workers=workers > 0,
             collate_fn=self.collator,
@@ -200,14 +199,13 @@ class LlavaDataModule(LightningDataModule):
             world_size, rank = self.world()
             lengths = self.datasets["train"].lengths
             sampler = LengthGroupedSampler(lengths, h.batch_size, h.seed, num_replicas=world_size, rank=rank)
-            return self.loader("train", batch_size=h.batch_size, sampler=sampler)
+            return self.loader(self.datasets["train"], batch_size=h.batch_size, sampler=sampler)
         generator = torch.Generator().manual_seed(h.seed)
-        return self.loader("train", batch_size=h.batch_size, shuffle=True, generator=generator)
+        return self.loader(self.datasets["train"], batch_size=h.batch_size, shuffle=True, generator=generator)
 
     def eval_loader(self, split: str) -> DataLoader:
-        """Samples in file order, or shortest first with group_by_length (the metrics do not
-        depend on the order, and an eval sample holds every earlier turn: lengths vary a lot);
-        split across ranks without repeats under DDP."""
+        """Whole conversations in file order, or shortest first with group_by_length (the metrics
+        do not depend on the order); split across ranks without repeats under DDP."""
         order = range(len(self.datasets[split]))
         if self.hparams.group_by_length:
             lengths = self.datasets[split].lengths
@@ -217,7 +215,7 @@ class LlavaDataModule(LightningDataModule):
             order = UnrepeatedDistributedSamplerWrapper(
                 order, num_replicas=world_size, rank=rank, shuffle=False
             )
-        return self.loader(split, batch_size=self.hparams.eval_batch_size, sampler=order)
+        return self.loader(self.datasets[split], batch_size=self.hparams.eval_batch_size, sampler=order)
 
     def world(self) -> tuple[int, int]:
         """(number of processes, this one's rank) of the trainer, (1, 0) without one."""
@@ -233,8 +231,14 @@ class LlavaDataModule(LightningDataModule):
         return self.eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """The test samples in file order, so predictions line up with the file's records."""
-        return self.loader("test", batch_size=self.hparams.eval_batch_size)
+        """One sample per test answer, in file order, so predictions line up with the file's records."""
+        return self.answer_loader("test")
+
+    def answer_loader(self, split: str) -> DataLoader:
+        """One sample per answer of a built split, in file order, each with its prompt for generation."""
+        if split not in self.per_answer:
+            self.per_answer[split] = self.dataset(self.datasets[split].records, Counter(), answers="each")
+        return self.loader(self.per_answer[split], batch_size=self.hparams.eval_batch_size)
 
 
 class PretrainDataModule(LlavaDataModule):

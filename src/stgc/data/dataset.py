@@ -13,10 +13,17 @@ from stgc.data.records import Record, RecordError
 from stgc.data.templates import Template
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W)
+ANSWER_MODES = ("none", "all", "each")
 
 
 class LlavaDataset(Dataset):
-    """Samples of records; with evaluation=True an instruction record gives one sample per answer.
+    """A map-style dataset of encoded records. For instruction templates, `answers` says what a sample
+    carries besides the whole trained conversation:
+
+    - "none" (training): nothing more;
+    - "all" (validation, test): the texts and types of its answers, for teacher-forced VQA scoring;
+    - "each" (predict): one sample per answer, the prompt up to that answer's " ASSISTANT:" and
+      its text and type, for generation.
 
     A record that fails when loaded (undecodable pixels, too long, nothing trained after truncation)
     raises RecordError, or with skip_bad_records gives a {"skipped": (id, reason)} item that the
@@ -30,7 +37,7 @@ class LlavaDataset(Dataset):
         template: Template,
         image_transform: ImageTransform,
         max_length: int,
-        evaluation: bool = False,
+        answers: str = "none",
         skip_bad_records: bool = True,
         load_skipped: Counter[str] | None = None,
     ) -> None:
@@ -38,14 +45,16 @@ class LlavaDataset(Dataset):
         self.template = template
         self.image_transform = image_transform
         self.max_length = max_length
-        self.evaluation = evaluation and template.expands_turns
+        if answers not in ANSWER_MODES:
+            raise ValueError(f"answers={answers!r} must be one of {ANSWER_MODES}")
+        self.answers = answers if template.expands_turns else "none"
         self.skip_bad_records = skip_bad_records
         self.load_skipped = Counter(load_skipped)
         # (record index, answer index or None for the whole conversation)
         self.index: list[tuple[int, int | None]] = [
             (r, t)
             for r, rec in enumerate(records)
-            for t in (range(len(rec.turns)) if self.evaluation else [None])
+            for t in (range(len(rec.turns)) if self.answers == "each" else [None])
         ]
         self._blank: torch.Tensor | None = None
         self._warned = False
@@ -89,6 +98,16 @@ class LlavaDataset(Dataset):
             item["prompt_ids"] = item["input_ids"][: encoded.prompt_length]  # (P,)
             item["answer"] = answered.answer
             item["question_type"] = answered.question_type
+        elif self.answers == "all":
+            complete = encoded.labels.count(self.template.tokenizer.eos_token_id)  # each answer ends with it
+            if complete < len(record.turns) and not self._warned:
+                rank_zero_warn(
+                    f"{record.source}: record {record.id!r}: max_length={self.max_length} cuts "
+                    f"{len(record.turns) - complete} of its {len(record.turns)} answers, which are not scored"
+                )
+                self._warned = True
+            item["answers"] = [t.answer for t in record.turns[:complete]]
+            item["question_types"] = [t.question_type for t in record.turns[:complete]]
         return item
 
     def load_image(self, record: Record) -> torch.Tensor:
