@@ -9,6 +9,7 @@ import os
 import torch
 from PIL import Image
 
+from stgc.data.collate import pad_token_id, prompt_batch
 from stgc.data.records import Record, Turn
 from stgc.data.templates import InstructionTemplate
 from stgc.module import LVLMModule
@@ -19,14 +20,9 @@ def ask(checkpoint: str, image_path: str, question: str, system_prompt: str) -> 
     template = InstructionTemplate(module.tokenizer, module.num_image_tokens, system_prompt)
     record = Record(id="ask", image=None, turns=(Turn(f"<image>\n{question}", ""),), source=image_path)
     encoded = template.encode(record, max_length=10_000, turn=0)
-    prompt_ids = torch.tensor([encoded.input_ids[: encoded.prompt_length]])  # (1, P) up to " ASSISTANT:"
+    prompt_ids = torch.tensor(encoded.input_ids[: encoded.prompt_length])  # (P,) up to " ASSISTANT:"
     image = module.image_transform(train=False)(Image.open(image_path).convert("RGB"))[None]
-    batch = {
-        "images": image,
-        "prompt_input_ids": prompt_ids,
-        "prompt_attention_mask": torch.ones_like(prompt_ids),
-    }
-    return module.answer(batch)[0]
+    return module.answer({"images": image, **prompt_batch([prompt_ids], pad_token_id(module.tokenizer))})[0]
 
 
 def main() -> None:

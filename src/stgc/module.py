@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 
 from stgc.checkpoint import KeepsRNGState
 from stgc.constants import IGNORE_INDEX
-from stgc.data.collate import is_empty, pad
+from stgc.data.collate import is_empty, pad_token_id, prompt_batch
 from stgc.model.language_model import build_language_model, load_tokenizer
 from stgc.model.lvlm import LVLM
 from stgc.model.metrics import VQAAccuracy
@@ -162,8 +162,9 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         text is the same either way, at the cost of one forward per conversation, not one
         forward and one generation per answer.
         """
-        predicted = logits[:, :-1].argmax(-1)  # (B, L-1): the greedy next token after each position
-        targets = batch["labels"][:, 1:]  # (B, L-1)
+        # on the CPU once: the per-answer checks below then cost no device synchronisation
+        predicted = logits[:, :-1].argmax(-1).cpu()  # (B, L-1): the greedy next token after each position
+        targets = batch["labels"][:, 1:].cpu()  # (B, L-1)
         reproduced, prompts, images = [], [], []  # token ids, or the prompt to generate from
         for row, sample_answers in enumerate(batch["answers"]):
             positions = (targets[row] != IGNORE_INDEX).nonzero().squeeze(1)  # (T,) trained positions
@@ -186,15 +187,9 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
 
     def _generate_from(self, prompts: list[torch.Tensor], images: list[torch.Tensor]) -> list[str]:
         """Greedy answers to unpadded prompts (P_i,) with their images (3, H, W)."""
-        pad_id = self.tokenizer.pad_token_id
-        pad_id = self.tokenizer.eos_token_id if pad_id is None else pad_id
         device = prompts[0].device
-        batch = {
-            "images": torch.stack(images),
-            "prompt_input_ids": pad(prompts, pad_id, left=True).to(device),
-            "prompt_attention_mask": pad([torch.ones_like(p) for p in prompts], 0, left=True).to(device),
-        }
-        return self.answer(batch)
+        batch = {k: v.to(device) for k, v in prompt_batch(prompts, pad_token_id(self.tokenizer)).items()}
+        return self.answer({"images": torch.stack(images), **batch})
 
     def _log_evaluation(self, stage: str, loss_metric: MeanMetric, vqa_metric: VQAAccuracy) -> None:
         loss = loss_metric.compute()
@@ -234,7 +229,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
             batch["prompt_attention_mask"],
             max_new_tokens=self.hparams.max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
+            pad_token_id=pad_token_id(self.tokenizer),
         )
         return [text.strip() for text in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
 

@@ -54,7 +54,7 @@ class SkipsBadSteps(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        finite = not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())  # one sync
         bad = self.trainer.strategy.reduce_boolean_decision(self._empty_batch or not finite, all=False)
         self._empty_batch = False
         if bad:

@@ -16,6 +16,19 @@ def pad(seqs: list[torch.Tensor], value: int, left: bool = False) -> torch.Tenso
     return out
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or its eos id when it has none (padding is masked out everywhere)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def prompt_batch(prompts: list[torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts (B, P) and their attention mask, as generation takes them."""
+    return {
+        "prompt_input_ids": pad(prompts, pad_id, left=True),
+        "prompt_attention_mask": pad([torch.ones_like(p) for p in prompts], 0, left=True),
+    }
+
+
 def is_empty(batch: dict[str, Any]) -> bool:
     """Whether every sample of the batch was a skipped bad record."""
     return "input_ids" not in batch
@@ -44,11 +57,7 @@ class LlavaCollator:
             "skipped": skipped,
         }
         if "prompt_ids" in kept[0]:
-            prompts = [item["prompt_ids"] for item in kept]
-            batch["prompt_input_ids"] = pad(prompts, self.pad_token_id, left=True)  # (B, P)
-            batch["prompt_attention_mask"] = pad(
-                [torch.ones_like(p) for p in prompts], 0, left=True
-            )  # (B, P)
+            batch.update(prompt_batch([item["prompt_ids"] for item in kept], self.pad_token_id))
             batch["answers"] = [item["answer"] for item in kept]
             batch["question_types"] = [item["question_type"] for item in kept]
         elif "answers" in kept[0]:  # per sample: its answers' texts and types, in order

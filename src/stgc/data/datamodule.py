@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from stgc.data import easy_vqa
-from stgc.data.collate import LlavaCollator
+from stgc.data.collate import LlavaCollator, pad_token_id
 from stgc.data.dataset import ImageTransform, LlavaDataset
 from stgc.data.records import Record, load_records
 from stgc.data.sampler import LengthGroupedSampler
@@ -77,9 +77,7 @@ class LlavaDataModule(LightningDataModule):
     ) -> None:
         """Give the model-side inputs (for standalone use; setup() otherwise takes them from the model)."""
         self.template = self.make_template(tokenizer, num_image_tokens)
-        # padding is masked out everywhere, so eos serves when the tokenizer has no pad token
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.collator = LlavaCollator(pad_id)
+        self.collator = LlavaCollator(pad_token_id(tokenizer))
         self.transforms = {"train": train_transform, "eval": eval_transform}
 
     def prepare_data(self) -> None:
@@ -152,16 +150,16 @@ class LlavaDataModule(LightningDataModule):
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Note the bad records a batch dropped (each record once, however often it is drawn)."""
         if batch["skipped"]:
-            trainer = self.trainer
-            split = (
-                "train"
-                if trainer.training
-                else "val"
-                if trainer.validating or trainer.sanity_checking
-                else "test"
-            )
-            self.found_bad.setdefault(split, {}).update(batch["skipped"])
+            self.found_bad.setdefault(self._running_split(), {}).update(batch["skipped"])
         return batch
+
+    def _running_split(self) -> str:
+        """The split the trainer is drawing batches from now (test serves predict too)."""
+        if self.trainer.training:
+            return "train"
+        if self.trainer.validating or self.trainer.sanity_checking:
+            return "val"
+        return "test"
 
     def skip_report(self) -> dict[str, Counter[str]]:
         """Bad records skipped so far per split, by reason: refused when the file was read, or found

@@ -57,7 +57,8 @@ class LlavaDataset(Dataset):
             for t in (range(len(rec.turns)) if self.answers == "each" else [None])
         ]
         self._blank: torch.Tensor | None = None
-        self._warned = False
+        self._warned = False  # about a skipped record
+        self._warned_cut = False  # about answers cut by max_length
 
     def __len__(self) -> int:
         return len(self.index)
@@ -100,12 +101,12 @@ class LlavaDataset(Dataset):
             item["question_type"] = answered.question_type
         elif self.answers == "all":
             complete = encoded.labels.count(self.template.tokenizer.eos_token_id)  # each answer ends with it
-            if complete < len(record.turns) and not self._warned:
+            if complete < len(record.turns) and not self._warned_cut:
                 rank_zero_warn(
                     f"{record.source}: record {record.id!r}: max_length={self.max_length} cuts "
                     f"{len(record.turns) - complete} of its {len(record.turns)} answers, which are not scored"
                 )
-                self._warned = True
+                self._warned_cut = True
             item["answers"] = [t.answer for t in record.turns[:complete]]
             item["question_types"] = [t.question_type for t in record.turns[:complete]]
         return item
