@@ -20,6 +20,7 @@ from stgc.module import LVLMModule
 
 DATA = "data/easy_vqa"
 SYSTEM_PROMPT = "Answer questions about the image."  # configs/easy_vqa/stage2_finetune.yaml
+MAX_LENGTH = 400  # configs/easy_vqa/stage2_finetune.yaml
 
 
 def answers(module: LVLMModule, split: str, limit: int) -> list[tuple[str, str, str, str]]:
@@ -29,7 +30,9 @@ def answers(module: LVLMModule, split: str, limit: int) -> list[tuple[str, str, 
         test_json=f"{DATA}/instruct_test.json",
         image_folder=f"{DATA}/images",
         system_prompt=SYSTEM_PROMPT,
+        max_length=MAX_LENGTH,
         eval_batch_size=100,
+        skip_bad_records=False,  # rows are matched to answers by position: a skip would shift them
     )
     data.attach(
         module.tokenizer, module.image_transform(True), module.image_transform(False), module.num_image_tokens

@@ -183,6 +183,21 @@ def test_seeded_split(write_llava, easy_vqa_tokenizer):
     assert split(0) == (train, val) and split(1)[1] != val
 
 
+def test_split_keeps_the_records_of_one_image_together(write_llava, easy_vqa_tokenizer):
+    """Five questions per image, one record each: val gets whole images, never seen in training."""
+    records = [record(5 * i + k, n_turns=1) | {"image": f"img{i}.png"} for i in range(8) for k in range(5)]
+    records += [record(100 + t, image=False) for t in range(4)]
+    path, images = write_llava(records)
+    dm = make_dm(PretrainDataModule, path, images, easy_vqa_tokenizer, val_fraction=0.25)
+    dm.setup("fit")
+    train, val = dm.datasets["train"].records, dm.datasets["val"].records
+    assert sorted(r.id for r in train + val) == sorted(r["id"] for r in records)
+    val_images = {r.image for r in val if r.image}
+    assert not val_images & {r.image for r in train if r.image}
+    assert all(sum(r.image == image for r in val) == 5 for image in val_images)
+    assert len(val_images) + sum(r.image is None for r in val) == 3  # a quarter of the 12 groups
+
+
 def test_train_loader_order_is_seeded(write_llava, easy_vqa_tokenizer):
     path, images = write_llava([record(i, n_turns=1) for i in range(20)])
 

@@ -69,6 +69,23 @@ def test_cls_patch_keeps_the_cls_token_first(tiny_module) -> None:
         tiny_module(vision_select_feature="cls")
 
 
+def test_token_pool_averages_each_cell_of_the_patch_grid(tiny_module) -> None:
+    """vision_token_pool=2: the 8x8 patch grid becomes 4x4 tokens, each the mean of its 2x2 cell."""
+    full = tiny_module()
+    pooled = tiny_module(vision_token_pool=2, vision_select_feature="cls_patch")
+    assert pooled.num_image_tokens == 4 * 4 + 1
+    pooled.model.vision_tower.load_state_dict(full.model.vision_tower.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    patches = full.model.vision_tower(images).reshape(2, 8, 8, -1)  # row-major patch grid
+    out = pooled.model.vision_tower(images)  # (2, 1 + 16, width): CLS first
+    for row in range(4):
+        for col in range(4):
+            cell = patches[:, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2].mean(dim=(1, 2))
+            torch.testing.assert_close(out[:, 1 + 4 * row + col], cell)
+    with pytest.raises(ValueError, match="pool=3 must be >= 1 and divide the"):
+        tiny_module(vision_token_pool=3)
+
+
 def test_wrong_number_of_image_positions_is_a_clear_error(tiny_module) -> None:
     module = tiny_module()
     ids = torch.tensor([[IMAGE_TOKEN_ID] * 3 + [5]])

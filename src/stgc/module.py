@@ -36,6 +36,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         vision_pretrained: str | None = None,
         vision_feature_layer: int = -2,
         vision_select_feature: str = "patch",
+        vision_token_pool: int = 1,
         projector: str = "mlp2x_gelu",
         moe: dict[str, Any] | None = None,
         router_aux_loss_coef: float = 0.01,
@@ -56,7 +57,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
             )
         self.tokenizer = load_tokenizer(tokenizer)
         vision_tower = VisionTower(
-            vision_model, vision_pretrained, vision_feature_layer, vision_select_feature
+            vision_model, vision_pretrained, vision_feature_layer, vision_select_feature, vision_token_pool
         )
         language_model = build_language_model(self.tokenizer, lm_path, lm_config)
         text_size = language_model.get_input_embeddings().embedding_dim

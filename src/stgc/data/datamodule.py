@@ -121,16 +121,20 @@ class LlavaDataModule(LightningDataModule):
         return load_records(json_path, h.image_folder, h.skip_bad_records, h.limit_records)
 
     def split(self, records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
-        """Seeded train/val split by record (so all answers of a conversation stay on one side)."""
-        n_val = max(1, round(self.hparams.val_fraction * len(records)))
-        if n_val >= len(records):
+        """Seeded train/val split by image: all records of one image (and so all answers of a
+        conversation) stay on one side, so val images are unseen in training. Text-only records
+        are split one by one."""
+        groups: dict[Any, list[int]] = {}  # image path, or record position for a text-only record
+        for i, r in enumerate(records):
+            groups.setdefault(r.image if r.image is not None else i, []).append(i)
+        keys = list(groups)
+        n_val = max(1, round(self.hparams.val_fraction * len(keys)))
+        if n_val >= len(keys):
             raise ValueError(
-                f"{self.hparams.train_json}: {len(records)} records are too few to carve a val split"
+                f"{self.hparams.train_json}: {len(keys)} images (or text-only records) are too few for a val split"
             )
-        order = torch.randperm(
-            len(records), generator=torch.Generator().manual_seed(self.hparams.seed)
-        ).tolist()
-        val_idx = set(order[:n_val])
+        order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(self.hparams.seed))
+        val_idx = {i for k in order[:n_val].tolist() for i in groups[keys[k]]}
         return [r for i, r in enumerate(records) if i not in val_idx], [records[i] for i in sorted(val_idx)]
 
     def dataset(self, records: Sequence[Record], load_skipped: Counter[str], answers: str) -> LlavaDataset:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -17,7 +18,9 @@ class VisionTower(nn.Module):
 
     `feature_layer` indexes the transformer blocks like a Python list: LLaVA takes the
     penultimate block's output (-2); the blocks after it are dropped. `select_feature` is LLaVA's
-    mm_vision_select_feature: "patch" drops the CLS token, "cls_patch" keeps it first.
+    mm_vision_select_feature: "patch" drops the CLS token, "cls_patch" keeps it first. `pool`
+    average-pools the patch grid in pool x pool cells (LLaVA-OneVision pools video frames 2x2), so
+    the LM reads fewer image tokens.
     """
 
     def __init__(
@@ -26,6 +29,7 @@ class VisionTower(nn.Module):
         pretrained: str | None = None,
         feature_layer: int = -2,
         select_feature: str = "patch",
+        pool: int = 1,
     ) -> None:
         super().__init__()
         if select_feature not in ("patch", "cls_patch"):
@@ -44,9 +48,12 @@ class VisionTower(nn.Module):
         # Blocks past the feature layer and the pooling head are never used: drop them.
         self.visual.prune_intermediate_layers([feature_layer % num_layers], prune_norm=True, prune_head=True)
         self.hidden_size: int = self.visual.transformer.width
-        grid = self.visual.grid_size
+        self.grid: tuple[int, int] = tuple(self.visual.grid_size)
+        if pool < 1 or self.grid[0] % pool or self.grid[1] % pool:
+            raise ValueError(f"pool={pool} must be >= 1 and divide the {self.grid} patch grid")
+        self.pool = pool
         self.keep_cls = select_feature == "cls_patch"
-        self.num_tokens: int = grid[0] * grid[1] + self.keep_cls
+        self.num_tokens: int = (self.grid[0] // pool) * (self.grid[1] // pool) + self.keep_cls
 
     def image_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         """open_clip's own preprocessing for this tower: PIL image -> (3, H, W) tensor."""
@@ -62,6 +69,9 @@ class VisionTower(nn.Module):
             output_extra_tokens=self.keep_cls,
         )
         patches = out["image_intermediates"][0]  # (B, grid_h * grid_w, hidden_size)
+        if self.pool > 1:
+            grid = patches.transpose(1, 2).unflatten(2, self.grid)  # (B, hidden_size, grid_h, grid_w)
+            patches = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # (B, num_pooled, hidden_size)
         if self.keep_cls:
             return torch.cat([out["image_intermediates_prefix"][0], patches], dim=1)
         return patches
