@@ -283,7 +283,7 @@ def ensure_stage2(args: argparse.Namespace, log_root: Path) -> None:
     if Path(args.stage2).is_file():
         return
     previous = None
-    for stage in ("stage0", "stage1", "stage2"):
+    for stage in ("stage0", "stage1", "stage2_text", "stage2"):
         fit_stage(stage, log_root, previous, args.extra)
         previous = stage
     args.stage2 = str(last_checkpoint(log_root, "stage2"))
@@ -296,7 +296,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sweep-loss-weights", type=float, nargs="*", default=[0.01, 0.1, 1.0])
     parser.add_argument("--sweep-thresholds", type=float, nargs="+", default=[0.0, -0.1])
-    parser.add_argument("--test-every", type=int, default=3, help="test on every n-th test image")
+    parser.add_argument("--test-every", type=int, default=3, help="test on every n-th test question")
     parser.add_argument("--out", default="results")
     parser.add_argument("--log-root", default="logs/study")
     args, args.extra = parser.parse_known_args()

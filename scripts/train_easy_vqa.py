@@ -1,4 +1,4 @@
-"""The default pipeline behind `make train`: stages 0 -> I -> II -> III on the bundled easy-vqa data.
+"""The default pipeline behind `make train`: stages 0 -> I -> II (text, then images) -> III on easy-vqa.
 
 Each stage is one `stgc fit` (see stgc.pipeline); the final model is tested once on the easy-vqa
 test split. Prints each stage's wall time and validation metrics, the test metrics, the peak

@@ -1,4 +1,4 @@
-"""End to end through the CLI: `stgc fit` stages 0 -> I -> II -> III (+ STGC), then validate/test, on a slice."""
+"""End to end through the CLI: `stgc fit` stages 0 -> I -> II (text, then images) -> III (+ STGC), then validate/test, on a slice."""
 
 import json
 import runpy
@@ -18,7 +18,8 @@ TINY_LM = json.dumps(TINY_LM_CONFIG)
 def _args(config: str, data_dir: Path, log_root: Path) -> list[str]:
     """A stage's config files (stage 0 has no LVLM), pointed at the slice, with tiny budgets."""
     is_clip = config.startswith("stage0")
-    prefix = "instruct" if config.startswith(("stage2", "stage3")) else "pretrain"
+    prefix = "pretrain" if config.startswith(("stage0", "stage1")) else "instruct"
+    prefix += "_text" if config.startswith("stage2_text") else ""
     model = [] if is_clip else ["-c", str(ROOT / "configs" / "easy_vqa" / "model.yaml")]
     lm = [] if is_clip else [f"--model.init_args.lm_config={TINY_LM}"]
     configs = [
@@ -33,7 +34,7 @@ def _args(config: str, data_dir: Path, log_root: Path) -> list[str]:
         f"--data.init_args.test_json={data_dir / f'{prefix}_test.json'}",
         f"--data.init_args.image_folder={data_dir / 'images'}",
         "--data.init_args.limit_records=40",
-        "--data.init_args.val_fraction=0.1",
+        "--data.init_args.val_fraction=0.3",  # easy-vqa instruct: 2 of the 5 images, every question type
         "--data.init_args.batch_size=8",
         "--data.init_args.eval_batch_size=16",
     ]
@@ -54,19 +55,17 @@ def _scalars(log_dir: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(easy_vqa_dir, tmp_path_factory):
-    """Stages 0, I, II and III with STGC added from the command line; returns the log root."""
+    """Stages 0, I, II (text warm-up, then images) and III with STGC added from the command line; returns the log root."""
     log_root = tmp_path_factory.mktemp("logs")
     clip = log_root / "clip.pt"
     stgc(["fit", *_args("stage0_clip.yaml", easy_vqa_dir, log_root), f"--model.init_args.export_path={clip}"])
     stage1_args = _args("stage1_pretrain.yaml", easy_vqa_dir, log_root)
     stgc(["fit", *stage1_args, f"--model.init_args.vision_pretrained={clip}"])
     stage1 = log_root / "easy_vqa" / "stage1" / "checkpoints" / "last.ckpt"
+    stgc(["fit", *_args("stage2_text.yaml", easy_vqa_dir, log_root), f"--model.init_args.init_from={stage1}"])
+    text = log_root / "easy_vqa" / "stage2_text" / "checkpoints" / "last.ckpt"
     stgc(
-        [
-            "fit",
-            *_args("stage2_finetune.yaml", easy_vqa_dir, log_root),
-            f"--model.init_args.init_from={stage1}",
-        ]
+        ["fit", *_args("stage2_finetune.yaml", easy_vqa_dir, log_root), f"--model.init_args.init_from={text}"]
     )
     stage2 = log_root / "easy_vqa" / "stage2" / "checkpoints" / "last.ckpt"
     stage3_args = _args("stage3_moe.yaml", easy_vqa_dir, log_root) + [f"--model.init_args.init_from={stage2}"]
@@ -89,7 +88,7 @@ def test_stage0_exports_a_clip_checkpoint_that_stage1_loads(pipeline) -> None:
 
 
 def test_each_stage_writes_checkpoints_and_metrics(pipeline) -> None:
-    for stage in ("stage1", "stage2", "stage3"):
+    for stage in ("stage1", "stage2_text", "stage2", "stage3"):
         run = pipeline / "easy_vqa" / stage
         assert (run / "checkpoints" / "last.ckpt").is_file()
         assert (run / "config.yaml").is_file()

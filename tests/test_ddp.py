@@ -32,14 +32,14 @@ def test_replicas_hold_identical_weights(ddp_run) -> None:
 
 
 def test_each_record_is_seen_by_one_rank_per_epoch(ddp_run) -> None:
-    """24 train records, batch 4 per rank: 3 steps of 2 × 4, no padding needed; the 6 val
-    conversations are split over the ranks without repeats."""
+    """24 train records (3 images' questions), batch 4 per rank: 3 steps of 2 × 4, no padding
+    needed; the 12 val questions (the 4th image's) are split over the ranks without repeats."""
     _, ranks = ddp_run
     for epoch in range(EPOCHS):
         rank0, rank1 = (ranks[r]["train_ids"][epoch] for r in range(2))
         assert len(rank0) == len(rank1) == 12 and not set(rank0) & set(rank1)
         val0, val1 = (ranks[r]["val_ids"][epoch] for r in range(2))
-        assert len(val0) == len(val1) == 3 and len(set(val0 + val1)) == 6
+        assert len(val0) == len(val1) == 6 and len(set(val0 + val1)) == 12
     assert set(ranks[0]["train_ids"][0]) | set(ranks[1]["train_ids"][0]) == set(
         ranks[0]["train_ids"][1]
     ) | set(ranks[1]["train_ids"][1])

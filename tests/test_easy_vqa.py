@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stgc.data.easy_vqa import PALETTE, SHAPES, captions, prepare, question_type
+from stgc.data.easy_vqa import FORMAT, PALETTE, SHAPES, captions, prepare, question_type
 from stgc.data.records import load_records
 from stgc.data.templates import DEFAULT_SYSTEM_PROMPT
 
@@ -21,16 +21,17 @@ def test_layout_and_counts(easy_vqa_dir):
     instruct, skipped = load_records(
         easy_vqa_dir / "instruct_test.json", easy_vqa_dir / "images", skip_bad_records=False
     )
-    assert not skipped and sum(len(r.turns) for r in instruct) == 9673
-    assert instruct[0].turns[0].question.startswith("<image>\n")
+    assert not skipped and len(instruct) == 9673 and all(len(r.turns) == 1 for r in instruct)
+    assert all(r.turns[0].question.startswith("<image>\n") for r in instruct)
+    assert (instruct[0].id, instruct[0].image) == ("test_0_q0", easy_vqa_dir / "images" / "test" / "0.png")
 
 
 def test_captions_agree_with_answers(easy_vqa_dir):
     for split in ("train", "test"):
         pretrain = json.loads((easy_vqa_dir / f"pretrain_{split}.json").read_text())
-        caption = {r["id"]: r["conversations"][1]["value"] for r in pretrain}
+        caption = {r["image"]: r["conversations"][1]["value"] for r in pretrain}
         for record in json.loads((easy_vqa_dir / f"instruct_{split}.json").read_text()):
-            _, colour, shape = caption[record["id"]].split()
+            _, colour, shape = caption[record["image"]].split()
             assert colour in PALETTE and shape in (*SHAPES, "shape")
             for turn in record["conversations"][1::2]:
                 assert turn["type"] == question_type(turn["value"])
@@ -78,6 +79,21 @@ def test_prepare_is_idempotent(easy_vqa_dir, capsys):
     assert {p: p.stat().st_mtime_ns for p in outputs} == before
     assert missing.read_bytes() == content
     assert "complete (1 images copied" in capsys.readouterr().out
+
+
+def test_prepare_rebuilds_an_older_layout(easy_vqa_dir, tmp_path, capsys):
+    """A folder from an older prepare (no FORMAT file, one conversation per image) is rebuilt."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(easy_vqa_dir, old, ignore=shutil.ignore_patterns("images"))
+    (old / "images").symlink_to(easy_vqa_dir / "images")
+    (old / "FORMAT").unlink()
+    (old / "instruct_test.json").write_text('[{"id": "test_0", "image": "test/0.png", "conversations": []}]')
+    prepare(old)
+    assert "complete" not in capsys.readouterr().out
+    assert (old / "FORMAT").read_text().strip() == FORMAT
+    assert (old / "instruct_test.json").read_text() == (easy_vqa_dir / "instruct_test.json").read_text()
 
 
 def test_tokenizer_round_trip(easy_vqa_tokenizer):

@@ -233,10 +233,32 @@ def test_non_finite_loss_and_empty_batch_skip_their_steps_and_training_goes_on(e
     assert trainer.optimizers[0].state[next(p for p in module.parameters() if p.requires_grad)]["step"] == 3
 
 
-def test_teacher_forced_scoring_gives_exactly_the_generated_answers(easy_vqa_dir) -> None:
+def multi_turn_easy_vqa(easy_vqa_dir, path, images: int):
+    """The first `images` images of easy-vqa train, each image's questions as one conversation."""
+    import json
+
+    conversations = {}
+    for record in json.loads((easy_vqa_dir / "instruct_train.json").read_text()):
+        if record["image"] not in conversations:
+            if len(conversations) == images:
+                break
+            conversations[record["image"]] = {
+                "id": record["image"],
+                "image": record["image"],
+                "conversations": [],
+            }
+        turns = record["conversations"]
+        if conversations[record["image"]]["conversations"]:  # the image placeholder in the first turn only
+            turns = [turns[0] | {"value": turns[0]["value"].replace("<image>\n", "")}, turns[1]]
+        conversations[record["image"]]["conversations"] += turns
+    path.write_text(json.dumps(list(conversations.values())))
+    return path
+
+
+def test_teacher_forced_scoring_gives_exactly_the_generated_answers(easy_vqa_dir, tmp_path) -> None:
     """The VQA metric's one-forward-per-conversation scoring returns, answer for answer, the text
     that greedy generation from each answer's own prompt returns (the predict path), on a briefly
-    trained model that gets some answers right and some wrong."""
+    trained model that gets some answers right and some wrong, on multi-turn conversations."""
     from stgc.data import InstructionDataModule
 
     torch.manual_seed(0)
@@ -244,9 +266,8 @@ def test_teacher_forced_scoring_gives_exactly_the_generated_answers(easy_vqa_dir
         tokenizer=str(easy_vqa_dir / "tokenizer"), lm_config=TINY_LM, trainable=["projector", "lm"], lr=3e-3
     )
     data = InstructionDataModule(
-        train_json=str(easy_vqa_dir / "instruct_train.json"),
+        train_json=str(multi_turn_easy_vqa(easy_vqa_dir, tmp_path / "conversations.json", images=24)),
         image_folder=str(easy_vqa_dir / "images"),
-        limit_records=24,
         val_fraction=0.25,
         max_length=400,
         batch_size=6,
@@ -257,6 +278,7 @@ def test_teacher_forced_scoring_gives_exactly_the_generated_answers(easy_vqa_dir
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(module, data)
+    assert all(len(r.turns) > 1 for r in data.datasets["val"].records)
     module.eval()
     generated_for = []
     generate = module._generate_from

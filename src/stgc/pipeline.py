@@ -1,7 +1,7 @@
 """The easy-vqa pipeline, stage by stage: which config files and links each `stgc fit` gets.
 
 Run from the repository root (configs/ is read from there). Stage 0 CLIP-pretrains the vision
-tower and exports `clip.pt`, which stage I loads; stages II and III start from the previous
+tower and exports `clip.pt`, which stage I loads; the text warm-up, II and III start from the previous
 stage's last checkpoint. Logs and checkpoints go to <log_root>/easy_vqa/<stage>/.
 """
 
@@ -15,6 +15,7 @@ CONFIGS = Path("configs")
 STAGES = {
     "stage0": "stage0_clip.yaml",
     "stage1": "stage1_pretrain.yaml",
+    "stage2_text": "stage2_text.yaml",
     "stage2": "stage2_finetune.yaml",
     "stage3": "stage3_moe.yaml",
 }

@@ -13,7 +13,7 @@ ENV = os.environ | {"PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1"}
 
 
 def stage3_stgc(data_dir: Path, log_root: Path, epochs: int, *extra: str) -> list[str]:
-    """Arguments of `stgc fit` for stage III with STGC (from an untrained tiny LVLM) on a 30-record slice."""
+    """Arguments of `stgc fit` for stage III with STGC (untrained tiny LVLM) on 36 records (4 images)."""
     configs = [
         "-c", "configs/trainer.yaml", "-c", "configs/easy_vqa/model.yaml",
         "-c", "configs/easy_vqa/stage3_moe.yaml", "-c", "configs/easy_vqa/stage3_moe_stgc.yaml",
@@ -24,7 +24,7 @@ def stage3_stgc(data_dir: Path, log_root: Path, epochs: int, *extra: str) -> lis
         f"--model.init_args.tokenizer={data_dir / 'tokenizer'}",
         f"--data.init_args.train_json={data_dir / 'instruct_train.json'}",
         f"--data.init_args.image_folder={data_dir / 'images'}",
-        "--data.init_args.limit_records=30", "--data.init_args.val_fraction=0.2",
+        "--data.init_args.limit_records=36", "--data.init_args.val_fraction=0.2",
         "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=8",
         f"--trainer.max_epochs={epochs}", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
         "--trainer.callbacks.threshold=0.0",  # the tiny model's cosines: some conflicts at τ = 0

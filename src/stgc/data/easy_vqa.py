@@ -3,8 +3,10 @@
 Layout written by prepare(out_dir):
     images/{train,test}/<n>.png              copies of the 64x64 images
     pretrain_{train,test}.json               one caption record per image ("a blue rectangle")
-    instruct_{train,test}.json               one multi-turn conversation per image, typed answers
+    instruct_{train,test}.json               one single-question conversation per question, typed answer
+    instruct_text_{train,test}.json          the same questions, text only: the caption stated first
     tokenizer/                               byte-level BPE, loadable with AutoTokenizer
+    FORMAT                                   the layout version, so older layouts are rebuilt
 """
 
 import json
@@ -35,6 +37,7 @@ PALETTE = {  # the exact fill colours easy-VQA draws its shapes with
     "black": (0, 0, 0),
 }
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+FORMAT = "3"  # 1: a multi-turn conversation per image; 2: a record per question; 3: + text-only file
 VOCAB_SIZE = 1000  # an upper bound: easy-VQA's few words are fully merged well below it
 
 
@@ -91,8 +94,15 @@ def captions(
     return out
 
 
-def split_records(split: str) -> tuple[list[dict], list[dict]]:
-    """Pretrain (caption) and instruction (all questions of an image) records of one split."""
+def split_records(split: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Pretrain (caption), instruction and text-only records of one split.
+
+    Each question is its own record, as VQA scores it (in one conversation per image, the earlier
+    gold answers sit in the context of the later questions). The text-only records state the image's
+    caption before the question ("the image shows a blue rectangle. is there a red shape?"); the
+    easy-vqa pipeline trains on them before the image questions, so the LM learns to compare the
+    asked attribute with a stated one (README, "Results"). Images of unknown shape get none.
+    """
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = {i: Path(p) for i, p in getattr(easy_vqa, f"get_{split}_image_paths")().items()}
     if missing := set(image_ids) - set(paths):
@@ -101,7 +111,7 @@ def split_records(split: str) -> tuple[list[dict], list[dict]]:
     qa = defaultdict(list)
     for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
         qa[image_id].append((question, answer))
-    pretrain, instruct = [], []
+    pretrain, instruct, text = [], [], []
     for image_id in sorted(paths):
         record_id, image = f"{split}_{image_id}", f"{split}/{image_id}.png"
         pretrain.append(
@@ -114,17 +124,16 @@ def split_records(split: str) -> tuple[list[dict], list[dict]]:
                 ],
             }
         )
-        if not qa[image_id]:
-            continue
-        conversation = []
         for k, (question, answer) in enumerate(qa[image_id]):
-            prefix = f"{IMAGE_PLACEHOLDER}\n" if k == 0 else ""
-            conversation += [
-                {"from": "human", "value": prefix + question},
+            conversation = [
+                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"},
                 {"from": "gpt", "value": answer, "type": question_type(answer)},
             ]
-        instruct.append({"id": record_id, "image": image, "conversations": conversation})
-    return pretrain, instruct
+            instruct.append({"id": f"{record_id}_q{k}", "image": image, "conversations": conversation})
+            if not caption[image_id].endswith(" shape"):
+                stated = {"from": "human", "value": f"the image shows {caption[image_id]}. {question}"}
+                text.append({"id": f"{record_id}_q{k}_text", "conversations": [stated, conversation[1]]})
+    return pretrain, instruct, text
 
 
 def copy_images(split: str, images_dir: Path) -> int:
@@ -164,30 +173,37 @@ def train_tokenizer(texts: list[str], out_dir: Path) -> int:
 
 def prepare(out_dir: str | Path) -> Path:
     """Write easy-VQA in LLaVA format plus a tokenizer under out_dir, once: copied images are kept,
-    the JSON files and tokenizer are rebuilt together unless all of them are present."""
+    the JSON files and tokenizer are rebuilt together unless all of them are present in this FORMAT."""
     start, out_dir = time.perf_counter(), Path(out_dir)
     images_dir = out_dir / "images"
     copied = sum(copy_images(split, images_dir) for split in SPLITS)
-    json_paths = [out_dir / f"{kind}_{split}.json" for split in SPLITS for kind in ("pretrain", "instruct")]
+    kinds = ("pretrain", "instruct", "instruct_text")
+    json_paths = [out_dir / f"{kind}_{split}.json" for split in SPLITS for kind in kinds]
     tokenizer_dir = out_dir / "tokenizer"
     outputs = [*json_paths, tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer_config.json"]
-    if all(p.is_file() for p in outputs):
+    format_file = out_dir / "FORMAT"
+    current = format_file.is_file() and format_file.read_text().strip() == FORMAT
+    if current and all(p.is_file() for p in outputs):
         print(f"easy-VQA in {out_dir}: complete ({copied} images copied, {time.perf_counter() - start:.1f}s)")
         return out_dir
 
     texts, summary = [DEFAULT_SYSTEM_PROMPT, " USER: ", " ASSISTANT:"], []
     for split in SPLITS:
-        pretrain, instruct = split_records(split)
+        pretrain, instruct, text = split_records(split)
         write_json(out_dir / f"pretrain_{split}.json", pretrain)
         write_json(out_dir / f"instruct_{split}.json", instruct)
-        for record in pretrain + instruct:
+        write_json(out_dir / f"instruct_text_{split}.json", text)
+        for record in pretrain + instruct + text:
             texts += [
                 " " + turn["value"].replace(IMAGE_PLACEHOLDER, "").strip() for turn in record["conversations"]
             ]
-        n_turns = sum(len(r["conversations"]) // 2 for r in instruct)
         n_open = sum(r["conversations"][1]["value"].endswith(" shape") for r in pretrain)
-        summary.append(f"{split}: {len(pretrain)} images ({n_open} of unknown shape), {n_turns} questions")
+        summary.append(
+            f"{split}: {len(pretrain)} images ({n_open} of unknown shape), {len(instruct)} questions, "
+            f"{len(text)} text-only"
+        )
     vocab_size = train_tokenizer(texts, tokenizer_dir)
+    format_file.write_text(FORMAT + "\n")  # last: only a complete build is marked current
     print(
         f"easy-VQA in {out_dir}: {'; '.join(summary)}; {copied} images copied; "
         f"tokenizer vocab {vocab_size} ({time.perf_counter() - start:.1f}s)"
