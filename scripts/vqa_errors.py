@@ -20,7 +20,7 @@ from stgc.module import LVLMModule
 
 DATA = "data/easy_vqa"
 SYSTEM_PROMPT = "Answer questions about the image."  # configs/easy_vqa/stage2_finetune.yaml
-MAX_LENGTH = 400  # configs/easy_vqa/stage2_finetune.yaml
+MAX_LENGTH = 128  # configs/easy_vqa/stage2_finetune.yaml
 
 
 def answers(module: LVLMModule, split: str, limit: int) -> list[tuple[str, str, str, str]]:

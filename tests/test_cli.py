@@ -1,4 +1,5 @@
-"""End to end through the CLI: `stgc fit` stages 0 -> I -> II (text, then images) -> III (+ STGC), then validate/test, on a slice."""
+"""End to end through the CLI, on a slice: `stgc fit` stages 0 -> I -> II (text, then images) -> III
+(+ STGC), then validate/test."""
 
 import json
 import runpy
@@ -55,7 +56,8 @@ def _scalars(log_dir: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(easy_vqa_dir, tmp_path_factory):
-    """Stages 0, I, II (text warm-up, then images) and III with STGC added from the command line; returns the log root."""
+    """Stages 0, I, II (text warm-up, then images) and III with STGC added from the command line;
+    returns the log root."""
     log_root = tmp_path_factory.mktemp("logs")
     clip = log_root / "clip.pt"
     stgc(["fit", *_args("stage0_clip.yaml", easy_vqa_dir, log_root), f"--model.init_args.export_path={clip}"])

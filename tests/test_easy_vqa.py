@@ -41,6 +41,24 @@ def test_captions_agree_with_answers(easy_vqa_dir):
                     assert turn["value"] == shape
 
 
+def test_text_only_records_state_the_caption_then_ask_the_same_question(easy_vqa_dir):
+    """instruct_text: each question of an image of known shape, its caption stated instead of the image."""
+    for split in ("train", "test"):
+        pretrain = json.loads((easy_vqa_dir / f"pretrain_{split}.json").read_text())
+        caption = {r["image"]: r["conversations"][1]["value"] for r in pretrain}
+        instruct = json.loads((easy_vqa_dir / f"instruct_{split}.json").read_text())
+        text = {r["id"]: r for r in json.loads((easy_vqa_dir / f"instruct_text_{split}.json").read_text())}
+        known = [r for r in instruct if not caption[r["image"]].endswith(" shape")]
+        assert len(text) == len(known) < len(instruct)
+        for record in known:
+            stated = text[record["id"] + "_text"]
+            question, answer = record["conversations"]
+            assert "image" not in stated and stated["conversations"][1] == answer
+            assert stated["conversations"][0]["value"] == (
+                f"the image shows {caption[record['image']]}. " + question["value"].removeprefix("<image>\n")
+            )
+
+
 def test_captions_from_facts_elimination_and_pixels(tmp_path):
     Image.new("RGB", (8, 8), PALETTE["teal"]).save(tmp_path / "teal.png")
     questions = [

@@ -131,7 +131,8 @@ class LlavaDataModule(LightningDataModule):
         n_val = max(1, round(self.hparams.val_fraction * len(keys)))
         if n_val >= len(keys):
             raise ValueError(
-                f"{self.hparams.train_json}: {len(keys)} images (or text-only records) are too few for a val split"
+                f"{self.hparams.train_json}: {len(keys)} images (or text-only records) "
+                "are too few to carve a val split"
             )
         order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(self.hparams.seed))
         val_idx = {i for k in order[:n_val].tolist() for i in groups[keys[k]]}

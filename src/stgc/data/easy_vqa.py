@@ -94,6 +94,11 @@ def captions(
     return out
 
 
+def shape_is_known(caption: str) -> bool:
+    """Whether a caption from captions() names the shape ("a blue circle"), not "a blue shape"."""
+    return not caption.endswith(" shape")
+
+
 def split_records(split: str) -> tuple[list[dict], list[dict], list[dict]]:
     """Pretrain (caption), instruction and text-only records of one split.
 
@@ -101,7 +106,8 @@ def split_records(split: str) -> tuple[list[dict], list[dict], list[dict]]:
     gold answers sit in the context of the later questions). The text-only records state the image's
     caption before the question ("the image shows a blue rectangle. is there a red shape?"); the
     easy-vqa pipeline trains on them before the image questions, so the LM learns to compare the
-    asked attribute with a stated one (README, "Results"). Images of unknown shape get none.
+    asked attribute with a stated one (README, "Why yes/no needs the text warm-up"). Images of
+    unknown shape get none: their caption leaves the answer open.
     """
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = {i: Path(p) for i, p in getattr(easy_vqa, f"get_{split}_image_paths")().items()}
@@ -130,7 +136,7 @@ def split_records(split: str) -> tuple[list[dict], list[dict], list[dict]]:
                 {"from": "gpt", "value": answer, "type": question_type(answer)},
             ]
             instruct.append({"id": f"{record_id}_q{k}", "image": image, "conversations": conversation})
-            if not caption[image_id].endswith(" shape"):
+            if shape_is_known(caption[image_id]):
                 stated = {"from": "human", "value": f"the image shows {caption[image_id]}. {question}"}
                 text.append({"id": f"{record_id}_q{k}_text", "conversations": [stated, conversation[1]]})
     return pretrain, instruct, text
@@ -197,7 +203,7 @@ def prepare(out_dir: str | Path) -> Path:
             texts += [
                 " " + turn["value"].replace(IMAGE_PLACEHOLDER, "").strip() for turn in record["conversations"]
             ]
-        n_open = sum(r["conversations"][1]["value"].endswith(" shape") for r in pretrain)
+        n_open = sum(not shape_is_known(r["conversations"][1]["value"]) for r in pretrain)
         summary.append(
             f"{split}: {len(pretrain)} images ({n_open} of unknown shape), {len(instruct)} questions, "
             f"{len(text)} text-only"
