@@ -13,6 +13,7 @@ from stgc.data.collate import pad_token_id, prompt_batch
 from stgc.data.records import Record, Turn
 from stgc.data.templates import InstructionTemplate
 from stgc.module import LVLMModule
+from stgc.pipeline import stage_data_args
 
 
 def ask(checkpoint: str, image_path: str, question: str, system_prompt: str) -> str:
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("image")
     parser.add_argument("question")
-    parser.add_argument("--system-prompt", default="Answer questions about the image.")
+    parser.add_argument("--system-prompt", default=stage_data_args("stage2")["system_prompt"])
     args = parser.parse_args()
     print(ask(args.checkpoint, args.image, args.question, args.system_prompt))
 

@@ -16,9 +16,10 @@ from PIL import Image
 from stgc.constants import IMAGE_TOKEN_ID
 from stgc.data.easy_vqa import PALETTE
 from stgc.module import LVLMModule
+from stgc.pipeline import stage_data_args
 
 DATA = "data/easy_vqa"
-SYSTEM_PROMPT = "Answer questions about the image."  # configs/easy_vqa/stage2_finetune.yaml
+SYSTEM_PROMPT = stage_data_args("stage2")["system_prompt"]  # the layout the checkpoint was trained on
 
 
 def main() -> None:

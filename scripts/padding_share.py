@@ -12,8 +12,10 @@ from transformers import AutoTokenizer
 
 from stgc.data import InstructionDataModule
 from stgc.data.sampler import LengthGroupedSampler
+from stgc.pipeline import stage_data_args
 
 DATA = "data/easy_vqa"
+IMAGE_TOKENS = 16  # configs/easy_vqa/model.yaml: the 8x8 patch grid pooled 2x2
 
 
 def padded_share(order: list[int], lengths: list[int], batch_size: int) -> float:
@@ -23,21 +25,22 @@ def padded_share(order: list[int], lengths: list[int], batch_size: int) -> float
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stage2 = stage_data_args("stage2")
     data = InstructionDataModule(
         train_json=f"{DATA}/instruct_train.json",
         image_folder=f"{DATA}/images",
-        system_prompt="Answer questions about the image.",
-        batch_size=32,
-        eval_batch_size=64,
-        max_length=400,
+        system_prompt=stage2["system_prompt"],
+        batch_size=stage2["batch_size"],
+        max_length=stage2["max_length"],
     )
     no_image = lambda image: torch.zeros(1)  # noqa: E731 (only the token counts matter here)
-    data.attach(AutoTokenizer.from_pretrained(f"{DATA}/tokenizer"), no_image, no_image, 64)
+    data.attach(AutoTokenizer.from_pretrained(f"{DATA}/tokenizer"), no_image, no_image, IMAGE_TOKENS)
     data.setup("fit")
-    for split, batch_size in (("train", 32), ("val", 64)):
+    for split, batch_size in (("train", stage2["batch_size"]), ("val", data.hparams.eval_batch_size)):
         dataset = data.datasets[split]
         tokens = [
-            len(dataset.template.encode(dataset.records[r], 400, t).input_ids) for r, t in dataset.index
+            len(dataset.template.encode(dataset.records[r], stage2["max_length"], t).input_ids)
+            for r, t in dataset.index
         ]
         estimate = dataset.lengths
         if split == "train":

@@ -17,10 +17,10 @@ from stgc.data import InstructionDataModule
 from stgc.data.easy_vqa import PALETTE, SHAPES
 from stgc.data.records import load_records
 from stgc.module import LVLMModule
+from stgc.pipeline import stage_data_args
 
 DATA = "data/easy_vqa"
-SYSTEM_PROMPT = "Answer questions about the image."  # configs/easy_vqa/stage2_finetune.yaml
-MAX_LENGTH = 128  # configs/easy_vqa/stage2_finetune.yaml
+STAGE2_DATA = stage_data_args("stage2")  # the prompt layout the checkpoint was trained on
 
 
 def answers(module: LVLMModule, split: str, limit: int) -> list[tuple[str, str, str, str]]:
@@ -29,8 +29,8 @@ def answers(module: LVLMModule, split: str, limit: int) -> list[tuple[str, str, 
         train_json=f"{DATA}/instruct_train.json",
         test_json=f"{DATA}/instruct_test.json",
         image_folder=f"{DATA}/images",
-        system_prompt=SYSTEM_PROMPT,
-        max_length=MAX_LENGTH,
+        system_prompt=STAGE2_DATA["system_prompt"],
+        max_length=STAGE2_DATA["max_length"],
         eval_batch_size=100,
         skip_bad_records=False,  # rows are matched to answers by position: a skip would shift them
     )

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import main as stgc
+from stgc.pipeline import stage_data_args
 from support.tiny import TINY_LM as TINY_LM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +121,13 @@ def test_stage3_logs_routing_and_stgc_statistics(pipeline) -> None:
         "stgc/expert_load/layer_0/expert_2",
     }
     assert expected <= scalars, sorted(expected - scalars)
+
+
+def test_scripts_rebuild_the_prompt_layout_stage2_trained_with(pipeline) -> None:
+    """scripts/ (ask, vqa_errors, ...) read stage II's data settings from its config file."""
+    trained = OmegaConf.load(pipeline / "easy_vqa" / "stage2" / "config.yaml").data.init_args
+    read = stage_data_args("stage2")
+    assert (read["system_prompt"], read["max_length"]) == (trained.system_prompt, trained.max_length)
 
 
 def test_validate_and_test_a_checkpoint(pipeline, easy_vqa_dir) -> None:

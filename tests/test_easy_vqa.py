@@ -41,16 +41,23 @@ def test_captions_agree_with_answers(easy_vqa_dir):
                     assert turn["value"] == shape
 
 
-def test_text_only_records_state_the_caption_then_ask_the_same_question(easy_vqa_dir):
-    """instruct_text: each question of an image of known shape, its caption stated instead of the image."""
+def test_text_only_records_are_the_colour_questions_with_the_caption_stated(easy_vqa_dir):
+    """instruct_text: each question about colour, its image's caption stated instead of the image."""
     for split in ("train", "test"):
         pretrain = json.loads((easy_vqa_dir / f"pretrain_{split}.json").read_text())
         caption = {r["image"]: r["conversations"][1]["value"] for r in pretrain}
         instruct = json.loads((easy_vqa_dir / f"instruct_{split}.json").read_text())
         text = {r["id"]: r for r in json.loads((easy_vqa_dir / f"instruct_text_{split}.json").read_text())}
-        known = [r for r in instruct if not caption[r["image"]].endswith(" shape")]
-        assert len(text) == len(known) < len(instruct)
-        for record in known:
+        about_color = []
+        for record in instruct:
+            question, answer = record["conversations"]
+            asked = set(question["value"].rstrip("?").split()) & set(PALETTE)
+            if answer["type"] == "color" or asked:
+                about_color.append(record)
+            elif answer["type"] == "yes/no":  # the others ask about a shape
+                assert set(question["value"].rstrip("?").split()) & set(SHAPES)
+        assert len(text) == len(about_color) < len(instruct)
+        for record in about_color:
             stated = text[record["id"] + "_text"]
             question, answer = record["conversations"]
             assert "image" not in stated and stated["conversations"][1] == answer

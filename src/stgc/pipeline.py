@@ -6,8 +6,10 @@ stage's last checkpoint. Logs and checkpoints go to <log_root>/easy_vqa/<stage>/
 """
 
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+from omegaconf import OmegaConf
 
 from stgc.cli import main as stgc
 
@@ -19,6 +21,12 @@ STAGES = {
     "stage2": "stage2_finetune.yaml",
     "stage3": "stage3_moe.yaml",
 }
+
+
+def stage_data_args(stage: str) -> dict[str, Any]:
+    """The DataModule init_args a stage's config file sets (for scripts that rebuild its data)."""
+    config = OmegaConf.load(CONFIGS / "easy_vqa" / STAGES[stage])
+    return OmegaConf.to_container(config.data.init_args)
 
 
 def last_checkpoint(log_root: str | Path, stage: str) -> Path:

@@ -4,7 +4,7 @@ Layout written by prepare(out_dir):
     images/{train,test}/<n>.png              copies of the 64x64 images
     pretrain_{train,test}.json               one caption record per image ("a blue rectangle")
     instruct_{train,test}.json               one single-question conversation per question, typed answer
-    instruct_text_{train,test}.json          the same questions, text only: the caption stated first
+    instruct_text_{train,test}.json          the questions about colour, text only: the caption stated first
     tokenizer/                               byte-level BPE, loadable with AutoTokenizer
     FORMAT                                   the layout version, so older layouts are rebuilt
 """
@@ -37,7 +37,7 @@ PALETTE = {  # the exact fill colours easy-VQA draws its shapes with
     "black": (0, 0, 0),
 }
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-FORMAT = "3"  # 1: a multi-turn conversation per image; 2: a record per question; 3: + text-only file
+FORMAT = "4"  # 1: a conversation per image; 2: a record per question; 3: + text-only file; 4: colour only
 VOCAB_SIZE = 1000  # an upper bound: easy-VQA's few words are fully merged well below it
 
 
@@ -99,15 +99,21 @@ def shape_is_known(caption: str) -> bool:
     return not caption.endswith(" shape")
 
 
+def asks_about_color(question: str, answer: str) -> bool:
+    """Whether a question asks for a colour or names one ("is there a red shape?", "what is the red
+    shape?"): the text warm-up's questions."""
+    return question_type(answer) == "color" or any(word in PALETTE for word in question.rstrip("?").split())
+
+
 def split_records(split: str) -> tuple[list[dict], list[dict], list[dict]]:
     """Pretrain (caption), instruction and text-only records of one split.
 
     Each question is its own record, as VQA scores it (in one conversation per image, the earlier
-    gold answers sit in the context of the later questions). The text-only records state the image's
-    caption before the question ("the image shows a blue rectangle. is there a red shape?"); the
-    easy-vqa pipeline trains on them before the image questions, so the LM learns to compare the
-    asked attribute with a stated one (README, "Why yes/no needs the text warm-up"). Images of
-    unknown shape get none: their caption leaves the answer open.
+    gold answers sit in the context of the later questions). The text-only records are the
+    questions that ask for or name a colour, with the image's caption stated first ("the image shows
+    a blue rectangle. is there a red shape?"); the easy-vqa pipeline trains on them before the image
+    questions, so the LM learns to compare the asked colour with a stated one (README, "Why yes/no
+    needs the text warm-up").
     """
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = {i: Path(p) for i, p in getattr(easy_vqa, f"get_{split}_image_paths")().items()}
@@ -136,7 +142,7 @@ def split_records(split: str) -> tuple[list[dict], list[dict], list[dict]]:
                 {"from": "gpt", "value": answer, "type": question_type(answer)},
             ]
             instruct.append({"id": f"{record_id}_q{k}", "image": image, "conversations": conversation})
-            if shape_is_known(caption[image_id]):
+            if asks_about_color(question, answer):
                 stated = {"from": "human", "value": f"the image shows {caption[image_id]}. {question}"}
                 text.append({"id": f"{record_id}_q{k}_text", "conversations": [stated, conversation[1]]})
     return pretrain, instruct, text
