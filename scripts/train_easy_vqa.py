@@ -24,7 +24,7 @@ def run(stages: list[str], extra: list[str], log_root: str) -> dict:
         print(f"[{stage}] {json.dumps(report[stage])}", flush=True)
         previous = stage
     report["training_wall_s"] = round(sum(report[stage]["wall_s"] for stage in stages), 1)
-    tested = [stage for stage in ("stage2", previous) if stage in stages]  # the dense model, the final one
+    tested = dict.fromkeys(s for s in ("stage2", previous) if s in stages)  # the dense model, the final one
     report["test"] = {stage: metrics(test_stage(stage, log_root, extra), "test/") for stage in tested}
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return report
