@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 
 from stgc.data import InstructionDataModule
-from stgc.data.easy_vqa import PALETTE, SHAPES
+from stgc.data.easy_vqa import PALETTE, SHAPES, question_words
 from stgc.data.records import load_records
 from stgc.module import LVLMModule
 from stgc.pipeline import stage_data_args
@@ -71,7 +71,7 @@ def main() -> None:
     for image, question, gold, generated in rows:
         if gold not in ("yes", "no"):
             continue
-        words = set(question.replace("<image>", "").rstrip("?").split())
+        words = question_words(question.replace("<image>", ""))
         asked = words & (set(SHAPES) | set(PALETTE))
         kind = "shape" if asked & set(SHAPES) else "color"
         known = kind == "color" or "shape" not in image_attributes[image]

@@ -1,6 +1,7 @@
 """The bundled easy-VQA preparation: layout, captions consistent with answers, idempotence, tokenizer."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,6 @@ def test_prepare_is_idempotent(easy_vqa_dir, capsys):
 
 def test_prepare_rebuilds_an_older_layout(easy_vqa_dir, tmp_path, capsys):
     """A folder from an older prepare (no FORMAT file, one conversation per image) is rebuilt."""
-    import shutil
-
     old = tmp_path / "old"
     shutil.copytree(easy_vqa_dir, old, ignore=shutil.ignore_patterns("images"))
     (old / "images").symlink_to(easy_vqa_dir / "images")

@@ -1,5 +1,7 @@
 """The LVLM and its LightningModule: splice, parameter groups, upcycling from a checkpoint, round trip."""
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -235,8 +237,6 @@ def test_non_finite_loss_and_empty_batch_skip_their_steps_and_training_goes_on(e
 
 def multi_turn_easy_vqa(easy_vqa_dir, path, images: int):
     """The first `images` images of easy-vqa train, each image's questions as one conversation."""
-    import json
-
     conversations = {}
     for record in json.loads((easy_vqa_dir / "instruct_train.json").read_text()):
         if record["image"] not in conversations:

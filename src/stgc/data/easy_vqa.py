@@ -52,6 +52,11 @@ def question_type(answer: str) -> str:
     raise ValueError(f"unknown easy-VQA answer {answer!r}")
 
 
+def question_words(question: str) -> set[str]:
+    """The words of an easy-VQA question ("is there a red shape?" -> {"is", "there", "a", "red", "shape"})."""
+    return set(question.rstrip("?").split())
+
+
 def resolve(facts: set[str], excluded: set[str], vocabulary: set[str]) -> str | None:
     """The one value of an attribute that the answers imply, None if they leave it open."""
     stated = facts & vocabulary
@@ -76,7 +81,7 @@ def captions(
     facts, excluded = defaultdict(set), defaultdict(set)
     vocabulary = set(SHAPES) | set(PALETTE)
     for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
-        words = set(question.rstrip("?").split())
+        words = question_words(question)
         if answer not in ("yes", "no"):  # "what color is the circle?" -> blue: circle and blue hold
             facts[image_id] |= (words | {answer}) & vocabulary
             continue
@@ -102,7 +107,7 @@ def shape_is_known(caption: str) -> bool:
 def asks_about_color(question: str, answer: str) -> bool:
     """Whether a question asks for a colour or names one ("is there a red shape?", "what is the red
     shape?"): the text warm-up's questions."""
-    return question_type(answer) == "color" or any(word in PALETTE for word in question.rstrip("?").split())
+    return question_type(answer) == "color" or bool(question_words(question) & set(PALETTE))
 
 
 def split_records(split: str) -> tuple[list[dict], list[dict], list[dict]]:
