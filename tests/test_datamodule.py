@@ -255,7 +255,7 @@ def test_setup_takes_model_inputs_from_the_trainer(write_llava, easy_vqa_tokeniz
     model = SimpleNamespace(
         tokenizer=easy_vqa_tokenizer, image_transform=lambda train: to_tensor, num_image_tokens=2
     )
-    dm.trainer = SimpleNamespace(lightning_module=model, world_size=1, global_rank=0)
+    dm.trainer = SimpleNamespace(lightning_module=model, world_size=1, global_rank=0, accelerator=None)
     dm.setup("test")
     assert (next(iter(dm.test_dataloader()))["input_ids"] == IMAGE_TOKEN_ID).sum() == 2 * 2  # 2 records
 

@@ -79,3 +79,45 @@ def test_only_rank_zero_writes_logs_and_checkpoints(ddp_run) -> None:
     assert len(events) == 1 and events[0].parts[:2] == ("easy_vqa", "stage3_stgc")
     checkpoints = sorted(p.name for p in (log_root / "easy_vqa" / "stage3_stgc" / "checkpoints").iterdir())
     assert checkpoints == ["best.ckpt", "last.ckpt"]
+
+
+@pytest.mark.parametrize("val_records", ["one", "good_and_broken"])
+def test_validation_under_ddp_when_a_rank_has_nothing_to_score(
+    val_records, easy_vqa_dir, tmp_path
+) -> None:
+    """One val record (rank 1's share is empty), or rank 1's only record has broken pixel data: every
+    rank still runs the evaluation and its all-gathers, and the logged accuracy is rank 0's answers'."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from support.fit import ENV
+
+    record = json.loads((easy_vqa_dir / "instruct_train.json").read_text())[0]
+    images = tmp_path / "images"
+    (images / Path(record["image"]).parent).mkdir(parents=True)
+    shutil.copy(easy_vqa_dir / "images" / record["image"], images / record["image"])
+    records = [record]
+    if val_records == "good_and_broken":
+        (images / "broken.png").write_bytes((images / record["image"]).read_bytes()[:60])
+        records.append({**record, "id": "broken", "image": "broken.png"})
+    val_json = tmp_path / "val.json"
+    val_json.write_text(json.dumps(records))
+    args = stage3_stgc(easy_vqa_dir, tmp_path / "logs", 1)
+    args += [
+        "-c", "configs/trainer/ddp.yaml", "--trainer.accelerator=cpu", "--trainer.devices=2",
+        f"--data.init_args.val_json={val_json}", f"--data.init_args.image_folder={images}",
+        "--trainer.limit_val_batches=null",
+    ]  # fmt: skip
+    # the train file's records name images under easy_vqa's folder: validate reads only val_json's
+    result = subprocess.run(
+        [sys.executable, "-m", "stgc", "validate", *args],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent
+    accuracy = EventAccumulator(str(events)).Reload().Scalars("val/vqa_acc")
+    assert len(accuracy) == 1 and 0.0 <= accuracy[0].value <= 1.0

@@ -257,3 +257,21 @@ def test_all_tokens_masked_gives_zeros_and_zero_losses() -> None:
     assert moe.last_routing.aux_loss.item() == 0 and moe.last_routing.z_loss.item() == 0
     with pytest.raises(ValueError, match="bool"), routing_context(moe, token_mask=torch.ones(2, 3)):
         pass
+
+
+def test_router_runs_in_float32_under_bf16_autocast_and_experts_in_bf16() -> None:
+    """The routing decision (and the logits STGC differentiates) is the one an fp32 run makes; the
+    experts get bf16 inputs, the tensors autograd keeps for their backward."""
+    moe = tiny_moe()
+    x = torch.randn(2, 7, 16)
+    moe(x)
+    reference = moe.last_routing
+    expert_inputs = []
+    moe.experts[0].register_forward_hook(lambda module, args, output: expert_inputs.append(args[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moe(x)
+    routed = moe.last_routing
+    assert routed.router_logits.dtype == torch.float32
+    torch.testing.assert_close(routed.router_logits, reference.router_logits, rtol=0, atol=0)
+    assert torch.equal(routed.topk_index, reference.topk_index)
+    assert expert_inputs[-1].dtype == torch.bfloat16

@@ -1,27 +1,32 @@
 """STGC as a Lightning Callback: token-level gradient conflicts inside MoE experts, and the conflict
 elimination loss (CEL) that routes conflicting tokens away from the experts they conflict in.
 
-One pass per micro-batch (DESIGN.md §2-§4): probes keep X in forward, take Δ and G in backward;
+One pass per micro-batch (docs/design.md §2-§4): probes keep X in forward, take Δ and G in backward;
 `on_after_backward` turns them into cosines, flags tokens below the threshold, and adds
 ∂(λ·CEL)/∂W_router — computed from the detached router inputs only — to the routers' `.grad`.
 """
 
-import io
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from PIL import Image
 from typing_extensions import override
 
-from stgc.conflict.hf_experts import HFExpertsProbe, is_hf_experts, restore_experts, use_stgc_experts
+from stgc.conflict.hf_experts import (
+    IMPLEMENTATION,
+    HFExpertsProbe,
+    is_hf_experts,
+    outermost_transformers_models,
+    switch_experts,
+)
 from stgc.conflict.loss import LOSS_TYPES, conflict_elimination_loss
 from stgc.conflict.probes import LayerConflicts, LayerProbe, SparseMoEProbe
+from stgc.conflict.statistics import LayerStats, conflict_heatmap, layer_metrics
 from stgc.moe import SparseMoE, short_layer_name
+from stgc.precision import autocast_off
 
 SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
@@ -86,7 +91,8 @@ class STGC(L.Callback):
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.probes: list[LayerProbe] = []
-        self._previous_experts: dict = {}
+        self._transformers_models: list = []
+        self._previous_experts: dict = {}  # what the transformers models used before we switched them
         self._active = False
         # Running statistics, kept in the checkpoint: (layers, experts) counts since the run began.
         self.measured_micro_batches = 0
@@ -113,7 +119,7 @@ class STGC(L.Callback):
             )
         if "16-mixed" == trainer.precision and trainer.precision_plugin.scaler is None:
             raise MisconfigurationException("STGC under precision='16-mixed' needs the plugin's GradScaler")
-        self._previous_experts = use_stgc_experts(pl_module)
+        self._transformers_models = outermost_transformers_models(pl_module)
         try:
             self.probes = find_moe_probes(pl_module)
         except ValueError as error:
@@ -131,11 +137,10 @@ class STGC(L.Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stop_capturing()
         for probe in self.probes:
             probe.remove()
         self.probes = []
-        restore_experts(self._previous_experts)
-        self._previous_experts = {}
 
     # -- one micro-batch ----------------------------------------------------------------------------
     @override
@@ -144,125 +149,132 @@ class STGC(L.Callback):
     ) -> None:
         step = trainer.global_step
         self._active = step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
+        if self._active:  # transformers models run our experts implementation only while we capture
+            self._previous_experts = switch_experts(self._transformers_models, IMPLEMENTATION)
         for probe in self.probes:
             probe.start(self._active)
 
     @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._stop_capturing()  # a micro-batch whose backward never ran (training_step returned None)
+
+    def _stop_capturing(self) -> None:
+        self._active = False
+        for probe in self.probes:
+            probe.start(False)
+        switch_experts(self._previous_experts)
+        self._previous_experts = {}
+
+    @override
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Cosines, conflict masks and the CEL's router gradients of every layer, then one all-reduce
+        and one host sync for the whole step (the skip decision), whatever the number of layers."""
         if not self._active:
             return
-        self._active = False
         layers = [probe.conflicts() for probe in self.probes]
-        finite = bool(torch.stack([c.finite.cpu() for c in layers]).all())
-        cel_losses = []
-        conflicting_masks = [c.has_grad & (c.cosine < self.threshold) for c in layers]  # (S,) per layer
-        for probe, conflicts, conflicting in zip(self.probes, layers, conflicting_masks, strict=True):
-            cel_loss, router_grad = self._cel_gradient(probe, conflicts, conflicting, trainer, finite)
-            if self.loss_weight > 0:
-                router_grad = self._average_across_processes(trainer, router_grad)
-                weight = probe.router_weight
-                weight.grad = router_grad if weight.grad is None else weight.grad.add_(router_grad)
-            cel_losses.append(cel_loss)
-            probe.start(False)
-        if not finite:
+        conflicting = [c.has_grad & (c.cosine < self.threshold) for c in layers]  # (S,) per layer
+        scale = self._loss_scale(trainer)
+        cel = [self._cel(p, c, m, scale) for p, c, m in zip(self.probes, layers, conflicting, strict=True)]
+        cel_losses, router_grads = [loss for loss, _ in cel], [grad for _, grad in cel if grad is not None]
+        finite = torch.stack([c.finite for c in layers] + [g.isfinite().all() for g in router_grads]).all()
+        finite, router_grads = self._agree_across_ranks(trainer, finite, router_grads)
+        self._stop_capturing()
+        if not finite:  # on every rank at once: no rank is left waiting in a collective
             self.skipped_nonfinite += 1
             return
-        self.measured_micro_batches += 1
-        self._update_counts(layers, conflicting_masks)
+        for probe, router_grad in zip(self.probes, router_grads, strict=False):  # none when λ = 0
+            weight = probe.router_weight
+            weight.grad = router_grad if weight.grad is None else weight.grad.add_(router_grad)
+        num_experts = self.conflict_counts.shape[1]
+        stats = [
+            LayerStats.of(c, m, loss, num_experts)
+            for c, m, loss in zip(layers, conflicting, cel_losses, strict=True)
+        ]
+        self._count(stats)
         step = trainer.global_step
         if (step + 1) % (self.log_every_n_steps or trainer.log_every_n_steps) == 0:
-            self._log_scalars(trainer, pl_module, layers, cel_losses)
+            self._log_scalars(trainer, pl_module, stats)
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
-            self._log_histograms(trainer, layers)
+            self._log_histograms(trainer, layers, stats)
 
-    def _average_across_processes(self, trainer: L.Trainer, router_grad: torch.Tensor) -> torch.Tensor:
-        """DDP averaged the LM gradients before this hook; average ours too, so replicas stay equal."""
-        return trainer.strategy.reduce(router_grad, reduce_op="mean")
+    def _loss_scale(self, trainer: L.Trainer) -> float:
+        """What the LM loss was multiplied by before backward: λ, 1 / accumulation, fp16's loss scale."""
+        scale = self.loss_weight / trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scale * scaler.get_scale() if scaler is not None and self.loss_weight > 0 else scale
 
-    def _cel_gradient(
-        self,
-        probe: LayerProbe,
-        conflicts: LayerConflicts,
-        conflicting: torch.Tensor,
-        trainer: L.Trainer,
-        finite: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CEL value and its gradient w.r.t. the router weight only, scaled as the LM loss is
-        (λ, 1 / accumulation, fp16 loss scale); zeros when skipped or nothing conflicts."""
-        weight = probe.router_weight
-        zero_grad = torch.zeros_like(weight)
-        if not finite or not bool(conflicting.any()):
-            return torch.zeros((), device=weight.device), zero_grad
-        router_input = probe.routing().router_input.detach().float()  # (N, H)
-        with torch.enable_grad():
-            logits = router_input @ weight.float().T  # (N, E): a tiny product, recomputed router-only
-            rows, experts = conflicts.rows[conflicting], conflicts.expert[conflicting]  # (P_c,), (P_c,)
-            loss = conflict_elimination_loss(logits, rows, experts, self.loss_type)
+    def _cel(
+        self, probe: LayerProbe, conflicts: LayerConflicts, conflicting: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's CEL value and, when λ > 0, its gradient w.r.t. the router weight alone (scaled
+        as the LM loss was); 0 and a zero gradient when nothing conflicts."""
+        weight = probe.router_weight  # (E, H)
+        router_input = probe.routing().router_input.detach()  # (N, H)
+        with autocast_off(weight), torch.enable_grad():
+            logits = router_input.float() @ weight.float().T  # (N, E): a tiny product, recomputed router-only
+            loss = conflict_elimination_loss(logits, conflicts.rows, conflicts.expert, self.loss_type, conflicting)
             if self.loss_weight == 0:
-                return loss.detach(), zero_grad
-            scale = self.loss_weight / trainer.accumulate_grad_batches
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            if scaler is not None:
-                scale = scale * scaler.get_scale()
+                return loss.detach(), None
             (grad,) = torch.autograd.grad(loss * scale, weight)
-        if not torch.isfinite(grad).all():
-            return loss.detach(), zero_grad
         return loss.detach(), grad
 
-    # -- statistics ---------------------------------------------------------------------------------
-    def _update_counts(self, layers: list[LayerConflicts], conflicting_masks: list[torch.Tensor]) -> None:
-        num_experts = self.conflict_counts.shape[1]
-        for index, (conflicts, conflicting) in enumerate(zip(layers, conflicting_masks, strict=True)):
-            assigned = conflicts.expert[conflicts.has_grad]
-            self.assignment_counts[index] += torch.bincount(assigned, minlength=num_experts).cpu()
-            self.conflict_counts[index] += torch.bincount(
-                conflicts.expert[conflicting], minlength=num_experts
-            ).cpu()
+    def _agree_across_ranks(
+        self, trainer: L.Trainer, finite: torch.Tensor, router_grads: list[torch.Tensor]
+    ) -> tuple[bool, list[torch.Tensor]]:
+        """Whether every rank's step was finite, and the router gradients averaged over the ranks (DDP
+        averaged the LM's), from one all-reduce that every rank enters."""
+        dtype = router_grads[0].dtype if router_grads else torch.float32
+        flat = torch.cat([finite.to(dtype).reshape(1), *(g.reshape(-1) for g in router_grads)])
+        flat = self._mean_over_ranks(trainer, flat)
+        averaged = flat[1:].split([g.numel() for g in router_grads])
+        all_finite = bool(flat[0] == 1)  # the step's one host sync
+        return all_finite, [a.view_as(g) for a, g in zip(averaged, router_grads, strict=True)]
 
-    def _log_scalars(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        layers: list[LayerConflicts],
-        cel_losses: list[torch.Tensor],
-    ) -> None:
-        """stgc/<stat>/<layer> and overall: conflict ratio (also by modality), cosine mean/std, CEL;
-        per layer × expert: conflict ratio and load. Each rank flags its own tokens (against its own
-        experts' mean gradients); the logged figures are global, from sums reduced over the ranks."""
+    def _mean_over_ranks(self, trainer: L.Trainer, values: torch.Tensor) -> torch.Tensor:
+        """The mean of `values` over the ranks: a plain all-reduce (no barrier)."""
+        if trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return values
+        torch.distributed.all_reduce(values)
+        return values / trainer.world_size
+
+    # -- statistics ---------------------------------------------------------------------------------
+    def _count(self, stats: list[LayerStats]) -> None:
+        """Add the step's assignments and conflicts to the running (layers, experts) counts."""
+        device = stats[0].assignments.device
+        self.assignment_counts = self.assignment_counts.to(device)
+        self.conflict_counts = self.conflict_counts.to(device)
+        self.assignment_counts += torch.stack([s.assignments for s in stats]).long()
+        self.conflict_counts += torch.stack([s.conflicts for s in stats]).long()
+        self.measured_micro_batches += 1
+
+    def _log_scalars(self, trainer: L.Trainer, pl_module: L.LightningModule, stats: list[LayerStats]) -> None:
+        """The metrics of `layer_metrics` per layer and for all layers, global over the ranks: each rank
+        flags its own tokens (against its own experts' mean gradients), and the figures come from
+        sums added over the ranks."""
         num_experts = self.conflict_counts.shape[1]
-        sums = torch.stack(
-            [
-                _layer_sums(c, self.threshold, cel, num_experts)
-                for c, cel in zip(layers, cel_losses, strict=True)
-            ]
-        )  # (layers, SUMS + 2 * experts)
-        sums = trainer.strategy.reduce(sums, reduce_op="sum") if trainer.world_size > 1 else sums
+        world = trainer.world_size
+        summed = self._mean_over_ranks(trainer, torch.stack([s.vector() for s in stats])) * world
+        stats = [LayerStats.from_vector(vector, num_experts) for vector in summed]
         metrics: dict[str, torch.Tensor] = {}
-        for probe, layer_sums in zip(self.probes, sums, strict=True):
-            metrics.update(_layer_metrics(probe.name, layer_sums, probe.num_experts, trainer.world_size))
-        metrics.update(_layer_metrics("all", sums.sum(0), 0, trainer.world_size * len(layers)))
+        for probe, layer in zip(self.probes, stats, strict=True):
+            metrics.update(layer_metrics(probe.name, layer, probe.num_experts, world))
+        metrics.update(layer_metrics("all", sum(stats[1:], stats[0]), 0, world * len(stats)))
         metrics["stgc/skipped_nonfinite"] = torch.tensor(float(self.skipped_nonfinite))
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=True, on_epoch=False)
 
-    def _log_histograms(self, trainer: L.Trainer, layers: list[LayerConflicts]) -> None:
-        """Cosine histograms per layer and a layer × expert heatmap of conflict ratios (TensorBoard)."""
+    def _log_histograms(self, trainer: L.Trainer, layers: list[LayerConflicts], stats: list[LayerStats]) -> None:
+        """Cosine histograms per layer and a layer × expert heatmap of conflict ratios (TensorBoard, rank 0)."""
         loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
         if not loggers or trainer.global_rank != 0:
             return
-        ratios = torch.zeros(len(layers), self.conflict_counts.shape[1])
-        for index, conflicts in enumerate(layers):
-            cosine = conflicts.cosine[conflicts.has_grad].detach().float().cpu()
-            expert = conflicts.expert[conflicts.has_grad].cpu()
-            conflicting = (cosine < self.threshold).float()
-            counts = torch.bincount(expert, minlength=ratios.shape[1]).float().clamp(min=1)
-            ratios[index] = torch.bincount(expert, weights=conflicting, minlength=ratios.shape[1]) / counts
-            for logger in loggers:
-                logger.experiment.add_histogram(
-                    f"stgc/cosine/{self.probes[index].name}", cosine, trainer.global_step
-                )
-        image = _heatmap([p.name for p in self.probes], ratios)
+        image = conflict_heatmap([p.name for p in self.probes], stats)
         for logger in loggers:
+            for probe, conflicts in zip(self.probes, layers, strict=True):
+                cosine = conflicts.cosine[conflicts.has_grad].detach().float().cpu()
+                logger.experiment.add_histogram(f"stgc/cosine/{probe.name}", cosine, trainer.global_step)
             logger.experiment.add_image(
                 "stgc/conflict_ratio_heatmap", image, trainer.global_step, dataformats="HWC"
             )
@@ -273,8 +285,8 @@ class STGC(L.Callback):
         return {
             "measured_micro_batches": self.measured_micro_batches,
             "skipped_nonfinite": self.skipped_nonfinite,
-            "conflict_counts": self.conflict_counts,
-            "assignment_counts": self.assignment_counts,
+            "conflict_counts": self.conflict_counts.cpu(),
+            "assignment_counts": self.assignment_counts.cpu(),
         }
 
     @override
@@ -284,75 +296,3 @@ class STGC(L.Callback):
         self.conflict_counts = state_dict["conflict_counts"]
         self.assignment_counts = state_dict["assignment_counts"]
 
-
-SUMS = (
-    "tokens",
-    "conflicting",
-    "cosine",
-    "cosine_sq",
-    "text",
-    "text_conflicting",
-    "image",
-    "image_conflicting",
-    "cel",
-)
-
-
-def _layer_sums(
-    conflicts: LayerConflicts, threshold: float, cel_loss: torch.Tensor, num_experts: int
-) -> torch.Tensor:
-    """One layer's statistics as sums (named by SUMS, then assignments and conflicts per expert), so
-    that ranks combine by adding them."""
-    cosine = conflicts.cosine[conflicts.has_grad].double()  # (S_g,)
-    conflicting = cosine < threshold
-    expert = conflicts.expert[conflicts.has_grad]
-    modality = conflicts.modality[conflicts.has_grad] if conflicts.modality is not None else None
-    by_modality = []
-    for value in (0, 1):  # text, image
-        selected = conflicting[modality == value] if modality is not None else conflicting[:0]
-        by_modality += [selected.numel(), selected.sum()]
-    sums = [cosine.numel(), conflicting.sum(), cosine.sum(), cosine.square().sum(), *by_modality, cel_loss]
-    return torch.cat(
-        [
-            torch.stack([torch.as_tensor(v, dtype=torch.float64, device=cosine.device) for v in sums]),
-            torch.bincount(expert, minlength=num_experts).double(),
-            torch.bincount(expert[conflicting], minlength=num_experts).double(),
-        ]
-    )
-
-
-def _layer_metrics(
-    layer: str, sums: torch.Tensor, num_experts: int, cel_count: int
-) -> dict[str, torch.Tensor]:
-    """Conflict ratios, the paper's gradient consistency (cosine mean and std), the CEL averaged over
-    `cel_count` terms, and per expert (when num_experts > 0) the load and conflict ratio."""
-    s = dict(zip(SUMS, sums.float(), strict=False))
-    metrics = {f"stgc/cel_loss/{layer}": s["cel"] / cel_count}
-    if s["tokens"] > 0:
-        mean = s["cosine"] / s["tokens"]
-        metrics[f"stgc/conflict_ratio/{layer}"] = s["conflicting"] / s["tokens"]
-        metrics[f"stgc/cosine_mean/{layer}"] = mean
-        metrics[f"stgc/cosine_std/{layer}"] = (s["cosine_sq"] / s["tokens"] - mean**2).clamp(min=0).sqrt()
-    for modality in ("text", "image"):
-        if s[modality] > 0:
-            metrics[f"stgc/conflict_ratio_{modality}/{layer}"] = s[f"{modality}_conflicting"] / s[modality]
-    assignments, conflicts = sums[len(SUMS) :].float().view(2, -1)[:, :num_experts]  # (E,), (E,)
-    for e in range(num_experts):
-        metrics[f"stgc/expert_load/{layer}/expert_{e}"] = assignments[e] / assignments.sum().clamp(min=1)
-        metrics[f"stgc/expert_conflict_ratio/{layer}/expert_{e}"] = conflicts[e] / assignments[e].clamp(min=1)
-    return metrics
-
-
-def _heatmap(layer_names: list[str], ratios: torch.Tensor) -> torch.Tensor:
-    """Render a (layers, experts) matrix of conflict ratios as an RGB image (H, W, 3) uint8."""
-    import matplotlib.pyplot as plt  # only when a heatmap is due: the import is slow
-
-    figure, axes = plt.subplots(figsize=(1 + 0.6 * ratios.shape[1], 0.8 + 0.5 * ratios.shape[0]), dpi=100)
-    shown = axes.imshow(ratios.numpy(), vmin=0, vmax=1, cmap="viridis")
-    axes.set_xlabel("expert")
-    axes.set_yticks(range(len(layer_names)), layer_names)
-    figure.colorbar(shown, ax=axes, label="conflict ratio")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(figure)
-    return torch.from_numpy(np.array(Image.open(buffer).convert("RGB")))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,17 +50,26 @@ def rng_states() -> dict[str, Any]:
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian)
     states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()  # this rank's own device only
     return states
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore `rng_states()`; the CUDA state goes to this process's current device."""
     random.setstate(states["python"])
     name, keys, position, has_gauss, cached_gaussian = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(device_rng_state(states["cuda"], torch.cuda.current_device()))
+
+
+def device_rng_state(saved: torch.Tensor | list[torch.Tensor], device: int) -> torch.Tensor:
+    """The saved CUDA generator state for `device`: a checkpoint holds one state per rank (or, written
+    by an earlier version, one per visible device), so a process that sees fewer devices still resumes."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    return saved[device] if device < len(saved) else saved[0]
 
 
 class KeepsRNGState(L.LightningModule):
@@ -79,5 +89,12 @@ class KeepsRNGState(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         states = checkpoint.get("rng_states")
-        if self._trainer is not None and states and len(states) == self.trainer.world_size:
-            set_rng_states(states[self.trainer.global_rank])
+        if self._trainer is None or not states:
+            return
+        if len(states) != self.trainer.world_size:
+            rank_zero_warn(
+                f"the checkpoint holds the RNG states of {len(states)} ranks, this run has "
+                f"{self.trainer.world_size}: random augmentation will not continue exactly as before"
+            )
+            return
+        set_rng_states(states[self.trainer.global_rank])

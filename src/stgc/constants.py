@@ -3,3 +3,4 @@
 IGNORE_INDEX = -100  # label value that the LM loss skips (PyTorch/transformers convention)
 IMAGE_TOKEN_ID = -200  # input_ids value of an image-patch position (LLaVA's IMAGE_TOKEN_INDEX)
 IMAGE_PLACEHOLDER = "<image>"  # where the image goes in a conversation's first human turn
+MODALITIES = {"text": 0, "image": 1}  # a token's modality as the MoE layers record it

@@ -1,5 +1,6 @@
 """The LightningModule: trains the LVLM through stages I-III and evaluates it on VQA."""
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -197,10 +198,13 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         self.log(f"{stage}/loss", loss)
         self.log(f"{stage}/ppl", torch.exp(loss))
         loss_metric.reset()
-        if vqa_metric.update_count:
-            for key, value in vqa_metric.compute().items():
-                self.log(f"{stage}/vqa_acc" if key == "overall" else f"{stage}/vqa_acc_{key}", value)
-            vqa_metric.reset()
+        # every rank computes (an all-gather under DDP), also one that scored nothing itself
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*compute.*before the ``update``.*")
+            accuracies = vqa_metric.compute()
+        for key, value in accuracies.items():  # none when no rank scored an answer (captions)
+            self.log(f"{stage}/vqa_acc" if key == "overall" else f"{stage}/vqa_acc_{key}", value)
+        vqa_metric.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_loss, self.val_vqa)

@@ -41,8 +41,8 @@ class SkipsBadSteps(L.LightningModule):
     empty (all its records bad): the weights and optimizer state stay as they were. Skips are
     counted (kept in checkpoints) and logged as train/skipped_steps."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # a mixin: the LightningModule's own arguments pass through
         self.skipped_steps = 0
         self._empty_batch = False
 

@@ -2,7 +2,7 @@
 
 For one linear layer y = W x (+ b) and n tokens with inputs X (n, d_in) and output gradients
 Δ (n, d_out), token i's weight gradient is g_i = δ_i x_iᵀ and the summed gradient is G = ΔᵀX
-(DESIGN.md §3). A bias is a weight column fed a constant 1, so it enters as ‖x_i‖² + 1 and
+(docs/design.md §3). A bias is a weight column fed a constant 1, so it enters as ‖x_i‖² + 1 and
 x_iᵀx_j + 1. A fused gate_up projection is one linear with d_out = 2·intermediate.
 """
 
@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from stgc.precision import autocast_off
 
 CosinePath = Literal["auto", "gram", "gemm"]
 _PATHS = ("auto", "gram", "gemm")
@@ -56,23 +58,35 @@ def linear_gradient_terms(
     x (n, d_in) and delta (n, d_out) are the layer's inputs and output gradients for the same tokens.
     grad_weight (d_out, d_in) and grad_bias (d_out,), when the caller already has them, must be
     ΔᵀX and Σ_i δ_i (e.g. from a parameter hook); grad_weight then selects the GEMM path unless
-    path="gram". grad_bias implies has_bias. Computes in float32, or float64 for float64 inputs;
-    builds no autograd graph, since the cosines only select tokens.
+    path="gram". grad_bias implies has_bias. Dtypes as `term_dtypes` says, with autocast off; builds
+    no autograd graph, since the cosines only select tokens.
     """
     _check_linear(x, delta, grad_weight, grad_bias, path)
-    bias = float(has_bias or grad_bias is not None)
-    dtype = torch.promote_types(torch.promote_types(x.dtype, delta.dtype), torch.float32)
-    x, delta = x.to(dtype), delta.to(dtype)
-    sqnorm = delta.square().sum(1) * (x.square().sum(1) + bias)  # (n,)  ‖δ_i‖² (‖x_i‖² + bias)
-    if _uses_gram(x.shape[0], x.shape[1], delta.shape[1], grad_weight is not None, path):
-        dot = ((delta @ delta.T) * (x @ x.T + bias)).sum(1)  # (n,)  Σ_j δ_iᵀδ_j (x_iᵀx_j + bias)
-    else:
-        weight = delta.T @ x if grad_weight is None else grad_weight.to(dtype)  # (d_out, d_in)  G
-        proj = x @ weight.T  # (n, d_out)  G x_i
-        if bias:
-            proj += delta.sum(0) if grad_bias is None else grad_bias.to(dtype)  # (n, d_out)  + Σ_j δ_j
-        dot = (delta * proj).sum(1)  # (n,)  δ_iᵀ (G x_i + Σ_j δ_j)
-    return dot, sqnorm, dot.sum()  # Σ_i ⟨g_i, G⟩ = ⟨G, G⟩
+    with autocast_off(x):  # the dtypes are chosen here, whatever autocast is doing
+        bias = float(has_bias or grad_bias is not None)
+        accumulate, product = term_dtypes(x.dtype, delta.dtype)
+        sqnorm = delta.to(accumulate).square().sum(1) * (x.to(accumulate).square().sum(1) + bias)  # (n,)
+        x, delta = x.to(product), delta.to(product)
+        if _uses_gram(x.shape[0], x.shape[1], delta.shape[1], grad_weight is not None, path):
+            gram = (delta @ delta.T).to(accumulate) * ((x @ x.T).to(accumulate) + bias)  # (n, n)
+            dot = gram.sum(1)  # (n,)  Σ_j δ_iᵀδ_j (x_iᵀx_j + bias)
+        else:
+            weight = delta.T @ x if grad_weight is None else grad_weight.to(product)  # (d_out, d_in)  G
+            proj = (x @ weight.T).to(accumulate)  # (n, d_out)  G x_i
+            if bias:
+                proj += delta.to(accumulate).sum(0) if grad_bias is None else grad_bias.to(accumulate)  # + Σ_j δ_j
+            dot = (delta.to(accumulate) * proj).sum(1)  # (n,)  δ_iᵀ (G x_i + Σ_j δ_j)
+        return dot, sqnorm, dot.sum()  # Σ_i ⟨g_i, G⟩ = ⟨G, G⟩
+
+
+def term_dtypes(x_dtype: torch.dtype, delta_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(accumulation, product) dtypes of the cosine terms. Sums and norms run in float32 (float64 for
+    float64 inputs). The large products run in bfloat16 when the expert computed in bfloat16 (as fast
+    as its own matmuls; the cosines then agree with float64 to about 1e-3), else in float32: float16's
+    range cannot hold products of loss-scaled gradients."""
+    inputs = torch.promote_types(x_dtype, delta_dtype)
+    accumulate = torch.promote_types(inputs, torch.float32)
+    return accumulate, torch.bfloat16 if inputs == torch.bfloat16 else accumulate
 
 
 def cosine_from_terms(dot: Tensor, sqnorm: Tensor, total_sqnorm: Tensor) -> Tensor:

@@ -14,6 +14,8 @@ from transformers import PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
 from stgc.conflict.probes import LayerProbe, LayerRouting, WeightSite
+from stgc.moe.layer import expert_counts
+from stgc.precision import to_compute_dtype
 
 IMPLEMENTATION = "stgc"
 
@@ -37,15 +39,17 @@ def stgc_experts_forward(
     top_k = top_k_index.shape[-1]
     flat_expert = top_k_index.reshape(-1)  # (S,) token-major
     order = torch.argsort(flat_expert, stable=True)  # (S,) assignments grouped by expert
-    counts = torch.bincount(flat_expert, minlength=self.num_experts)[: self.num_experts].tolist()
-    order = order[
-        : sum(counts)
-    ]  # drop sentinel experts (index >= num_experts), e.g. under expert parallelism
+    # sentinel experts (index >= num_experts, e.g. under expert parallelism) sort last and are dropped
+    in_range = flat_expert.clamp(max=self.num_experts)  # (S,) sentinels share one extra bin
+    counts = expert_counts(in_range, self.num_experts + 1)[: self.num_experts].tolist()  # the host sync
+    order = order[: sum(counts)]
     rows = order // top_k  # (S,) token row of each assignment
     weights = top_k_weights.reshape(-1).index_select(0, order)  # (S,)
     up_name = "gate_up_proj" if self.has_gate else "up_proj"
     expert_outputs = []
-    for expert, expert_inputs in enumerate(tokens.index_select(0, rows).split(counts)):  # (n_e, H)
+    # (S, H) in the dtype the experts compute in: the tensor autograd keeps, and the probe captures
+    routed = to_compute_dtype(tokens.index_select(0, rows))
+    for expert, expert_inputs in enumerate(routed.split(counts)):  # (n_e, H)
         if expert_inputs.shape[0] == 0:
             continue
         up = _expert_linear(self, up_name, expert, expert_inputs)  # (n_e, 2I) or (n_e, I)
@@ -121,18 +125,32 @@ def _find_router_weight(parent: nn.Module, experts: nn.Module) -> nn.Parameter |
     return None
 
 
-def use_stgc_experts(module: nn.Module) -> dict[PreTrainedModel, object]:
-    """Switch every outermost transformers model inside `module` to the "stgc" experts implementation;
-    returns what each used before, for `restore_experts`."""
-    previous, covered = {}, set()
-    for model in module.modules():  # parents come before their children
+def outermost_transformers_models(module: nn.Module) -> list[PreTrainedModel]:
+    """The transformers models inside `module` that no other one contains (parents come first)."""
+    models, covered = [], set()
+    for model in module.modules():
         if isinstance(model, PreTrainedModel) and id(model) not in covered:
             covered.update(id(child) for child in model.modules())
-            previous[model] = model.get_experts_implementation()
-            model.set_experts_implementation(IMPLEMENTATION)
+            models.append(model)
+    return models
+
+
+def switch_experts(
+    models: list[PreTrainedModel] | dict[PreTrainedModel, object], implementation: str | None = None
+) -> dict[PreTrainedModel, object]:
+    """Set each model's experts implementation (a dict: each its own); returns what each used before."""
+    chosen = models if isinstance(models, dict) else dict.fromkeys(models, implementation)
+    previous = {model: model.get_experts_implementation() for model in chosen}
+    for model, choice in chosen.items():
+        model.set_experts_implementation(choice)
     return previous
 
 
+def use_stgc_experts(module: nn.Module) -> dict[PreTrainedModel, object]:
+    """Switch every outermost transformers model inside `module` to the "stgc" experts implementation;
+    returns what each used before, for `restore_experts`."""
+    return switch_experts(outermost_transformers_models(module), IMPLEMENTATION)
+
+
 def restore_experts(previous: dict[PreTrainedModel, object]) -> None:
-    for model, implementation in previous.items():
-        model.set_experts_implementation(implementation)
+    switch_experts(previous)

@@ -1,5 +1,5 @@
 """Per-MoE-layer probes: capture each expert linear's inputs X and output gradients Δ, and turn
-them into exact token-gradient cosine terms during backward (DESIGN.md §3).
+them into exact token-gradient cosine terms during backward (docs/design.md §3).
 
 A probe keeps X by reference in forward, takes Δ from a tensor hook on the linear's output, and
 takes G = ΔᵀX from a hook on the weight itself, which fires with this micro-batch's gradient

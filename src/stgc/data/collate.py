@@ -44,7 +44,7 @@ class LlavaCollator:
         """Batch of the kept items; "skipped" lists the (record id, reason) of the dropped ones, and
         a batch whose every item was dropped holds only that (see is_empty)."""
         kept = [item for item in items if "skipped" not in item]
-        skipped = [item["skipped"] for item in items if "skipped" in item]
+        skipped = [item["skipped"] for item in items if item.get("skipped") is not None]  # not padding
         if not kept:
             return {"skipped": skipped}
         ids = [item["input_ids"] for item in kept]

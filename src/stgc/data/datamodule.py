@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -16,7 +16,7 @@ from stgc.data import easy_vqa
 from stgc.data.collate import LlavaCollator, pad_token_id
 from stgc.data.dataset import ImageTransform, LlavaDataset
 from stgc.data.records import Record, load_records
-from stgc.data.sampler import LengthGroupedSampler
+from stgc.data.sampler import EvalShardSampler, LengthGroupedSampler
 from stgc.data.templates import DEFAULT_SYSTEM_PROMPT, InstructionTemplate, PlainTemplate, Template
 
 
@@ -186,10 +186,12 @@ class LlavaDataModule(LightningDataModule):
     def loader(self, dataset: LlavaDataset, **kwargs: Any) -> DataLoader:
         """DataLoader over one of the built datasets."""
         workers = self.hparams.num_workers
+        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         return DataLoader(
             dataset,
             num_workers=workers,
             persistent_workers=workers > 0,
+            pin_memory=on_gpu,  # page-locked batches: host-to-device copies that do not block
             collate_fn=self.collator,
             **kwargs,
         )
@@ -215,9 +217,7 @@ class LlavaDataModule(LightningDataModule):
             order = sorted(order, key=lengths.__getitem__)
         world_size, rank = self.world()
         if world_size > 1:  # each sample on exactly one rank, none repeated: the metrics stay exact
-            order = UnrepeatedDistributedSamplerWrapper(
-                order, num_replicas=world_size, rank=rank, shuffle=False
-            )
+            order = EvalShardSampler(order, num_replicas=world_size, rank=rank)
         return self.loader(self.datasets[split], batch_size=self.hparams.eval_batch_size, sampler=order)
 
     def world(self) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from stgc.data.records import Record, RecordError
+from stgc.data.sampler import PADDING_INDEX
 from stgc.data.templates import Template
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W)
@@ -75,7 +76,10 @@ class LlavaDataset(Dataset):
         return lengths
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        """Encoded sample with its image tensor, or a "skipped" item for a bad record in skip mode."""
+        """Encoded sample with its image tensor, or a "skipped" item for a bad record in skip mode
+        (an empty one for the sampler's PADDING_INDEX)."""
+        if idx == PADDING_INDEX:
+            return {"skipped": None}
         record_idx, turn = self.index[idx]
         record = self.records[record_idx]
         try:

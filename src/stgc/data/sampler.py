@@ -3,7 +3,9 @@
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, Sampler
+
+PADDING_INDEX = -1  # an index that LlavaDataset turns into nothing: an empty batch
 
 
 class LengthGroupedSampler(DistributedSampler):
@@ -52,3 +54,18 @@ class LengthGroupedSampler(DistributedSampler):
             padded = len(remainder) + -len(remainder) % self.num_replicas  # a multiple of the ranks
             mine += (remainder * self.num_replicas)[:padded][self.rank :: self.num_replicas]
         return iter(mine)
+
+
+class EvalShardSampler(Sampler[int]):
+    """Rank `rank`'s share of an evaluation order: every `num_replicas`-th sample, none repeated, so
+    metrics summed over the ranks are exact. A rank left without a sample gets one PADDING_INDEX (an
+    empty batch): every rank then runs the evaluation loop and enters its collectives."""
+
+    def __init__(self, order: Sequence[int], num_replicas: int, rank: int) -> None:
+        self.indices = list(order)[rank::num_replicas] or [PADDING_INDEX]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -38,8 +38,11 @@ class VQAAccuracy(Metric):
             self.correct[index] += float(normalize_answer(prediction) == normalize_answer(target))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """{"overall": acc, "yes_no": acc, "color": acc, ...}; a type never seen is left out."""
-        result = {"overall": self.correct.sum() / self.total.sum().clamp(min=1)}
+        """{"overall": acc, "yes_no": acc, "color": acc, ...}; a type never seen is left out, and
+        nothing is returned when no answer was scored."""
+        if self.total.sum() == 0:
+            return {}
+        result = {"overall": self.correct.sum() / self.total.sum()}
         for index, question_type in enumerate(QUESTION_TYPES):
             if self.total[index] > 0:
                 result[question_type.replace("/", "_")] = self.correct[index] / self.total[index]

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stgc.constants import MODALITIES
+from stgc.precision import autocast_off, to_compute_dtype
+
 
 @dataclass
 class RoutingRecord:
@@ -77,8 +80,11 @@ class SparseMoE(nn.Module):
         param = next(mlp.parameters())
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=param.device, dtype=param.dtype)
         self.experts = nn.ModuleList(copy.deepcopy(mlp) for _ in range(num_experts))
-        self.token_mask: Tensor | None = None  # (B, T) bool, set by routing_context
-        self.modality: Tensor | None = None  # (B, T) long, set by routing_context
+        # set by routing_context for one forward: which tokens to route, and their modality
+        self.token_mask: Tensor | None = None  # (B, T) bool
+        self.token_index: Tensor | None = None  # (N,) flat positions of the token mask's tokens
+        self.modality: Tensor | None = None  # (B, T) long
+        self.routed_modality: Tensor | None = None  # (N,) modality of each routed token
         self.last_routing: RoutingRecord | None = None
 
     def extra_repr(self) -> str:
@@ -96,23 +102,26 @@ class SparseMoE(nn.Module):
         if self.training and self.router_jitter > 0:
             noise = torch.empty_like(x_routed).uniform_(1.0 - self.router_jitter, 1.0 + self.router_jitter)
             router_input = x_routed * noise  # (N, H)
-        logits = F.linear(router_input.float(), self.router.weight.float())  # (N, E) float32
-        probs = logits.softmax(dim=-1)  # (N, E)
-        topk_weight, topk_index = probs.topk(self.top_k, dim=-1)  # (N, k), (N, k)
-        topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)  # (N, k), rows sum to 1
+        with autocast_off(x):  # routing in fp32 under any autocast: the logits STGC differentiates
+            logits = F.linear(router_input.float(), self.router.weight.float())  # (N, E) float32
+            probs = logits.softmax(dim=-1)  # (N, E)
+            topk_weight, topk_index = probs.topk(self.top_k, dim=-1)  # (N, k), (N, k)
+            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)  # (N, k), rows sum to 1
 
         flat_expert = topk_index.reshape(-1)  # (S,) token-major: slot s is token s // k
-        counts = torch.bincount(flat_expert, minlength=self.num_experts)  # (E,)
+        counts = expert_counts(flat_expert, self.num_experts)  # (E,)
         order = torch.argsort(flat_expert, stable=True)  # (S,) slots grouped by expert, token order kept
-        kept_counts = counts
-        if self.capacity_factor is not None:
-            order, kept_counts = self._apply_capacity(order, counts, x_routed.shape[0])  # (S_kept,), (E,)
+        capacity = self._capacity(x_routed.shape[0])
+        kept_counts = counts if capacity is None else counts.clamp(max=capacity)  # (E,)
+        sizes = kept_counts.tolist()  # the layer's one host sync: the experts' split sizes
+        if capacity is not None:
+            order = self._within_capacity(order, counts, capacity, sum(sizes))  # (S_kept,)
         num_dropped = flat_expert.numel() - order.numel()
 
         rows = order // self.top_k  # (S_kept,) routed-token row of each kept slot
         weights = topk_weight.reshape(-1).index_select(0, order).to(x.dtype)  # (S_kept,)
-        expert_in = x_routed.index_select(0, rows)  # (S_kept, H) contiguous per expert
-        sizes = kept_counts.tolist()
+        # (S_kept, H) contiguous per expert, in the dtype the experts compute in: the tensor autograd keeps
+        expert_in = to_compute_dtype(x_routed.index_select(0, rows))
         expert_out = torch.cat(
             [expert(chunk) for expert, chunk in zip(self.experts, expert_in.split(sizes), strict=True)]
         )  # (S_kept, H)
@@ -129,7 +138,7 @@ class SparseMoE(nn.Module):
             topk_index=topk_index,
             topk_weight=topk_weight,
             expert_rows=list(rows.split(sizes)),
-            modality=self._routed_modality(x, token_index),
+            modality=self._routed_modality(x),
             num_dropped=num_dropped,
             aux_loss=aux_loss,
             z_loss=z_loss,
@@ -137,7 +146,7 @@ class SparseMoE(nn.Module):
         return out.view_as(x)  # (B, T, H)
 
     def _routed_positions(self, x: Tensor) -> Tensor:
-        """Flat positions of the tokens to route: all of them, or those the token mask keeps."""
+        """Flat positions of the tokens to route: all of them, or those the routing context keeps."""
         if self.token_mask is None:
             return torch.arange(x.shape[:-1].numel(), device=x.device)  # (B*T,)
         if self.token_mask.shape != x.shape[:-1]:
@@ -145,9 +154,9 @@ class SparseMoE(nn.Module):
                 f"token_mask shape {tuple(self.token_mask.shape)} does not match hidden states "
                 f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})."
             )
-        return self.token_mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+        return self.token_index  # (N,) found once per forward by routing_context
 
-    def _routed_modality(self, x: Tensor, token_index: Tensor) -> Tensor | None:
+    def _routed_modality(self, x: Tensor) -> Tensor | None:
         """Modality of each routed token, or None outside a routing context."""
         if self.modality is None:
             return None
@@ -156,16 +165,24 @@ class SparseMoE(nn.Module):
                 f"modality shape {tuple(self.modality.shape)} does not match hidden states "
                 f"{tuple(x.shape)} (expected {tuple(x.shape[:-1])})."
             )
-        return self.modality.reshape(-1).index_select(0, token_index)  # (N,)
+        if self.routed_modality is None:  # a modality without a token mask: every token is routed
+            return self.modality.reshape(-1)  # (N,)
+        return self.routed_modality  # (N,)
 
-    def _apply_capacity(self, order: Tensor, counts: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
-        """Keep each expert's first `capacity` slots (in token order); return kept slots and counts."""
-        capacity = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+    def _capacity(self, num_tokens: int) -> int | None:
+        """Assignments each expert may keep, or None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def _within_capacity(self, order: Tensor, counts: Tensor, capacity: int, num_kept: int) -> Tensor:
+        """The slots of `order` (grouped by expert) that are among their expert's first `capacity`."""
         starts = torch.cumsum(counts, dim=0) - counts  # (E,) first sorted position of each expert
         experts = torch.arange(self.num_experts, device=counts.device)  # (E,)
-        sorted_expert = torch.repeat_interleave(experts, counts)  # (S,) expert of each sorted slot
+        sorted_expert = torch.repeat_interleave(experts, counts, output_size=order.numel())  # (S,)
         rank = torch.arange(order.numel(), device=order.device) - starts[sorted_expert]  # (S,) rank in expert
-        return order[rank < capacity], counts.clamp(max=capacity)  # (S_kept,), (E,)
+        kept_first = torch.argsort((rank >= capacity).to(torch.uint8), stable=True)  # (S,) kept, in order
+        return order.index_select(0, kept_first[:num_kept])  # (S_kept,) no boolean mask: no host sync
 
     def _losses(self, logits: Tensor, probs: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         """Load-balancing loss E * sum_i f_i P_i and router z-loss, over routed tokens (0 if none)."""
@@ -177,6 +194,15 @@ class SparseMoE(nn.Module):
         return aux_loss, z_loss
 
 
+def expert_counts(expert_index: Tensor, num_experts: int, weights: Tensor | None = None) -> Tensor:
+    """(E,) number (or summed `weights`) of the entries of `expert_index` on each expert; unlike
+    bincount it needs no host sync to size its output."""
+    values = torch.ones_like(expert_index) if weights is None else weights
+    return torch.zeros(num_experts, dtype=values.dtype, device=expert_index.device).index_add_(
+        0, expert_index.reshape(-1), values.reshape(-1)
+    )
+
+
 def routing_stats(record: RoutingRecord) -> dict[str, float]:
     """Per-expert load, mean router entropy, drop rate, and load per modality, for logging."""
     num_experts = record.router_logits.shape[-1]
@@ -186,14 +212,15 @@ def routing_stats(record: RoutingRecord) -> dict[str, float]:
     stats["entropy"] = entropy.mean().item() if entropy.numel() else 0.0
     stats["dropped_fraction"] = record.num_dropped / max(record.topk_index.numel(), 1)
     if record.modality is not None:
-        for name, value in (("text", 0), ("image", 1)):
-            topk = record.topk_index[record.modality == value]  # (N_m, k)
-            load = _load(topk, num_experts).tolist()
+        for name, value in MODALITIES.items():
+            selected = (record.modality == value)[:, None].expand_as(record.topk_index)  # (N, k)
+            load = _load(record.topk_index, num_experts, selected).tolist()
             stats.update({f"load_{name}/expert_{e}": v for e, v in enumerate(load)})
     return stats
 
 
-def _load(topk_index: Tensor, num_experts: int) -> Tensor:
-    """Fraction of routing slots on each expert (zeros when there are none)."""
-    counts = torch.bincount(topk_index.reshape(-1), minlength=num_experts).float()  # (E,)
-    return counts / max(topk_index.numel(), 1)
+def _load(topk_index: Tensor, num_experts: int, selected: Tensor | None = None) -> Tensor:
+    """Fraction of the (selected) routing slots on each expert (zeros when there are none)."""
+    weights = torch.ones_like(topk_index, dtype=torch.float) if selected is None else selected.float()
+    counts = expert_counts(topk_index, num_experts, weights)  # (E,)
+    return counts / counts.sum().clamp(min=1)

@@ -52,17 +52,25 @@ def moe_losses(model: nn.Module) -> tuple[Tensor, Tensor]:
 def routing_context(
     model: nn.Module, token_mask: Tensor | None = None, modality: Tensor | None = None
 ) -> Iterator[None]:
-    """Route only `token_mask` tokens (B, T) and record their `modality` (B, T) for the duration."""
+    """Route only `token_mask` tokens (B, T) and record their `modality` (B, T) for the duration.
+
+    The routed positions are found here, once for all layers (a nonzero: one host sync per forward).
+    """
     if token_mask is not None and token_mask.dtype != torch.bool:
         raise ValueError(f"token_mask must be a bool tensor, got {token_mask.dtype}.")
+    token_index = None if token_mask is None else token_mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+    routed_modality = None
+    if modality is not None and token_index is not None and modality.shape == token_mask.shape:
+        routed_modality = modality.reshape(-1).index_select(0, token_index)  # (N,)
     layers = list(moe_layers(model).values())
     for layer in layers:
-        layer.token_mask, layer.modality = token_mask, modality
+        layer.token_mask, layer.token_index = token_mask, token_index
+        layer.modality, layer.routed_modality = modality, routed_modality
     try:
         yield
     finally:
         for layer in layers:
-            layer.token_mask, layer.modality = None, None
+            layer.token_mask, layer.token_index, layer.modality, layer.routed_modality = None, None, None, None
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:

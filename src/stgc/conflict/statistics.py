@@ -1,0 +1,125 @@
+"""STGC's statistics of one MoE layer: sums that ranks and steps combine by adding, the metrics
+logged from them, and the layer × expert heatmap of conflict ratios.
+
+Everything is built from masks on the device (no boolean indexing, no host sync); the host sees the
+figures only when they are logged.
+"""
+
+import dataclasses
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from stgc.conflict.probes import LayerConflicts
+from stgc.constants import MODALITIES
+from stgc.moe.layer import expert_counts
+
+PER_EXPERT = ("assignments", "conflicts")  # the (E,) fields of LayerStats
+
+
+@dataclass
+class LayerStats:
+    """Sums over one layer's (token, expert) assignments that have a gradient. Per-expert fields are
+    (E,), the others 0-d; all float64, so that sums over ranks and steps stay exact counts."""
+
+    assignments: Tensor  # (E,) assignments
+    conflicts: Tensor  # (E,) of them conflicting
+    cosine: Tensor  # Σ cos(g_t, ḡ_e)
+    cosine_sq: Tensor  # Σ cos²
+    text: Tensor  # assignments of text tokens
+    text_conflicts: Tensor
+    image: Tensor  # assignments of image tokens
+    image_conflicts: Tensor
+    cel_loss: Tensor  # the layer's CEL value
+
+    @classmethod
+    def of(
+        cls, conflicts: LayerConflicts, conflicting: Tensor, cel_loss: Tensor, num_experts: int
+    ) -> "LayerStats":
+        """The sums of one micro-batch; `conflicting` (S,) flags conflicting assignments with a gradient."""
+        valid = conflicts.has_grad.double()  # (S,)
+        flagged = conflicting.double()  # (S,)
+        cosine = torch.where(conflicts.has_grad, conflicts.cosine.double(), 0.0)  # (S,)
+        by_modality = {}
+        for name, value in MODALITIES.items():
+            if conflicts.modality is None:
+                is_modality = torch.zeros_like(valid)
+            else:
+                is_modality = (conflicts.modality == value).double()  # (S,)
+            by_modality[name] = (valid * is_modality).sum()
+            by_modality[f"{name}_conflicts"] = (flagged * is_modality).sum()
+        return cls(
+            assignments=expert_counts(conflicts.expert, num_experts, valid),
+            conflicts=expert_counts(conflicts.expert, num_experts, flagged),
+            cosine=cosine.sum(),
+            cosine_sq=cosine.square().sum(),
+            cel_loss=cel_loss.detach().double(),
+            **by_modality,
+        )
+
+    def vector(self) -> Tensor:
+        """All fields in one flat float64 vector (field order), for one all-reduce."""
+        return torch.cat([getattr(self, f.name).reshape(-1) for f in dataclasses.fields(self)])
+
+    @classmethod
+    def from_vector(cls, vector: Tensor, num_experts: int) -> "LayerStats":
+        """The inverse of `vector`."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        parts = vector.split([num_experts if name in PER_EXPERT else 1 for name in names])
+        return cls(**{n: p if n in PER_EXPERT else p[0] for n, p in zip(names, parts, strict=True)})
+
+    def __add__(self, other: "LayerStats") -> "LayerStats":
+        return LayerStats(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
+        )
+
+
+def layer_metrics(layer: str, stats: LayerStats, num_experts: int, cel_terms: int) -> dict[str, Tensor]:
+    """stgc/<stat>/<layer>: conflict ratio (overall and by modality), the paper's gradient consistency
+    (cosine mean and std), the CEL averaged over `cel_terms` terms, and for the first `num_experts`
+    experts (none when 0) each one's load and conflict ratio."""
+    metrics = {f"stgc/cel_loss/{layer}": (stats.cel_loss / cel_terms).float()}
+    tokens = stats.assignments.sum()
+    if tokens > 0:
+        mean = stats.cosine / tokens
+        metrics[f"stgc/conflict_ratio/{layer}"] = (stats.conflicts.sum() / tokens).float()
+        metrics[f"stgc/cosine_mean/{layer}"] = mean.float()
+        metrics[f"stgc/cosine_std/{layer}"] = (stats.cosine_sq / tokens - mean**2).clamp(min=0).sqrt().float()
+    for modality in MODALITIES:
+        count = getattr(stats, modality)
+        if count > 0:
+            metrics[f"stgc/conflict_ratio_{modality}/{layer}"] = (
+                getattr(stats, f"{modality}_conflicts") / count
+            ).float()
+    load = stats.assignments / stats.assignments.sum().clamp(min=1)  # (E,)
+    ratio = stats.conflicts / stats.assignments.clamp(min=1)  # (E,)
+    for e in range(num_experts):
+        metrics[f"stgc/expert_load/{layer}/expert_{e}"] = load[e].float()
+        metrics[f"stgc/expert_conflict_ratio/{layer}/expert_{e}"] = ratio[e].float()
+    return metrics
+
+
+def conflict_heatmap(layer_names: list[str], stats: list[LayerStats]) -> Tensor:
+    """The (layers, experts) conflict ratios as an RGB image (H, W, 3) uint8: values printed in the
+    cells, colours scaled to the data's range."""
+    import matplotlib.pyplot as plt  # only when a heatmap is due: the import is slow
+
+    ratios = torch.stack([s.conflicts / s.assignments.clamp(min=1) for s in stats]).cpu().numpy()
+    figure, axes = plt.subplots(figsize=(1.5 + 0.8 * ratios.shape[1], 1.0 + 0.5 * ratios.shape[0]), dpi=100)
+    shown = axes.imshow(ratios, vmin=ratios.min(), vmax=max(ratios.max(), ratios.min() + 1e-6), cmap="viridis")
+    middle = (ratios.min() + ratios.max()) / 2
+    for (row, column), value in np.ndenumerate(ratios):
+        colour = "black" if value > middle else "white"
+        axes.text(column, row, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=8)
+    axes.set_xlabel("expert")
+    axes.set_xticks(range(ratios.shape[1]))
+    axes.set_yticks(range(len(layer_names)), layer_names)
+    figure.colorbar(shown, ax=axes, label="conflict ratio")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    return torch.from_numpy(np.array(Image.open(buffer).convert("RGB")))
