@@ -433,3 +433,25 @@ def test_ddp_step_non_finite_on_one_rank_only_is_skipped_on_both_without_a_hang(
     for name, value in rank0["state_dict"].items():
         assert torch.isfinite(value).all(), name
         torch.testing.assert_close(value, rank1["state_dict"][name], atol=0, rtol=0, msg=name)
+
+
+def test_transformers_models_use_stgc_experts_only_while_stgc_captures() -> None:
+    """Our per-expert implementation serves the steps STGC measures, and only their forward and
+    backward: other steps, and the optimizer step, run the model's own implementation."""
+    module = ForeignMoEModule()
+    own = module.model.get_experts_implementation()[""]
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.seen.append(pl_module.model.get_experts_implementation()[""])
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            self.seen.append(pl_module.model.get_experts_implementation()[""])
+
+    record = Record()
+    _trainer([STGC(every_n_steps=2, histogram_every_n_steps=0), record], max_steps=3).fit(module)
+    assert own != "stgc"
+    assert record.seen == ["stgc", own, own, own, "stgc", own]

@@ -33,3 +33,23 @@ def test_exported_clip_checkpoint_is_what_the_vision_tower_loads(easy_vqa_dir, t
         atol=0,
         rtol=0,
     )
+
+
+def test_captions_equal_a_row_by_row_reference_and_need_no_host_sync(easy_vqa_dir, tmp_path) -> None:
+    from stgc.host_syncs import HostSyncCounter
+
+    module = CLIPPretrainModule(
+        tokenizer=str(easy_vqa_dir / "tokenizer"), export_path=str(tmp_path / "clip.pt")
+    )
+    generator = torch.Generator().manual_seed(0)
+    length = module.context_length + 20  # some captions are longer than the text tower's context
+    labels = torch.randint(3, 50, (8, length), generator=generator)
+    labels[torch.rand(8, length, generator=generator) < 0.3] = IGNORE_INDEX
+    with HostSyncCounter() as syncs:
+        captions = module.captions(labels)
+    assert syncs.total == 0
+    for row, sample in zip(captions, labels, strict=True):
+        ids = sample[sample != IGNORE_INDEX][: module.context_length]
+        expected = torch.full((module.context_length,), module.tokenizer.pad_token_id)
+        expected[: len(ids)] = ids
+        assert torch.equal(row, expected)

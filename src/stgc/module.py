@@ -21,6 +21,9 @@ from stgc.moe import moe_layers, moe_losses, routing_stats, short_layer_name, up
 from stgc.optim import SkipsBadSteps, adamw_warmup_cosine
 
 PARAMETER_GROUPS = ("vision_tower", "projector", "lm", "experts", "routers")
+# Teacher-forced and KV-cached greedy decoding round differently: an argmax that wins by less than
+# one unit in the last place of a logit near 10 (bf16: 2^-4, fp16: 2^-7) is left to generation.
+ARGMAX_MARGIN = {torch.float32: 1e-4, torch.float16: 0.0078, torch.bfloat16: 0.0625, torch.float64: 0.0}
 
 
 class LVLMModule(SkipsBadSteps, KeepsRNGState):
@@ -158,14 +161,18 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         true earlier turns, in order — from the teacher-forced logits where they suffice.
 
         Greedy decoding reproduces an answer exactly when the teacher-forced argmax at each of its
-        tokens and at its end token is that token (each next step then sees the same context) and
-        they fit in max_new_tokens, so those answers need no generation. Only the others are
+        tokens and at its end token is that token (each next step then sees the same context), wins
+        by more than the logits' rounding (ARGMAX_MARGIN), and they fit in max_new_tokens, so those
+        answers need no generation. Only the others are
         generated, from their prompts (the conversation up to the answer), as predict does: the
         text is the same either way, at the cost of one forward per conversation, not one
         forward and one generation per answer.
         """
         # on the CPU once: the per-answer checks below then cost no device synchronisation
-        predicted = logits[:, :-1].argmax(-1).cpu()  # (B, L-1): the greedy next token after each position
+        top2 = logits[:, :-1].float().topk(2, dim=-1)  # (B, L-1, 2): the greedy next token and runner-up
+        predicted = top2.indices[..., 0].cpu()  # (B, L-1)
+        # where the two are closer than the logits' rounding, a KV-cached generation may pick the other
+        clear = (top2.values[..., 0] - top2.values[..., 1] > ARGMAX_MARGIN[logits.dtype]).cpu()  # (B, L-1)
         targets = batch["labels"][:, 1:].cpu()  # (B, L-1)
         reproduced, prompts, images = [], [], []  # token ids, or the prompt to generate from
         for row, sample_answers in enumerate(batch["answers"]):
@@ -174,7 +181,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
             spans = positions.tensor_split(breaks.tolist())  # a run per answer: its tokens and eos
             for span in spans[: len(sample_answers)]:  # a run past them is an answer cut by max_length
                 fits = len(span) <= self.hparams.max_new_tokens  # generation would reach its eos
-                if fits and torch.equal(predicted[row, span], targets[row, span]):
+                if fits and torch.equal(predicted[row, span], targets[row, span]) and clear[row, span].all():
                     reproduced.append(targets[row, span])
                 else:
                     reproduced.append(None)

@@ -56,14 +56,19 @@ class CLIPPretrainModule(SkipsBadSteps, KeepsRNGState):
         return self.train_transform if train else self.eval_transform
 
     def captions(self, labels: torch.Tensor) -> torch.Tensor:
-        """(B, L) labels -> (B, context_length) caption ids (+ eos), padded with the tokenizer's pad id."""
+        """(B, L) labels -> (B, context_length) caption ids (+ eos), padded with the tokenizer's pad id.
+
+        Each row's trained ids are packed to its front by scatter, without a per-row mask: no host sync.
+        """
+        trained = labels != IGNORE_INDEX  # (B, L)
+        position = trained.cumsum(dim=1) - 1  # (B, L) where each trained id goes in its caption
+        keep = trained & (position < self.context_length)  # (B, L)
+        column = torch.where(keep, position, self.context_length)  # (B, L) the rest to a spare column
         texts = torch.full(
-            (labels.shape[0], self.context_length), self.tokenizer.pad_token_id, device=labels.device
-        )
-        for row, sample in zip(texts, labels, strict=True):
-            ids = sample[sample != IGNORE_INDEX][: self.context_length]
-            row[: ids.numel()] = ids
-        return texts
+            (labels.shape[0], self.context_length + 1), self.tokenizer.pad_token_id, device=labels.device
+        )  # (B, context_length + 1)
+        texts.scatter_(1, column, torch.where(keep, labels, self.tokenizer.pad_token_id))
+        return texts[:, : self.context_length]
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
         if is_empty(batch):
