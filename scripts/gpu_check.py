@@ -1,0 +1,255 @@
+"""A few minutes on a GPU: does stage III + STGC behave there? Prints, per precision (bf16-mixed, 16-mixed):
+
+  * the step-time ratio STGC / plain against the floor 1 + s/3 (s = the experts' share of a plain step),
+  * host-device syncs per training step with and without STGC (counted; on CUDA also seen by
+    torch.cuda's sync debug mode),
+  * peak GPU memory with and without STGC,
+  * the largest cosine error of STGC's low-precision terms against float64 on one step's captures.
+
+Every run is a real `Trainer.fit` of LVLMModule (the easy-vqa model's shape, stage III's MoE) with the
+STGC callback as users add it, on synthetic stage III batches.
+
+    python scripts/gpu_check.py              # on a GPU: under 3 minutes
+    python scripts/gpu_check.py --tiny       # a tiny model on the CPU (bf16 only), as the tests run it
+"""
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from stgc import STGC
+from stgc.conflict import cosine_from_terms, linear_gradient_terms
+from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from stgc.data.easy_vqa import prepare
+from stgc.host_syncs import HostSyncCounter
+from stgc.module import LVLMModule
+from stgc.moe import moe_layers
+
+CONFIGS = Path("configs/easy_vqa")
+TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+class StageThreeBatches(Dataset):
+    """Fixed stage III-shaped samples: image positions, then text trained everywhere."""
+
+    def __init__(self, module: LVLMModule, count: int, text_tokens: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.text = torch.randint(4, len(module.tokenizer), (count, text_tokens), generator=generator)
+        self.images = torch.randn(count, 3, 64, 64, generator=generator)
+        self.num_image_tokens = module.num_image_tokens
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = torch.cat([torch.full((self.num_image_tokens,), IMAGE_TOKEN_ID), self.text[index]])
+        return {
+            "images": self.images[index],
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX),
+        }
+
+
+def build(tiny: bool, data: Path) -> LVLMModule:
+    """Stage III of configs/easy_vqa: its LM (or a tiny one) upcycled as stage3_moe.yaml says."""
+    torch.manual_seed(0)
+    model = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model.yaml").model.init_args)
+    model["tokenizer"] = str(data / "tokenizer")
+    stage3 = OmegaConf.to_container(OmegaConf.load(CONFIGS / "stage3_moe.yaml").model.init_args)
+    if tiny:
+        model["lm_config"] |= TINY_LM
+    module = LVLMModule(
+        **model, moe=stage3["moe"], trainable=stage3["trainable"], router_aux_loss_coef=0.01, lr=1e-4
+    )
+    for layer in moe_layers(module.model).values():  # trained routers are not uniform
+        torch.nn.init.normal_(layer.router.weight, std=0.05)
+    return module
+
+
+class StepProbe(L.Callback):
+    """Times each training step (synchronised), counts one step's host syncs, keeps the memory peak."""
+
+    def __init__(self, count_at: int) -> None:
+        self.count_at = count_at
+        self.times: list[float] = []
+        self.syncs: int | None = None
+        self.cuda_sync_warnings: int | None = None
+        self._counter: HostSyncCounter | None = None
+        self._warnings = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if batch_idx == self.count_at:
+            self._counter = HostSyncCounter().__enter__()
+            if torch.cuda.is_available():
+                self._warnings = warnings.catch_warnings(record=True)
+                self._caught = self._warnings.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.syncs, self._counter = self._counter.total, None
+            if self._warnings is not None:
+                torch.cuda.set_sync_debug_mode("default")
+                self._warnings.__exit__(None, None, None)
+                self.cuda_sync_warnings = sum("synchroniz" in str(w.message) for w in self._caught)
+                self._warnings = None
+
+
+def fit(args: argparse.Namespace, precision: str, with_stgc: bool, batch_size: int, text_tokens: int) -> dict:
+    """`args.steps` training steps (after 2 warm-up steps) of one variant; its times, syncs, peak memory."""
+    steps = args.steps
+    module = build(args.tiny, args.data)
+    probe = StepProbe(count_at=3)
+    callbacks = [probe]
+    if with_stgc:
+        callbacks.append(STGC(loss_weight=0.01, log_every_n_steps=10**6, histogram_every_n_steps=0))
+    data = DataLoader(StageThreeBatches(module, batch_size * (steps + 2), text_tokens), batch_size=batch_size)
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, precision=precision, max_steps=steps + 2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=callbacks,
+    )  # fmt: skip
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, data)
+    return {
+        "step_ms": 1e3 * statistics.median(probe.times[2:]),
+        "syncs_per_step": probe.syncs,
+        "cuda_sync_warnings": probe.cuda_sync_warnings,
+        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "module": module,
+        "batch": next(iter(data)),
+    }
+
+
+def experts_share(module: LVLMModule, batch: dict, precision: str) -> float:
+    """s: the experts' forward + backward alone, on the rows they got in a step, over that plain step."""
+    device = next(module.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    captured = []
+
+    def keep(expert, args, output) -> None:
+        captured.append((expert, args[0].detach(), output))
+
+    hooks = [e.register_forward_hook(keep) for layer in moe_layers(module.model).values() for e in layer.experts]
+    with torch.autocast(device.type, dtype=dtype):
+        loss = module(batch).loss
+    outputs = [o for _, _, o in captured]
+    grads = torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True)
+    for hook in hooks:
+        hook.remove()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype):
+            total = module(batch).loss
+        total.backward()
+
+    def experts_alone() -> None:
+        with torch.autocast(device.type, dtype=dtype):
+            for (expert, x, _), grad in zip(captured, grads, strict=True):
+                expert(x.requires_grad_()).backward(grad)
+
+    timings = {}
+    for name, fn in (("step", step), ("experts", experts_alone)):
+        fn()  # warm up
+        timings[name] = statistics.median(timed(fn) for _ in range(5))
+    module.zero_grad(set_to_none=True)
+    return timings["experts"] / timings["step"]
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def cosine_error(module: LVLMModule, batch: dict, precision: str) -> float:
+    """STGC's terms from one step's low-precision captures (X, Δ of the first expert's linears, as
+    autocast left them) against the same terms in float64."""
+    device = next(module.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    layer = next(iter(moe_layers(module.model).values()))
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+        module(batch)
+    busiest = max(range(layer.num_experts), key=lambda e: len(layer.last_routing.expert_rows[e]))
+    expert = layer.experts[busiest]
+    linears = [m for m in expert.modules() if isinstance(m, torch.nn.Linear)]
+    inputs, outputs = [], []
+
+    def keep(module, args, output) -> None:
+        inputs.append(args[0])
+        outputs.append(output)
+
+    hooks = [linear.register_forward_hook(keep) for linear in linears]
+    with torch.autocast(device.type, dtype=dtype):
+        loss = module(batch).loss
+    for hook in hooks:
+        hook.remove()
+    deltas = torch.autograd.grad(loss, outputs)
+    low = [linear_gradient_terms(x.detach(), d) for x, d in zip(inputs, deltas, strict=True)]
+    high = [linear_gradient_terms(x.detach().double(), d.double()) for x, d in zip(inputs, deltas, strict=True)]
+
+    def cosine(terms):
+        return cosine_from_terms(*(sum(t[i] for t in terms) for i in range(3)))
+
+    return float((cosine(low).double() - cosine(high)).abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny LM and small batches (CPU, the tests)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 20, tiny 3)")
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    parser.add_argument("--data", type=Path, default=Path("data/easy_vqa"), help="prepared easy-vqa folder")
+    args = parser.parse_args()
+    prepare(args.data)  # the easy-vqa tokenizer (idempotent)
+    args.steps = args.steps or (3 if args.tiny else 20)
+    batch_size, text_tokens = (4, 24) if args.tiny else (32, 150)
+    precisions = ["bf16-mixed", "16-mixed"] if torch.cuda.is_available() else ["bf16-mixed"]
+    report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    for precision in precisions:
+        plain = fit(args, precision, False, batch_size, text_tokens)
+        stgc = fit(args, precision, True, batch_size, text_tokens)
+        share = experts_share(plain["module"], plain["batch"], precision)
+        row = {
+            "plain_step_ms": plain["step_ms"],
+            "stgc_step_ms": stgc["step_ms"],
+            "ratio": stgc["step_ms"] / plain["step_ms"],
+            "experts_share_s": share,
+            "floor": 1 + share / 3,
+            "syncs_per_step": {"plain": plain["syncs_per_step"], "stgc": stgc["syncs_per_step"]},
+            "cuda_sync_warnings": {"plain": plain["cuda_sync_warnings"], "stgc": stgc["cuda_sync_warnings"]},
+            "peak_mib": {"plain": plain["peak_mib"], "stgc": stgc["peak_mib"]},
+            "cosine_max_abs_error_vs_fp64": cosine_error(stgc["module"], stgc["batch"], precision),
+        }
+        report[precision] = row
+        print(f"[{precision}] {json.dumps(row)}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

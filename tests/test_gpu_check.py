@@ -1,0 +1,21 @@
+"""scripts/gpu_check.py, on the CPU with a tiny model: it runs, and its figures say what they should."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from support.fit import ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_reports_syncs_ratios_and_cosine_error(easy_vqa_dir, tmp_path) -> None:
+    out = tmp_path / "gpu_check.json"
+    command = [sys.executable, "scripts/gpu_check.py", "--tiny", "--data", str(easy_vqa_dir), "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(out.read_text())["bf16-mixed"]
+    assert row["syncs_per_step"]["stgc"] - row["syncs_per_step"]["plain"] == 1  # STGC: one per step
+    assert 0 < row["experts_share_s"] < 1 and row["floor"] == 1 + row["experts_share_s"] / 3
+    assert row["ratio"] > 0 and 0 <= row["cosine_max_abs_error_vs_fp64"] <= 5e-3
