@@ -53,3 +53,16 @@ def test_ranks_split_each_epoch_without_overlap_but_for_padding(world_size) -> N
     first_steps = [sorted(lengths[i] for r in ranks for i in r[4 * s : 4 * s + 4]) for s in range(3)]
     spread = sum(max(step) - min(step) for step in first_steps) / 3
     assert spread < 0.5 * (max(lengths) - min(lengths))
+
+
+def test_eval_shards_cover_the_order_once_and_an_empty_rank_gets_one_padding_index() -> None:
+    from torch.utils.data import DistributedSampler
+
+    from stgc.data.sampler import PADDING_INDEX, EvalShardSampler
+
+    order = [5, 3, 9, 0, 7]
+    shards = [list(EvalShardSampler(order, num_replicas=2, rank=r)) for r in range(2)]
+    assert shards == [[5, 9, 7], [3, 0]]
+    lonely = [list(EvalShardSampler([4], num_replicas=3, rank=r)) for r in range(3)]
+    assert lonely == [[4], [PADDING_INDEX], [PADDING_INDEX]]
+    assert isinstance(EvalShardSampler(order, 2, 0), DistributedSampler)  # Lightning leaves it unwrapped

@@ -3,7 +3,7 @@
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DistributedSampler
 
 PADDING_INDEX = -1  # an index that LlavaDataset turns into nothing: an empty batch
 
@@ -56,12 +56,14 @@ class LengthGroupedSampler(DistributedSampler):
         return iter(mine)
 
 
-class EvalShardSampler(Sampler[int]):
+class EvalShardSampler(DistributedSampler):
     """Rank `rank`'s share of an evaluation order: every `num_replicas`-th sample, none repeated, so
     metrics summed over the ranks are exact. A rank left without a sample gets one PADDING_INDEX (an
-    empty batch): every rank then runs the evaluation loop and enters its collectives."""
+    empty batch): every rank then runs the evaluation loop and enters its collectives. A
+    DistributedSampler, so Lightning does not wrap it in another."""
 
     def __init__(self, order: Sequence[int], num_replicas: int, rank: int) -> None:
+        super().__init__(order, num_replicas=num_replicas, rank=rank, shuffle=False)
         self.indices = list(order)[rank::num_replicas] or [PADDING_INDEX]
 
     def __iter__(self) -> Iterator[int]:
