@@ -3,7 +3,7 @@
     python scripts/bench_records.py --out /tmp/mix665k      # writes the data once (~1 min), then measures
 
 The generated file has 665,298 records (~0.6 GB, as llava_v1_5_mix665k.json): 6% text-only
-(ShareGPT-like, long multi-turn, some non-ASCII text), the rest about images in five source
+(ShareGPT-like, long multi-turn, a fifth of them with some non-ASCII text), the rest about images in five source
 folders (coco, gqa, ocr_vqa, textvqa, vg), multi-turn VQA and long conversations, `<image>` at the
 start or at the end of the first human turn. Image records take their image's stem as id, so the
 records of one image repeat an id, as the real file does. The 380,000 distinct image paths are
@@ -28,9 +28,9 @@ FOLDERS = ("coco/train2017", "gqa/images", "ocr_vqa/images", "textvqa/train_imag
 WORDS = (
     "the a of in on with is are what where which color shape left right man woman table red blue green "
     "sign street car bus dog cat person people holding standing sitting near behind front small large "
-    "image picture shows there two three building window water sky tree grass white black yellow "
-    "café naïve — “quoted” 東京 😀"  # a few non-ASCII words, as real conversations have
+    "image picture shows there two three building window water sky tree grass white black yellow"
 ).split()
+NON_ASCII = "café naïve — “quoted” 東京 😀".split()  # in some text-only conversations, as in ShareGPT's
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 
@@ -41,20 +41,22 @@ def rss_mib() -> float:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
 
 
-def words(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choices(WORDS, k=rng.randint(low, high)))
+def words(rng: random.Random, low: int, high: int, vocabulary: list[str] = WORDS) -> str:
+    return " ".join(rng.choices(vocabulary, k=rng.randint(low, high)))
 
 
 def conversation(rng: random.Random, image: bool) -> list[dict]:
     """Alternating human/gpt turns: short-answer VQA, a chat with long answers, or a detailed description."""
     kind = rng.choices(("vqa", "chat", "detail"), weights=(6, 3, 1))[0] if image else "chat"
+    vocabulary = WORDS if image or rng.random() < 0.8 else WORDS + NON_ASCII
     pairs = {"vqa": rng.randint(2, 8), "chat": rng.randint(1, 5), "detail": 1}[kind]
     turns = []
     for i in range(pairs):
         question = words(rng, 4, 12) + "?" + (SHORT_ANSWER if kind == "vqa" else "")
         if i == 0 and image:
             question = f"<image>\n{question}" if rng.random() < 0.7 else f"{question}\n<image>"
-        answer = {"vqa": words(rng, 1, 3), "chat": words(rng, 10, 60), "detail": words(rng, 60, 120)}[kind]
+        answer_words = {"vqa": (1, 3), "chat": (10, 60), "detail": (60, 120)}[kind]
+        answer = words(rng, *answer_words, vocabulary)
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     return turns
 
@@ -76,7 +78,8 @@ def write_images(folder: Path, n_files: int, n_paths: int) -> list[str]:
         relative = f"{FOLDERS[i % len(FOLDERS)]}/{i:012d}.jpg"
         target = folder / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(files[i % n_files], target)
+        if not target.exists():  # kept from an earlier run
+            os.link(files[i % n_files], target)
         paths.append(relative)
     return paths
 
@@ -129,7 +132,13 @@ def measure(what: str, json_path: Path, image_folder: Path) -> dict:
         lengths = data.datasets["train"].lengths  # what group_by_length's sampler reads
         result = {split: len(dataset) for split, dataset in data.datasets.items()} | {"lengths": len(lengths)}
     seconds = time.perf_counter() - start
-    return {"what": what, "seconds": round(seconds, 1), "peak_rss_mib": round(rss_mib()), "imports_rss_mib": round(imported), **result}
+    return {
+        "what": what,
+        "seconds": round(seconds, 1),
+        "peak_rss_mib": round(rss_mib()),
+        "imports_rss_mib": round(imported),
+        **result,
+    }
 
 
 def main() -> None:
