@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stgc.cli import main as stgc
+from stgc.cli import run as stgc
 from stgc.data.easy_vqa import prepare
 from stgc.pipeline import fit_stage, last_checkpoint, stage_args
 

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stgc.cli import main as stgc
+from stgc.cli import run as stgc
 from stgc.pipeline import stage_data_args
 from support.tiny import TINY_LM as TINY_LM_CONFIG
 

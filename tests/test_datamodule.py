@@ -42,21 +42,27 @@ def make_dm(cls, path, images, tokenizer, **kwargs):
 def test_collate_pads_right_and_prompts_left():
     items = [
         {
-            "id": "r0",
+            "key": ("r0", 1),
+            "index": 0,
             "image": torch.zeros(3, 2, 2),
             "input_ids": torch.tensor([5, 6, 7]),
             "labels": torch.tensor([-100, 6, 7]),
             "prompt_ids": torch.tensor([5]),
+            "turn": 0,
+            "question": "q0",
             "answer": "a",
             "question_type": "color",
         },
-        {"skipped": ("r1", "bad_image")},
+        {"skipped": (("r1", 1), "bad_image")},
         {
-            "id": "r2",
+            "key": ("r0", 2),
+            "index": 2,
             "image": torch.ones(3, 2, 2),
             "input_ids": torch.tensor([8]),
             "labels": torch.tensor([8]),
             "prompt_ids": torch.tensor([8, 9]),
+            "turn": 1,
+            "question": "q1",
             "answer": "b",
             "question_type": "other",
         },
@@ -68,17 +74,22 @@ def test_collate_pads_right_and_prompts_left():
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["prompt_input_ids"].tolist() == [[PAD, 5], [8, 9]]
     assert batch["prompt_attention_mask"].tolist() == [[0, 1], [1, 1]]
-    assert (batch["ids"], batch["answers"], batch["question_types"], batch["skipped"]) == (
-        ["r0", "r2"],
+    assert (batch["keys"], batch["indices"], batch["turns"], batch["questions"]) == (
+        [("r0", 1), ("r0", 2)],  # one id, two records
+        [0, 2],
+        [0, 1],
+        ["q0", "q1"],
+    )
+    assert (batch["answers"], batch["question_types"], batch["skipped"]) == (
         ["a", "b"],
         ["color", "other"],
-        [("r1", "bad_image")],
+        [(("r1", 1), "bad_image")],
     )
     assert all(
         batch[k].dtype == torch.long for k in ("input_ids", "attention_mask", "labels", "prompt_input_ids")
     )
-    empty = LlavaCollator(PAD)([{"skipped": ("r1", "bad_image")}, {"skipped": ("r3", "too_long")}])
-    assert is_empty(empty) and empty == {"skipped": [("r1", "bad_image"), ("r3", "too_long")]}
+    empty = LlavaCollator(PAD)([{"skipped": (("r1", 1), "bad_image")}, {"skipped": (("r3", 1), "too_long")}])
+    assert is_empty(empty) and empty == {"skipped": [(("r1", 1), "bad_image"), (("r3", 1), "too_long")]}
 
 
 def test_train_batch(write_llava, easy_vqa_tokenizer):
@@ -86,7 +97,7 @@ def test_train_batch(write_llava, easy_vqa_tokenizer):
     dm = make_dm(InstructionDataModule, path, images, easy_vqa_tokenizer, val_json=str(path), batch_size=3)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"ids", "images", "input_ids", "attention_mask", "labels", "skipped"}
+    assert set(batch) == {"keys", "indices", "images", "input_ids", "attention_mask", "labels", "skipped"}
     assert batch["images"].shape == (3, 3, 8, 8)
     n_image_ids = (batch["input_ids"] == IMAGE_TOKEN_ID).sum(1).sort().values.tolist()
     assert n_image_ids == [0, N_IMAGE, N_IMAGE]
@@ -158,7 +169,7 @@ def test_undecodable_image_skipped(write_llava, easy_vqa_tokenizer):
     dm.setup("fit")
     with pytest.warns(UserWarning, match="r1"):
         batch = next(iter(dm.val_dataloader()))
-    assert batch["skipped"] == [("r1", "bad_image")] and batch["ids"] == ["r0", "r2"]
+    assert batch["skipped"] == [(("r1", 1), "bad_image")] and batch["keys"] == [("r0", 1), ("r2", 1)]
 
 
 def test_all_masked_after_truncation_skipped(write_llava, easy_vqa_tokenizer):
@@ -167,7 +178,7 @@ def test_all_masked_after_truncation_skipped(write_llava, easy_vqa_tokenizer):
     dm.setup("fit")
     with pytest.warns(UserWarning, match="no trained token"):
         batch = next(iter(dm.val_dataloader()))
-    assert is_empty(batch) and batch["skipped"] == [("r0", "all_masked"), ("r1", "all_masked")]
+    assert is_empty(batch) and batch["skipped"] == [(("r0", 1), "all_masked"), (("r1", 1), "all_masked")]
 
 
 def test_seeded_split(write_llava, easy_vqa_tokenizer):
@@ -284,3 +295,26 @@ def test_easy_vqa_end_to_end(easy_vqa_dir, easy_vqa_tokenizer):
     train, test = next(iter(dm.train_dataloader())), next(iter(dm.test_dataloader()))
     assert train["images"].shape == (4, 3, 8, 8) and test["input_ids"].shape[0] == 16
     assert {t for types in test["question_types"] for t in types} <= {"yes/no", "color", "shape"}
+
+
+def test_one_id_with_three_conversations_about_one_image_trains_all_three(write_llava, easy_vqa_tokenizer):
+    """Repeated ids lose nothing: the three records stay on one side of the split, together, and a
+    training epoch draws each once; nothing is skipped."""
+    same = [
+        record(0, n_turns=1) | {"conversations": record(k, n_turns=k + 1)["conversations"]} for k in range(3)
+    ]
+    path, images = write_llava(same + [record(i, n_turns=1) for i in range(1, 9)])
+    trained = 0
+    for seed in range(4):
+        dm = make_dm(InstructionDataModule, path, images, easy_vqa_tokenizer, val_fraction=0.25, seed=seed)
+        dm.setup("fit")
+        train, val = dm.datasets["train"].records, dm.datasets["val"].records
+        in_train, in_val = ([r.key for r in side if r.id == "r0"] for side in (train, val))
+        assert sorted(in_train + in_val) == [("r0", 1), ("r0", 2), ("r0", 3)] and not (in_train and in_val)
+        if in_train:
+            trained += 1
+            drawn = [key for batch in dm.train_dataloader() for key in batch["keys"]]
+            assert sorted(drawn) == sorted(r.key for r in train) and len(set(drawn)) == len(drawn)
+            assert [len(r.turns) for r in train if r.id == "r0"] == [1, 2, 3]
+        assert dm.skip_report() == {}
+    assert 0 < trained < 4  # the seeds put them on both sides

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stgc.cli import main as stgc
+from stgc.cli import run as stgc
 from support.fit import ROOT, fit_command, run, stage3_stgc
 
 EPOCHS = 2

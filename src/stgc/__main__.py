@@ -1,3 +1,5 @@
+import sys
+
 from stgc.cli import main
 
-main()
+sys.exit(main())

@@ -225,12 +225,28 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test", self.test_loss, self.test_vqa)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        answers = self.answer(batch)
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """One row per answer, as stgc.predictions.AnswerWriter writes it: the record's (id,
+        occurrence) key and turn, the question, the generated answer, the file's answer (None when
+        empty) and the question type."""
+        if is_empty(batch):
+            return []
+        generated = self.answer(batch)
         return [
-            {"answer": answer, "target": target}
-            for answer, target in zip(answers, batch["answers"], strict=True)
-        ]
+            {
+                "id": record_id,
+                "occurrence": occurrence,
+                "turn": turn,
+                "question": question,
+                "prediction": prediction,
+                "reference": reference or None,
+                "question_type": question_type,
+            }
+            for (record_id, occurrence), turn, question, prediction, reference, question_type in zip(
+                batch["keys"], batch["turns"], batch["questions"], generated, batch["answers"],
+                batch["question_types"], strict=True,
+            )
+        ]  # fmt: skip
 
     @torch.no_grad()
     def answer(self, batch: dict[str, Any]) -> list[str]:

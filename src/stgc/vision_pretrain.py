@@ -19,7 +19,7 @@ from stgc.checkpoint import KeepsRNGState
 from stgc.constants import IGNORE_INDEX
 from stgc.data.collate import is_empty
 from stgc.model.language_model import load_tokenizer
-from stgc.model.vision import VisionTower  # noqa: F401  (registers the bundled tiny configs)
+from stgc.model.vision import no_random_init_warning  # importing it registers the bundled tiny configs
 from stgc.optim import SkipsBadSteps, adamw_warmup_cosine
 
 
@@ -38,9 +38,10 @@ class CLIPPretrainModule(SkipsBadSteps, KeepsRNGState):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer)
-        self.clip, self.train_transform, self.eval_transform = open_clip.create_model_and_transforms(
-            vision_model
-        )
+        with no_random_init_warning():  # a stage 0 resumed from its checkpoint is not random
+            self.clip, self.train_transform, self.eval_transform = open_clip.create_model_and_transforms(
+                vision_model
+            )
         text = self.clip.transformer if hasattr(self.clip, "transformer") else None
         if text is None or len(self.tokenizer) > self.clip.vocab_size:
             raise ValueError(

@@ -8,23 +8,23 @@ import torch
 
 
 class RecordRanks(L.Callback):
-    """Per rank: the record ids of each epoch's train and val batches, the STGC conflict counts of
+    """Per rank: the record keys (id, occurrence) of each epoch's train and val batches, the STGC conflict counts of
     each step, the final weights, and (rank 0) the logged metrics of the last step."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
-        self.train_ids: dict[int, list[str]] = defaultdict(list)
-        self.val_ids: dict[int, list[str]] = defaultdict(list)
+        self.train_ids: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        self.val_ids: dict[int, list[tuple[str, int]]] = defaultdict(list)
         self.step_counts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _stgc(self, trainer: L.Trainer):
         return next(cb for cb in trainer.callbacks if type(cb).__name__ == "STGC")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.train_ids[trainer.current_epoch] += batch["ids"]
+        self.train_ids[trainer.current_epoch] += batch["keys"]
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self.val_ids[trainer.current_epoch] += batch["ids"]
+        self.val_ids[trainer.current_epoch] += batch["keys"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stgc = self._stgc(trainer)

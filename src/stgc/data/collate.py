@@ -41,15 +41,17 @@ class LlavaCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Batch of the kept items; "skipped" lists the (record id, reason) of the dropped ones, and
-        a batch whose every item was dropped holds only that (see is_empty)."""
+        """Batch of the kept items; "keys" are their records' (id, occurrence) keys, "indices" their
+        positions in the dataset; "skipped" lists the (record key, reason) of the dropped ones, and a
+        batch whose every item was dropped holds only that (see is_empty)."""
         kept = [item for item in items if "skipped" not in item]
         skipped = [item["skipped"] for item in items if item.get("skipped") is not None]  # not padding
         if not kept:
             return {"skipped": skipped}
         ids = [item["input_ids"] for item in kept]
         batch = {
-            "ids": [item["id"] for item in kept],
+            "keys": [item["key"] for item in kept],
+            "indices": [item["index"] for item in kept],
             "images": torch.stack([item["image"] for item in kept]).float(),  # (B, 3, H, W)
             "input_ids": pad(ids, self.pad_token_id),  # (B, L)
             "attention_mask": pad([torch.ones_like(i) for i in ids], 0),  # (B, L)
@@ -58,6 +60,8 @@ class LlavaCollator:
         }
         if "prompt_ids" in kept[0]:
             batch.update(prompt_batch([item["prompt_ids"] for item in kept], self.pad_token_id))
+            batch["turns"] = [item["turn"] for item in kept]
+            batch["questions"] = [item["question"] for item in kept]
             batch["answers"] = [item["answer"] for item in kept]
             batch["question_types"] = [item["question_type"] for item in kept]
         elif "answers" in kept[0]:  # per sample: its answers' texts and types, in order

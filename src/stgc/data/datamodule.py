@@ -61,7 +61,9 @@ class LlavaDataModule(LightningDataModule):
         self.collator: LlavaCollator | None = None
         self.transforms: dict[str, ImageTransform] = {}
         self.datasets: dict[str, LlavaDataset] = {}
-        self.found_bad: dict[str, dict[str, str]] = {}  # split -> {record id: reason}, found in batches
+        self.found_bad: dict[
+            str, dict[tuple[str, int], str]
+        ] = {}  # split -> {record key: reason}, in batches
         self.per_answer: dict[str, LlavaDataset] = {}  # split -> one sample per answer (predict)
 
     def make_template(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> Template:

@@ -27,7 +27,7 @@ class LlavaDataset(Dataset):
       its text and type, for generation.
 
     A record that fails when loaded (undecodable pixels, too long, nothing trained after truncation)
-    raises RecordError, or with skip_bad_records gives a {"skipped": (id, reason)} item that the
+    raises RecordError, or with skip_bad_records gives a {"skipped": (record key, reason)} item that the
     collate drops and reports in the batch (so counts are exact with DataLoader workers too).
     `load_skipped` holds the counts of records already refused when the file was read.
     """
@@ -91,9 +91,10 @@ class LlavaDataset(Dataset):
             if not self._warned:
                 rank_zero_warn(f"{err}; skipping it, and reporting further skips in the batches")
                 self._warned = True
-            return {"skipped": (record.id, err.reason)}
+            return {"skipped": (record.key, err.reason)}
         item = {
-            "id": record.id,
+            "key": record.key,  # (id, occurrence): unique, where ids repeat
+            "index": idx,  # the sample's position in this dataset
             "image": image,  # (3, H, W)
             "input_ids": torch.tensor(encoded.input_ids),  # (L,)
             "labels": torch.tensor(encoded.labels),  # (L,)
@@ -101,15 +102,16 @@ class LlavaDataset(Dataset):
         if turn is not None:
             answered = record.turns[turn]
             item["prompt_ids"] = item["input_ids"][: encoded.prompt_length]  # (P,)
+            item["turn"] = turn
+            item["question"] = answered.question
             item["answer"] = answered.answer
             item["question_type"] = answered.question_type
         elif self.answers == "all":
             complete = encoded.labels.count(self.template.tokenizer.eos_token_id)  # each answer ends with it
             if complete < len(record.turns) and not self._warned_cut:
-                rank_zero_warn(
-                    f"{record.source}: record {record.id!r}: max_length={self.max_length} cuts "
-                    f"{len(record.turns) - complete} of its {len(record.turns)} answers, which are not scored"
-                )
+                cut = len(record.turns) - complete
+                detail = f"max_length={self.max_length} cuts {cut} of its {len(record.turns)} answers, which are not scored"
+                rank_zero_warn(str(record.error("answers_cut", detail)))
                 self._warned_cut = True
             item["answers"] = [t.answer for t in record.turns[:complete]]
             item["question_types"] = [t.question_type for t in record.turns[:complete]]
@@ -125,6 +127,4 @@ class LlavaDataset(Dataset):
             with Image.open(record.image) as img:
                 return self.image_transform(img.convert("RGB"))
         except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-            raise RecordError(
-                record.source, record.id, "bad_image", f"cannot decode {record.image}: {err}"
-            ) from err
+            raise record.error("bad_image", f"cannot decode {record.image}: {err}") from err

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from stgc.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
-from stgc.data.records import Record, RecordError
+from stgc.data.records import Record
 
 DEFAULT_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -76,18 +76,12 @@ class Template:
         labels = [i if s.train else IGNORE_INDEX for s in segments for i in s.ids]
         image_end = max((k + 1 for k, i in enumerate(input_ids) if i == IMAGE_TOKEN_ID), default=0)
         if image_end > max_length:
-            raise RecordError(
-                record.source,
-                record.id,
-                "too_long",
-                f"prefix through the image ({image_end} tokens) exceeds max_length={max_length}",
+            raise record.error(
+                "too_long", f"prefix through the image ({image_end} tokens) exceeds max_length={max_length}"
             )
         if all(label == IGNORE_INDEX for label in labels[:max_length]):
-            raise RecordError(
-                record.source,
-                record.id,
-                "all_masked",
-                f"no trained token left after truncation to max_length={max_length}",
+            raise record.error(
+                "all_masked", f"no trained token left after truncation to max_length={max_length}"
             )
         # in a one-answer sample the last two segments are that answer and its eos
         prompt_length = None if turn is None else len(input_ids) - len(segments[-2].ids) - 1

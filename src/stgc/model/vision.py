@@ -1,6 +1,8 @@
 """Vision tower: an open_clip ViT that returns the image tokens of one chosen layer (LLaVA style)."""
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -11,6 +13,23 @@ from torch import nn
 
 # The tiny ViT configs bundled with stgc (e.g. "stgc-vit-tiny") join open_clip's registry on import.
 open_clip.add_model_config(Path(__file__).parent / "vision_configs")
+
+
+@contextmanager
+def no_random_init_warning() -> Iterator[None]:
+    """Silence open_clip's "No pretrained weights loaded ... Model initialized randomly." (a root-logger
+    warning) while a model is built: it is printed on every build without `pretrained`, also when a
+    checkpoint's weights are loaded right after (init_from, --ckpt_path, load_from_checkpoint)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 class VisionTower(nn.Module):
@@ -36,9 +55,10 @@ class VisionTower(nn.Module):
             raise ValueError(f"select_feature={select_feature!r}; choose 'patch' or 'cls_patch'")
         if pretrained is not None and not Path(pretrained).is_file():
             raise FileNotFoundError(f"vision_pretrained={pretrained!r} is not a local checkpoint file")
-        clip, self.train_transform, self.eval_transform = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained
-        )
+        with no_random_init_warning():
+            clip, self.train_transform, self.eval_transform = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained
+            )
         self.visual = clip.visual  # the text tower is dropped
         if not isinstance(self.visual, open_clip.transformer.VisionTransformer):
             raise TypeError(f"{model_name!r} has a {type(self.visual).__name__} tower; a ViT is required")
