@@ -139,11 +139,16 @@ def fit(args: argparse.Namespace, precision: str, with_stgc: bool, batch_size: i
     }
 
 
+def _on_device(module: LVLMModule, batch: dict, precision: str) -> tuple[torch.device, torch.dtype, dict]:
+    """The module's device, the autocast dtype of `precision`, and the batch moved to that device."""
+    device = next(module.parameters()).device
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    return device, dtype, {k: v.to(device) for k, v in batch.items()}
+
+
 def experts_share(module: LVLMModule, batch: dict, precision: str) -> float:
     """s: the experts' forward + backward alone, on the rows they got in a step, over that plain step."""
-    device = next(module.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    device, dtype, batch = _on_device(module, batch, precision)
     captured = []
 
     def keep(expert, args, output) -> None:
@@ -188,9 +193,7 @@ def timed(fn) -> float:
 def cosine_error(module: LVLMModule, batch: dict, precision: str) -> float:
     """STGC's terms from one step's low-precision captures (X, Δ of the first expert's linears, as
     autocast left them) against the same terms in float64."""
-    device = next(module.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    device, dtype, batch = _on_device(module, batch, precision)
     layer = next(iter(moe_layers(module.model).values()))
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
         module(batch)
