@@ -5,6 +5,7 @@
 Lengths are the real token counts of the encoded samples; batches follow the DataModule's orders.
 """
 
+import argparse
 import os
 
 import torch
@@ -24,6 +25,7 @@ def padded_share(order: list[int], lengths: list[int], batch_size: int) -> float
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stage2 = stage_data_args("stage2")
     data = InstructionDataModule(

@@ -4,6 +4,11 @@ Each stage is one `stgc fit` (see stgc.pipeline); the stage II model and the fin
 on the easy-vqa test split. Prints each stage's wall time and validation metrics, the test metrics,
 the peak resident memory, and the TensorBoard command. Extra arguments go to every run
 (e.g. --trainer.max_epochs=1).
+
+A rerun keeps each stage that finished with the same settings (its `stgc fit` arguments and the
+text of its config files, recorded in <log-root>/easy_vqa/<stage>/pipeline.json), resumes an
+interrupted stage from its last.ckpt (written at every epoch end, so the resumption is exact), and
+trains every later stage again; it says which. --fresh starts every stage from scratch.
 """
 
 import argparse
@@ -12,15 +17,33 @@ import resource
 import time
 from pathlib import Path
 
-from stgc.pipeline import STAGES, fit_stage, metrics, test_stage
+import torch
+
+from stgc.pipeline import STAGES, fit_stage, last_checkpoint, metrics, stage_record, stage_state, test_stage
 
 
-def run(stages: list[str], extra: list[str], log_root: str) -> dict:
-    report, previous = {}, None
+def run(stages: list[str], extra: list[str], log_root: str, fresh: bool = False) -> dict:
+    report, previous, keep = {}, None, not fresh
     for stage in stages:
-        start = time.perf_counter()
-        cli = fit_stage(stage, log_root, previous, extra)
-        report[stage] = {"wall_s": round(time.perf_counter() - start, 1), **metrics(cli, "val/")}
+        state = stage_state(stage, log_root, previous, extra) if keep else "new"
+        keep = state == "finished"  # once a stage trains, the later ones start from what it writes
+        if state == "finished":
+            record = stage_record(log_root, stage)
+            report[stage] = {"wall_s": record["wall_s"], **record["val"], "kept": True}
+            print(f"[{stage}] kept: finished earlier with the same settings", flush=True)
+        else:
+            if state == "interrupted":
+                epoch = torch.load(last_checkpoint(log_root, stage), map_location="cpu", weights_only=True)[
+                    "epoch"
+                ]
+                print(
+                    f"[{stage}] resuming from {last_checkpoint(log_root, stage)} (end of epoch {epoch})",
+                    flush=True,
+                )
+            start = time.perf_counter()
+            cli = fit_stage(stage, log_root, previous, extra, resume=state == "interrupted")
+            report[stage] = {"wall_s": round(time.perf_counter() - start, 1), **metrics(cli, "val/")}
+            report[stage] |= {"resumed": True} if state == "interrupted" else {}
         print(f"[{stage}] {json.dumps(report[stage])}", flush=True)
         previous = stage
     report["training_wall_s"] = round(sum(report[stage]["wall_s"] for stage in stages), 1)
@@ -35,8 +58,11 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--log-root", default="logs")
     parser.add_argument("--report", default=None, help="also write the report as JSON here")
+    parser.add_argument(
+        "--fresh", action="store_true", help="train every stage from scratch, keeping nothing"
+    )
     args, extra = parser.parse_known_args()
-    report = run(args.stages, extra, args.log_root)
+    report = run(args.stages, extra, args.log_root, args.fresh)
     print("\n== easy-vqa pipeline ==")
     print(json.dumps(report, indent=2))
     if args.report:

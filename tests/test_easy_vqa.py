@@ -24,7 +24,10 @@ def test_layout_and_counts(easy_vqa_dir):
     )
     assert not skipped and len(instruct) == 9673 and all(len(r.turns) == 1 for r in instruct)
     assert all(r.turns[0].question.startswith("<image>\n") for r in instruct)
-    assert (instruct[0].id, instruct[0].image) == ("test_0_q0", str(easy_vqa_dir / "images" / "test" / "0.png"))
+    assert (instruct[0].id, instruct[0].image) == (
+        "test_0_q0",
+        str(easy_vqa_dir / "images" / "test" / "0.png"),
+    )
 
 
 def test_captions_agree_with_answers(easy_vqa_dir):

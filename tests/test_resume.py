@@ -2,29 +2,14 @@
 and a kill while a checkpoint is being written never leaves one that fails to load."""
 
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from support.fit import ENV, ROOT, fit_command, run, stage3_stgc
+from support.fit import fit_command, run, run_until_stalled, stage3_stgc
 
 EPOCHS = 3
-
-
-def run_until_stalled(args: list[str], marker: Path) -> None:
-    """Start the fit, wait until it reports the stall point, SIGKILL it."""
-    process = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600
-    while not marker.exists():
-        assert process.poll() is None, f"fit ended before the stall: {process.stderr.read()[-3000:]!r}"
-        assert time.monotonic() < deadline, "fit did not reach the stall point"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
 
 
 def checkpoints(log_root: Path) -> Path:

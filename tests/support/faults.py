@@ -17,14 +17,18 @@ def _stall(marker: str) -> None:
 
 
 class StallAtEpoch(L.Callback):
-    """Stalls when epoch `epoch` starts, i.e. after the previous epoch's checkpoint was written."""
+    """Stalls when epoch `epoch` starts, i.e. after the previous epoch's checkpoint was written; only in
+    the run logged as `version` when one is given, and only once: not when `marker` exists already
+    (so the same arguments can run again past the stall)."""
 
-    def __init__(self, epoch: int, marker: str) -> None:
+    def __init__(self, epoch: int, marker: str, version: str | None = None) -> None:
         self.epoch = epoch
         self.marker = marker
+        self.version = version
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
+        in_run = self.version is None or trainer.logger.version == self.version
+        if trainer.current_epoch == self.epoch and in_run and not Path(self.marker).exists():
             _stall(self.marker)
 
 

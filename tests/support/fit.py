@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from support.tiny import TINY_LM
@@ -41,3 +43,15 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     result = subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_until_stalled(args: list[str], marker: Path) -> None:
+    """Start the command, wait until it reports the stall point (support.faults), SIGKILL it."""
+    process = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        assert process.poll() is None, f"the run ended before the stall: {process.stderr.read()[-3000:]!r}"
+        assert time.monotonic() < deadline, "the run did not reach the stall point"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
