@@ -1,0 +1,193 @@
+"""What STGC shows in TensorBoard: the custom-scalars layout read back from a real fit's event file,
+no placeholder hp_metric, and the conflict picture of a real tiny easy-vqa model."""
+
+import re
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+from stgc.board import patch_shares, shade
+from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from stgc.data import InstructionDataModule
+from stgc.module import LVLMModule
+from stgc.moe import moe_losses
+from support.fit import fit_command, run, stage3_stgc
+from support.tiny import TINY_LM
+
+NUM_EXPERTS = 4  # configs/easy_vqa/stage3_moe.yaml
+# Issue 14's per-layer mechanism metrics, logged by the STGC callback once they are merged
+MECHANISM = (
+    "cosine_null",
+    "reroute_rate",
+    "delta_p_flagged",
+    "delta_p_other",
+    "cel_grad_ratio",
+    "expert_drift",
+)
+MECHANISM += ("exact_output_pearson",)
+
+
+@pytest.fixture(scope="module")
+def fit_events(easy_vqa_dir, tmp_path_factory) -> EventAccumulator:
+    """The event file of `stgc fit`, stage III with STGC on a slice (as a user runs it)."""
+    log_root = tmp_path_factory.mktemp("logs")
+    run(fit_command(stage3_stgc(easy_vqa_dir, log_root, 1, "--trainer.limit_train_batches=3")))
+    return EventAccumulator(str(log_root / "easy_vqa" / "stage3_stgc")).Reload()
+
+
+def _layout(events: EventAccumulator) -> dict[str, dict[str, list[str]]]:
+    """category -> chart title -> the chart's regexes, as TensorBoard's custom-scalars plugin reads them."""
+    (config,) = events.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    return {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
+
+
+def test_layout_groups_the_logged_charts_per_layer_with_a_line_per_expert(fit_events) -> None:
+    layout = _layout(fit_events)
+    assert list(layout) == ["all layers", "layer_0"]  # the tiny LM's 2 layers: MoE in every other one
+    logged = set(fit_events.Tags()["scalars"])
+    names = logged | {f"stgc/{quantity}/{layer}" for quantity in MECHANISM for layer in ("layer_0", "all")}
+    for category, charts in layout.items():
+        for title, regexes in charts.items():
+            lines = {name for name in names if any(re.search(regex, name) for regex in regexes)}
+            assert lines, f"{category} / {title}: {regexes} match no metric"
+            in_layer_0 = {"layer_0" in name.split("/") for name in lines}
+            assert in_layer_0 == {category == "layer_0"}, (category, title, sorted(lines))
+            if "per expert" in title:
+                assert len(lines) == NUM_EXPERTS, (title, sorted(lines))
+    shown = {
+        name
+        for charts in layout.values()
+        for regexes in charts.values()
+        for name in names
+        if any(re.search(r, name) for r in regexes)
+    }
+    routing = {name for name in logged if name.startswith(("stgc/", "moe/"))}
+    assert routing <= shown, sorted(routing - shown)  # every routing and conflict metric has its chart
+    cosine = layout["layer_0"]["cosine mean and its null level"]
+    assert {n for n in names if any(re.search(r, n) for r in cosine)} == {
+        "stgc/cosine_mean/layer_0",
+        "stgc/cosine_null/layer_0",
+    }
+
+
+def test_no_placeholder_hp_metric(fit_events) -> None:
+    """configs/trainer.yaml turns TensorBoardLogger's default_hp_metric off (the stage files keep it)."""
+    scalars = fit_events.Tags()["scalars"]
+    assert "train/loss" in scalars and "hp_metric" not in scalars
+
+
+def test_patch_shares_spread_each_pooled_token_over_its_patches() -> None:
+    grid, pool = (8, 4), 2
+    for keep_cls in (False, True):
+        shares = np.random.default_rng(0).random(int(keep_cls) + 4 * 2)
+        brute = np.empty(grid)
+        for row in range(grid[0]):
+            for column in range(grid[1]):
+                brute[row, column] = shares[
+                    int(keep_cls) + (row // pool) * (grid[1] // pool) + column // pool
+                ]
+        np.testing.assert_array_equal(patch_shares(shares, grid, pool, keep_cls), brute)
+
+
+def test_shade_colours_known_cells_and_leaves_nan_cells() -> None:
+    image = np.full((8, 8, 3), 0.5)
+    shaded = shade(image, np.array([[0.0, 1.0], [np.nan, 0.5]]))
+    np.testing.assert_array_equal(shaded[4:, :4], image[4:, :4])  # NaN: untouched
+    cells = [shaded[:4, :4], shaded[:4, 4:], shaded[4:, 4:]]
+    assert all((cell == cell[0, 0]).all() for cell in cells)  # one colour per cell
+    assert not np.allclose(cells[0][0, 0], cells[1][0, 0])
+
+
+@pytest.fixture(scope="module")
+def picture_run(easy_vqa_dir):
+    """A tiny stage III model (pooled 2x2 image tokens) after one real training step, with what its
+    conflict-picture methods return then."""
+    torch.manual_seed(0)
+    module = LVLMModule(
+        tokenizer=str(easy_vqa_dir / "tokenizer"), lm_config=TINY_LM, vision_token_pool=2,
+        moe={"num_experts": 4, "top_k": 2, "layers": "every_other"}, trainable=["experts", "routers"],
+    )  # fmt: skip
+    datamodule = InstructionDataModule(
+        train_json=str(easy_vqa_dir / "instruct_train.json"), image_folder=str(easy_vqa_dir / "images"),
+        limit_records=40, val_fraction=0.3, batch_size=4, system_prompt="",
+    )  # fmt: skip
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            seen["first"] = pl_module.conflict_picture_sample()
+            seen["second"] = pl_module.conflict_picture_sample()
+
+    trainer = L.Trainer(
+        max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[Capture()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    return module, datamodule, seen
+
+
+def test_picture_sample_is_the_first_val_record_with_an_image_and_stays_fixed(picture_run) -> None:
+    module, datamodule, seen = picture_run
+    sample = seen["first"]
+    assert seen["second"] is sample and module.conflict_picture_sample() is sample
+    first = next(record for record in datamodule.datasets["val"].records if record.image is not None)
+    assert sample["keys"] == [first.key] and sample["images"].shape == (1, 3, 64, 64)
+    assert (sample["input_ids"] == IMAGE_TOKEN_ID).sum() == module.num_image_tokens == 16
+    assert (sample["labels"] != IGNORE_INDEX).any()  # a training sample: the answers are trained
+    assert sample["input_ids"].device == module.device
+
+
+def test_picture_loss_is_the_training_objective(picture_run) -> None:
+    module, _, seen = picture_run
+    sample = seen["first"]
+    loss = module.conflict_picture_loss(sample)
+    logits = module(sample).logits[0, :-1]  # (T-1, V)
+    lm_loss = torch.nn.functional.cross_entropy(logits, sample["labels"][0, 1:], ignore_index=IGNORE_INDEX)
+    aux_loss, _ = moe_losses(module.model)
+    torch.testing.assert_close(loss, lm_loss + module.hparams.router_aux_loss_coef * aux_loss)
+    assert loss.requires_grad
+
+
+def _changed(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int, int]:
+    """The (top, bottom, left, right) pixel box where two pictures differ."""
+    rows, columns = np.nonzero((a != b).any(axis=-1))
+    return rows.min(), rows.max(), columns.min(), columns.max()
+
+
+def test_picture_shades_the_patches_of_a_conflicting_image_token(picture_run) -> None:
+    module, _, seen = picture_run
+    sample = seen["first"]
+    is_image = sample["input_ids"][0] == IMAGE_TOKEN_ID  # (T,)
+    zero = torch.where(is_image, 0.0, torch.nan)  # (T,) every image token at share 0, text: none
+    image_positions = is_image.nonzero().squeeze(1)
+    base = module.conflict_picture(sample, zero)
+    assert base.dtype == np.uint8 and base.ndim == 3 and base.shape[-1] == 3
+    top, bottom, left, right = _changed(
+        base, module.conflict_picture(sample, torch.where(is_image, 1.0, zero))
+    )
+    cell = ((bottom - top + 1) / 4, (right - left + 1) / 4)  # the 4 x 4 pooled tokens over the panel
+    for token, (row, column) in {5: (1, 1), 14: (3, 2)}.items():  # token k covers cell (k // 4, k % 4)
+        one = zero.clone()
+        one[image_positions[token]] = 1.0
+        box = _changed(base, module.conflict_picture(sample, one))
+        expected = (
+            top + row * cell[0],
+            top + (row + 1) * cell[0] - 1,
+            left + column * cell[1],
+            left + (column + 1) * cell[1] - 1,
+        )
+        np.testing.assert_allclose(box, expected, atol=2)
+    text = torch.where(is_image, 0.0, 1.0)  # now every text token at share 1
+    text_top = _changed(base, module.conflict_picture(sample, text))[0]
+    assert text_top > bottom  # the text boxes lie below the image
+
+
+def test_picture_needs_one_share_per_position(picture_run) -> None:
+    module, _, seen = picture_run
+    with pytest.raises(ValueError, match=r"token_share has shape \(3,\)"):
+        module.conflict_picture(seen["first"], torch.zeros(3))
