@@ -94,13 +94,16 @@ def test_patch_shares_spread_each_pooled_token_over_its_patches() -> None:
         np.testing.assert_array_equal(patch_shares(shares, grid, pool, keep_cls), brute)
 
 
-def test_shade_colours_known_cells_and_leaves_nan_cells() -> None:
+def test_shade_colours_cells_by_share_and_greys_cells_without_one() -> None:
     image = np.full((8, 8, 3), 0.5)
     shaded = shade(image, np.array([[0.0, 1.0], [np.nan, 0.5]]))
-    np.testing.assert_array_equal(shaded[4:, :4], image[4:, :4])  # NaN: untouched
-    cells = [shaded[:4, :4], shaded[:4, 4:], shaded[4:, 4:]]
-    assert all((cell == cell[0, 0]).all() for cell in cells)  # one colour per cell
-    assert not np.allclose(cells[0][0, 0], cells[1][0, 0])
+    cells = {"zero": shaded[:4, :4], "one": shaded[:4, 4:], "none": shaded[4:, :4], "half": shaded[4:, 4:]}
+    assert all((cell == cell[0, 0]).all() for cell in cells.values())  # one colour per cell
+    np.testing.assert_array_equal(cells["zero"], image[:4, :4])  # share 0: the image as it is
+    colours = [tuple(cell[0, 0]) for cell in cells.values()]
+    assert len(set(colours)) == 4
+    assert cells["one"][0, 0, 0] > cells["one"][0, 0, 1]  # share 1: red
+    np.testing.assert_allclose(cells["none"][0, 0], cells["none"][0, 0, 0])  # none: grey
 
 
 @pytest.fixture(scope="module")

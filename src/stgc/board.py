@@ -81,61 +81,78 @@ def patch_shares(image_share: np.ndarray, grid: tuple[int, int], pool: int, keep
     return cells.repeat(pool, axis=0).repeat(pool, axis=1)  # (grid_h, grid_w)
 
 
-def shade(image: np.ndarray, shares: np.ndarray, colormap: str = "magma", alpha: float = 0.55) -> np.ndarray:
-    """An (H, W, 3) float image in [0, 1] with each cell of the (h, w) `shares` grid blended with its
-    share's colour (H, W multiples of h, w); NaN cells are left as they are."""
+COLOURMAP = "Reds"  # share 0: the image as it is; share 1: deep red
+NO_SHARE = (0.8, 0.8, 0.8)  # the grey of positions without a share (not routed, no assignment)
+FONT_SIZE = 10  # points, of the token boxes
+CHAR_WIDTH = 0.6 * FONT_SIZE / 72  # inches: a monospace glyph's advance is about 0.6 of its size
+
+
+def shade(image: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) float image in [0, 1] with each cell of the (h, w) `shares` grid (H, W multiples
+    of h, w) blended with its share's colour, as opaque as the share is high (0: untouched); NaN
+    cells are washed grey."""
     import matplotlib
 
-    colours = matplotlib.colormaps[colormap](np.nan_to_num(shares))[..., :3]  # (h, w, 3)
+    known = ~np.isnan(shares)  # (h, w)
+    colours = matplotlib.colormaps[COLOURMAP](np.where(known, shares, 0.0))[..., :3]  # (h, w, 3)
+    colours[~known] = NO_SHARE
+    opacity = np.where(known, 0.8 * np.nan_to_num(shares), 0.6)[..., None]  # (h, w, 1)
     scale = (image.shape[0] // shares.shape[0], image.shape[1] // shares.shape[1])
     colours = colours.repeat(scale[0], axis=0).repeat(scale[1], axis=1)  # (H, W, 3)
-    known = ~np.isnan(shares).repeat(scale[0], axis=0).repeat(scale[1], axis=1)  # (H, W)
-    blended = (1 - alpha) * image + alpha * colours
-    return np.where(known[..., None], blended, image)
+    opacity = opacity.repeat(scale[0], axis=0).repeat(scale[1], axis=1)  # (H, W, 1)
+    return (1 - opacity) * image + opacity * colours
 
 
 def conflict_figure(
     image: np.ndarray, shares: np.ndarray, tokens: list[str], token_shares: np.ndarray, title: str
 ) -> np.ndarray:
-    """The picture as an (H, W, 3) uint8 RGB array: the (H, W, 3) image shaded by the patch grid's
-    `shares` (see `shade`), beneath it the text `tokens` as boxes coloured by `token_shares`
-    (grey where NaN), a colour bar of the share and a title."""
+    """The picture as an (H, W, 3) uint8 RGB array: a title, the (H, W, 3) image shaded by the
+    patch grid's `shares` (see `shade`) beside a colour bar of the share, and beneath them the text
+    `tokens` as boxes coloured by `token_shares` (grey where NaN). Sizes in inches at 100 dpi."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
 
-    colormap, norm = plt.get_cmap("magma"), Normalize(0.0, 1.0)
-    figure = plt.figure(figsize=(7.0, 7.5), dpi=100)
-    picture = figure.add_axes((0.05, 0.38, 0.75, 0.52))
-    picture.imshow(shade(image, shares, colormap.name), interpolation="nearest")
-    picture.set_xticks([])
-    picture.set_yticks([])
-    picture.set_title(title, fontsize=10)
-    colour_bar = figure.add_axes((0.83, 0.38, 0.03, 0.52))
-    figure.colorbar(plt.cm.ScalarMappable(norm, colormap), cax=colour_bar, label="conflict share")
-    text = figure.add_axes((0.02, 0.01, 0.96, 0.34))
+    width, side, line_height = 6.0, 4.0, 0.3  # figure width, the image's side, a text line
+    places = _wrap([len(token) for token in tokens], columns=int((width - 0.4) / CHAR_WIDTH))
+    text_height = line_height * (max((line for line, _ in places), default=0) + 1) + 0.2
+    height = 0.5 + side + 0.2 + text_height  # title, image, gap, text
+    figure = plt.figure(figsize=(width, height), dpi=100)
+    figure.suptitle(title, y=1 - 0.1 / height, va="top", fontsize=11)
+    picture = figure.add_axes((0.3 / width, (text_height + 0.2) / height, side / width, side / height))
+    picture.imshow(shade(image, shares), interpolation="nearest")
+    picture.set_axis_off()
+    colour_bar = figure.add_axes(
+        ((0.5 + side) / width, (text_height + 0.2) / height, 0.2 / width, side / height)
+    )
+    mappable = plt.cm.ScalarMappable(Normalize(0.0, 1.0), COLOURMAP)
+    figure.colorbar(mappable, cax=colour_bar, label="conflict share (grey: none)")
+    text = figure.add_axes((0.2 / width, 0.1 / height, (width - 0.4) / width, text_height / height))
+    text.set_xlim(0, width - 0.4)
+    text.set_ylim(text_height, 0)  # inches from the top
     text.set_axis_off()
-    _token_boxes(text, tokens, token_shares, colormap)
+    for token, share, (line, column) in zip(tokens, token_shares, places, strict=True):
+        fill = NO_SHARE if np.isnan(share) else mappable.to_rgba(float(share))[:3]
+        text.text(
+            column * CHAR_WIDTH, 0.1 + line * line_height, token, family="monospace", fontsize=FONT_SIZE,
+            va="top", color="white" if share > 0.6 else "black",
+            bbox={"facecolor": fill, "edgecolor": (0.6, 0.6, 0.6), "linewidth": 0.5, "boxstyle": "square,pad=0.2"},
+        )  # fmt: skip
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return np.array(Image.open(buffer).convert("RGB"))
 
 
-def _token_boxes(axes, tokens: list[str], shares: np.ndarray, colormap) -> None:
-    """Lay the tokens out left to right in lines, each a box filled with its share's colour."""
-    columns, line_height = 70, 0.09  # characters per line, in the axes' height per line
-    column, line = 0, 0
-    for token, share in zip(tokens, shares, strict=True):
-        width = len(token) + 1
-        if column + width > columns and column > 0:
-            column, line = 0, line + 1
-        fill = (0.85, 0.85, 0.85) if np.isnan(share) else colormap(float(share))[:3]
-        ink = "black" if np.isnan(share) or share > 0.5 else "white"
-        axes.text(
-            column / columns, 1 - line * line_height, token, family="monospace", fontsize=9, va="top",
-            color=ink, bbox={"facecolor": fill, "edgecolor": "none", "boxstyle": "square,pad=0.15"},
-        )  # fmt: skip
-        column += width
+def _wrap(lengths: list[int], columns: int) -> list[tuple[int, int]]:
+    """The (line, column) of each token when tokens of these lengths, a space apart, fill lines of
+    `columns` characters."""
+    places, line, column = [], 0, 0
+    for length in lengths:
+        if column and column + length > columns:
+            line, column = line + 1, 0
+        places.append((line, column))
+        column += length + 1
+    return places
 
 
 def as_display_image(
