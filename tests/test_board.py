@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
-from stgc.board import patch_shares, shade
+from stgc.board import custom_scalars_layout, patch_shares, shade
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data import InstructionDataModule
 from stgc.module import LVLMModule
@@ -48,7 +48,7 @@ def _layout(events: EventAccumulator) -> dict[str, dict[str, list[str]]]:
 
 def test_layout_groups_the_logged_charts_per_layer_with_a_line_per_expert(fit_events) -> None:
     layout = _layout(fit_events)
-    assert list(layout) == ["all layers", "layer_0"]  # the tiny LM's 2 layers: MoE in every other one
+    assert list(layout) == ["layer_0", "all layers"]  # the tiny LM's 2 layers: MoE in every other one
     logged = set(fit_events.Tags()["scalars"])
     names = logged | {f"stgc/{quantity}/{layer}" for quantity in MECHANISM for layer in ("layer_0", "all")}
     for category, charts in layout.items():
@@ -73,6 +73,21 @@ def test_layout_groups_the_logged_charts_per_layer_with_a_line_per_expert(fit_ev
         "stgc/cosine_mean/layer_0",
         "stgc/cosine_null/layer_0",
     }
+
+
+def test_baseline_layout_is_the_start_of_the_stgc_layout() -> None:
+    """So TensorBoard's merge of a baseline's and an STGC run's layouts keeps the STGC run's order."""
+    layers = ["layer_1", "layer_3"]
+    baseline, with_stgc = custom_scalars_layout(layers, stgc=False), custom_scalars_layout(layers, stgc=True)
+    assert list(with_stgc)[: len(baseline)] == list(baseline) == layers
+    for layer in layers:
+        assert list(with_stgc[layer].items())[: len(baseline[layer])] == list(baseline[layer].items())
+    assert all(
+        "stgc/" not in regex
+        for charts in baseline.values()
+        for _, regexes in charts.values()
+        for regex in regexes
+    )
 
 
 def test_no_placeholder_hp_metric(fit_events) -> None:

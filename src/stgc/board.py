@@ -53,12 +53,16 @@ ALL_LAYER_CHARTS = (  # the callback's figures over all layers
 
 
 def custom_scalars_layout(layer_names: list[str], stgc: bool = True) -> dict[str, dict[str, list]]:
-    """The layout `SummaryWriter.add_custom_scalars` takes: a category per MoE layer (and one over
-    all layers when `stgc`) holding its `moe/` charts and, when `stgc`, its `stgc/` charts; every
-    chart a multiline chart of the metrics its anchored regex matches."""
-    per_layer = (*STGC_CHARTS, *MOE_CHARTS) if stgc else MOE_CHARTS
-    groups = [(f"{ALL_LAYERS} layers", ALL_LAYERS, ALL_LAYER_CHARTS)] if stgc else []
-    groups += [(layer, layer, per_layer) for layer in layer_names]
+    """The layout `SummaryWriter.add_custom_scalars` takes: a category per MoE layer holding its
+    `moe/` charts and, when `stgc`, its `stgc/` charts after them, then with `stgc` one category over
+    all layers; every chart a multiline chart of the metrics its anchored regex matches.
+
+    TensorBoard merges the layouts of a folder's runs by category title, dropping repeated charts;
+    the layout without STGC being the start of the one with it, a baseline and an STGC run share
+    their charts in the same order, whichever run it reads first."""
+    per_layer = (*MOE_CHARTS, *STGC_CHARTS) if stgc else MOE_CHARTS
+    groups = [(layer, layer, per_layer) for layer in layer_names]
+    groups += [(f"{ALL_LAYERS} layers", ALL_LAYERS, ALL_LAYER_CHARTS)] if stgc else []
     return {
         category: {
             title: ["Multiline", [f"^{pattern.format(layer=re.escape(layer))}$"]] for title, pattern in charts
