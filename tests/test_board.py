@@ -4,13 +4,14 @@ no placeholder hp_metric, and the conflict picture of a real tiny easy-vqa model
 import re
 
 import lightning as L
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
-from stgc.board import custom_scalars_layout, patch_shares, shade
+from stgc.board import custom_scalars_layout, shade, token_grid
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data import InstructionDataModule
 from stgc.module import LVLMModule
@@ -96,29 +97,30 @@ def test_no_placeholder_hp_metric(fit_events) -> None:
     assert "train/loss" in scalars and "hp_metric" not in scalars
 
 
-def test_patch_shares_spread_each_pooled_token_over_its_patches() -> None:
-    grid, pool = (8, 4), 2
+def test_each_pixel_is_shaded_by_the_token_of_its_pooled_patch() -> None:
+    """A 64 x 64 image in 8 x 8 patches of 8 pixels, pooled 2 x 2 into 16 tokens (CLS first or not):
+    every pixel against the share of the token its patch went into, one pixel at a time."""
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64, 3))
+    grey = 0.3 + 0.7 * (image @ np.array([0.299, 0.587, 0.114]))  # (64, 64)
     for keep_cls in (False, True):
-        shares = np.random.default_rng(0).random(int(keep_cls) + 4 * 2)
-        brute = np.empty(grid)
-        for row in range(grid[0]):
-            for column in range(grid[1]):
-                brute[row, column] = shares[
-                    int(keep_cls) + (row // pool) * (grid[1] // pool) + column // pool
-                ]
-        np.testing.assert_array_equal(patch_shares(shares, grid, pool, keep_cls), brute)
+        shares = rng.random(int(keep_cls) + 16)
+        shaded = shade(image, token_grid(shares, (8, 8), pool=2, keep_cls=keep_cls))
+        for y, x in np.ndindex(64, 64):
+            token = int(keep_cls) + (y // 8 // 2) * 4 + x // 8 // 2
+            colour = np.array(plt.get_cmap("Reds")(shares[token])[:3])
+            expected = (1 - 0.85 * shares[token]) * grey[y, x] + 0.85 * shares[token] * colour
+            np.testing.assert_allclose(shaded[y, x], expected, rtol=1e-6)
 
 
-def test_shade_colours_cells_by_share_and_greys_cells_without_one() -> None:
-    image = np.full((8, 8, 3), 0.5)
+def test_shade_leaves_share_zero_and_nan_grey() -> None:
+    image = np.random.default_rng(0).random((8, 8, 3))
     shaded = shade(image, np.array([[0.0, 1.0], [np.nan, 0.5]]))
-    cells = {"zero": shaded[:4, :4], "one": shaded[:4, 4:], "none": shaded[4:, :4], "half": shaded[4:, 4:]}
-    assert all((cell == cell[0, 0]).all() for cell in cells.values())  # one colour per cell
-    np.testing.assert_array_equal(cells["zero"], image[:4, :4])  # share 0: the image as it is
-    colours = [tuple(cell[0, 0]) for cell in cells.values()]
-    assert len(set(colours)) == 4
-    assert cells["one"][0, 0, 0] > cells["one"][0, 0, 1]  # share 1: red
-    np.testing.assert_allclose(cells["none"][0, 0], cells["none"][0, 0, 0])  # none: grey
+    for cell in (shaded[:4, :4], shaded[4:, :4]):  # share 0 and NaN: the image in grey
+        np.testing.assert_allclose(cell[..., 0], cell[..., 1])
+        np.testing.assert_allclose(cell[..., 1], cell[..., 2])
+    red = shaded[:4, 4:]
+    assert (red[..., 0] > red[..., 1] + 0.3).all()  # share 1: red
 
 
 @pytest.fixture(scope="module")

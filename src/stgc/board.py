@@ -77,69 +77,89 @@ def write_custom_scalars(writer: SummaryWriter, layer_names: list[str], stgc: bo
 
 
 # -- the conflict picture -----------------------------------------------------------------------------
-def patch_shares(image_share: np.ndarray, grid: tuple[int, int], pool: int, keep_cls: bool) -> np.ndarray:
-    """The (grid_h, grid_w) shares of the patches from the (P,) shares of an image's tokens, in the
-    vision tower's order (CLS first when kept, then the pooled grid row by row): a pooled token
-    covers pool x pool patches; the CLS token covers none."""
-    cells = image_share[int(keep_cls) :].reshape(grid[0] // pool, grid[1] // pool)  # (h/pool, w/pool)
-    return cells.repeat(pool, axis=0).repeat(pool, axis=1)  # (grid_h, grid_w)
+def token_grid(image_share: np.ndarray, grid: tuple[int, int], pool: int, keep_cls: bool) -> np.ndarray:
+    """The (P,) shares of an image's tokens, in the vision tower's order (CLS first when kept, then
+    the pooled patch grid row by row), as the (grid_h / pool, grid_w / pool) grid of the cells they
+    cover: a token covers pool x pool patches, the CLS token none (it is dropped)."""
+    return image_share[int(keep_cls) :].reshape(grid[0] // pool, grid[1] // pool)
 
 
-COLOURMAP = "Reds"  # share 0: the image as it is; share 1: deep red
-NO_SHARE = (0.8, 0.8, 0.8)  # the grey of positions without a share (not routed, no assignment)
+COLOURMAP = "Reds"  # of the share: 0 white, 1 deep red
+NO_SHARE = (0.8, 0.8, 0.8)  # the text boxes of tokens without a share (not routed, no assignment)
 FONT_SIZE = 10  # points, of the token boxes
 CHAR_WIDTH = 0.6 * FONT_SIZE / 72  # inches: a monospace glyph's advance is about 0.6 of its size
 
 
 def shade(image: np.ndarray, shares: np.ndarray) -> np.ndarray:
-    """An (H, W, 3) float image in [0, 1] with each cell of the (h, w) `shares` grid (H, W multiples
-    of h, w) blended with its share's colour, as opaque as the share is high (0: untouched); NaN
-    cells are washed grey."""
+    """The (H, W, 3) image in [0, 1] in grey (its own colours cannot pass for shading), each cell of
+    the (h, w) `shares` grid (H, W multiples of h, w) blended with its share's colour, as opaque as
+    the share is high (0 and NaN: grey only)."""
     import matplotlib
 
-    known = ~np.isnan(shares)  # (h, w)
-    colours = matplotlib.colormaps[COLOURMAP](np.where(known, shares, 0.0))[..., :3]  # (h, w, 3)
-    colours[~known] = NO_SHARE
-    opacity = np.where(known, 0.8 * np.nan_to_num(shares), 0.6)[..., None]  # (h, w, 1)
+    grey = np.repeat(image @ np.array([0.299, 0.587, 0.114]), 3).reshape(image.shape)  # (H, W, 3) luma
+    known = np.nan_to_num(shares)  # (h, w)
+    colours = matplotlib.colormaps[COLOURMAP](known)[..., :3]  # (h, w, 3)
+    opacity = 0.85 * known[..., None]  # (h, w, 1)
     scale = (image.shape[0] // shares.shape[0], image.shape[1] // shares.shape[1])
     colours = colours.repeat(scale[0], axis=0).repeat(scale[1], axis=1)  # (H, W, 3)
     opacity = opacity.repeat(scale[0], axis=0).repeat(scale[1], axis=1)  # (H, W, 1)
-    return (1 - opacity) * image + opacity * colours
+    return (1 - opacity) * (0.3 + 0.7 * grey) + opacity * colours  # a lighter grey: the colours stand out
 
 
 def conflict_figure(
     image: np.ndarray, shares: np.ndarray, tokens: list[str], token_shares: np.ndarray, title: str
 ) -> np.ndarray:
-    """The picture as an (H, W, 3) uint8 RGB array: a title, the (H, W, 3) image shaded by the
-    patch grid's `shares` (see `shade`) beside a colour bar of the share, and beneath them the text
-    `tokens` as boxes coloured by `token_shares` (grey where NaN). Sizes in inches at 100 dpi."""
+    """The picture as an (H, W, 3) uint8 RGB array: a title; the (H, W, 3) input image beside the
+    same image shaded by the (h, w) grid of its tokens' `shares` (see `shade`; hatched where NaN;
+    the value printed in each cell when there are at most 8 x 8), and a colour bar; beneath them the
+    text `tokens` as boxes coloured by `token_shares` (grey and hatched where NaN). Sizes in inches
+    at 100 dpi."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
 
-    width, side, line_height = 6.0, 4.0, 0.3  # figure width, the image's side, a text line
+    width, side, line_height = 7.5, 3.0, 0.3  # figure width, each image's side, a text line
     places = _wrap([len(token) for token in tokens], columns=int((width - 0.4) / CHAR_WIDTH))
     text_height = line_height * (max((line for line, _ in places), default=0) + 1) + 0.2
-    height = 0.5 + side + 0.2 + text_height  # title, image, gap, text
+    height = 0.7 + side + 0.2 + text_height  # title and panel titles, images, gap, text
     figure = plt.figure(figsize=(width, height), dpi=100)
-    figure.suptitle(title, y=1 - 0.1 / height, va="top", fontsize=11)
-    picture = figure.add_axes((0.3 / width, (text_height + 0.2) / height, side / width, side / height))
+    figure.suptitle(title, y=1 - 0.08 / height, va="top", fontsize=11)
+    bottom = (text_height + 0.2) / height
+    inputs = figure.add_axes((0.2 / width, bottom, side / width, side / height))
+    inputs.imshow(image, interpolation="nearest")
+    inputs.set_title("input", fontsize=10)
+    picture = figure.add_axes((0.4 / width + side / width, bottom, side / width, side / height))
     picture.imshow(shade(image, shares), interpolation="nearest")
-    picture.set_axis_off()
-    colour_bar = figure.add_axes(
-        ((0.5 + side) / width, (text_height + 0.2) / height, 0.2 / width, side / height)
-    )
+    picture.set_title("conflict share of its image tokens", fontsize=10)
+    cell = (image.shape[0] / shares.shape[0], image.shape[1] / shares.shape[1])  # pixels per token
+    for (row, column), share in np.ndenumerate(shares):
+        corner = (column * cell[1] - 0.5, row * cell[0] - 0.5)  # imshow's pixel centres are integers
+        if np.isnan(share):
+            picture.add_patch(
+                Rectangle(corner, cell[1], cell[0], fill=False, hatch="//", linewidth=0, color="0.35")
+            )
+        elif shares.size <= 64:
+            centre = (corner[0] + cell[1] / 2, corner[1] + cell[0] / 2)
+            ink = "white" if share > 0.6 else "black"
+            picture.text(*centre, f"{share:.2f}", ha="center", va="center", fontsize=8, color=ink)
+    for axes in (inputs, picture):
+        axes.set_axis_off()
+    colour_bar = figure.add_axes(((0.55 + 2 * side) / width, bottom, 0.15 / width, side / height))
     mappable = plt.cm.ScalarMappable(Normalize(0.0, 1.0), COLOURMAP)
-    figure.colorbar(mappable, cax=colour_bar, label="conflict share (grey: none)")
+    figure.colorbar(mappable, cax=colour_bar, label="conflict share")
     text = figure.add_axes((0.2 / width, 0.1 / height, (width - 0.4) / width, text_height / height))
     text.set_xlim(0, width - 0.4)
     text.set_ylim(text_height, 0)  # inches from the top
     text.set_axis_off()
     for token, share, (line, column) in zip(tokens, token_shares, places, strict=True):
-        fill = NO_SHARE if np.isnan(share) else mappable.to_rgba(float(share))[:3]
+        known = not np.isnan(share)
         text.text(
             column * CHAR_WIDTH, 0.1 + line * line_height, token, family="monospace", fontsize=FONT_SIZE,
             va="top", color="white" if share > 0.6 else "black",
-            bbox={"facecolor": fill, "edgecolor": (0.6, 0.6, 0.6), "linewidth": 0.5, "boxstyle": "square,pad=0.2"},
+            bbox={
+                "facecolor": mappable.to_rgba(float(share))[:3] if known else NO_SHARE, "hatch": None if known else "//",
+                "edgecolor": (0.6, 0.6, 0.6), "linewidth": 0.5, "boxstyle": "square,pad=0.2",
+            },
         )  # fmt: skip
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 from torchmetrics import MeanMetric
 
-from stgc.board import as_display_image, conflict_figure, patch_shares, write_custom_scalars
+from stgc.board import as_display_image, conflict_figure, token_grid, write_custom_scalars
 from stgc.callback import STGC
 from stgc.checkpoint import KeepsRNGState
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
@@ -332,7 +332,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         image = as_display_image(
             pixels, tower.visual.image_mean, tower.visual.image_std, max(1, 512 // max(pixels.shape[1:]))
         )
-        shares = patch_shares(share[is_image], tower.grid, tower.pool, tower.keep_cls)  # (grid_h, grid_w)
+        shares = token_grid(share[is_image], tower.grid, tower.pool, tower.keep_cls)  # (h/pool, w/pool)
         real = batch["attention_mask"][0].cpu().bool().numpy()  # (T,)
         first_image = int(is_image.argmax()) if is_image.any() else -1
         shown = [t for t in range(len(ids)) if real[t] and (not is_image[t] or t == first_image)]
