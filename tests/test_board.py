@@ -102,7 +102,8 @@ def test_each_pixel_is_shaded_by_the_token_of_its_pooled_patch() -> None:
     every pixel against the share of the token its patch went into, one pixel at a time."""
     rng = np.random.default_rng(0)
     image = rng.random((64, 64, 3))
-    grey = 0.3 + 0.7 * (image @ np.array([0.299, 0.587, 0.114]))  # (64, 64)
+    luma = image @ np.array([0.299, 0.587, 0.114])  # (64, 64)
+    grey = 0.3 + 0.7 * (luma - luma.min()) / (luma.max() - luma.min())
     for keep_cls in (False, True):
         shares = rng.random(int(keep_cls) + 16)
         shaded = shade(image, token_grid(shares, (8, 8), pool=2, keep_cls=keep_cls))

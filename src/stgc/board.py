@@ -91,19 +91,26 @@ CHAR_WIDTH = 0.6 * FONT_SIZE / 72  # inches: a monospace glyph's advance is abou
 
 
 def shade(image: np.ndarray, shares: np.ndarray) -> np.ndarray:
-    """The (H, W, 3) image in [0, 1] in grey (its own colours cannot pass for shading), each cell of
-    the (h, w) `shares` grid (H, W multiples of h, w) blended with its share's colour, as opaque as
-    the share is high (0 and NaN: grey only)."""
+    """The (H, W, 3) image in [0, 1] in grey (its own colours cannot pass for shading; see
+    `_stretched_luma`), each cell of the (h, w) `shares` grid (H, W multiples of h, w) blended with
+    its share's colour, as opaque as the share is high (0 and NaN: grey only)."""
     import matplotlib
 
-    grey = np.repeat(image @ np.array([0.299, 0.587, 0.114]), 3).reshape(image.shape)  # (H, W, 3) luma
+    grey = _stretched_luma(image)[..., None]  # (H, W, 1)
     known = np.nan_to_num(shares)  # (h, w)
     colours = matplotlib.colormaps[COLOURMAP](known)[..., :3]  # (h, w, 3)
     opacity = 0.85 * known[..., None]  # (h, w, 1)
     scale = (image.shape[0] // shares.shape[0], image.shape[1] // shares.shape[1])
     colours = colours.repeat(scale[0], axis=0).repeat(scale[1], axis=1)  # (H, W, 3)
     opacity = opacity.repeat(scale[0], axis=0).repeat(scale[1], axis=1)  # (H, W, 1)
-    return (1 - opacity) * (0.3 + 0.7 * grey) + opacity * colours  # a lighter grey: the colours stand out
+    return (1 - opacity) * grey + opacity * colours
+
+
+def _stretched_luma(image: np.ndarray) -> np.ndarray:
+    """The (H, W) brightness of an (H, W, 3) image, stretched to [0.3, 1] (a yellow shape on white
+    stays visible; the floor keeps the shading's colours readable on dark pixels)."""
+    luma = image @ np.array([0.299, 0.587, 0.114])  # (H, W)
+    return 0.3 + 0.7 * (luma - luma.min()) / max(luma.max() - luma.min(), 1e-6)
 
 
 def conflict_figure(
