@@ -208,7 +208,10 @@ def test_picture_shades_the_patches_of_a_conflicting_image_token(picture_run) ->
     assert text_top > bottom  # the text boxes lie below the image
 
 
-def test_picture_needs_one_share_per_position(picture_run) -> None:
+def test_picture_needs_one_share_per_position_and_one_image(picture_run) -> None:
     module, _, seen = picture_run
     with pytest.raises(ValueError, match=r"token_share has shape \(3,\)"):
         module.conflict_picture(seen["first"], torch.zeros(3))
+    text_only = seen["first"] | {"input_ids": seen["first"]["input_ids"].clamp(min=0)}
+    with pytest.raises(ValueError, match="has 0 image positions"):
+        module.conflict_picture(text_only, torch.zeros(text_only["input_ids"].shape[1]))

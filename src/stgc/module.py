@@ -312,9 +312,10 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         return self._objective(batch)[0]
 
     def conflict_picture(self, batch: dict[str, Any], token_share: torch.Tensor) -> np.ndarray:
-        """The conflict picture of a one-sample batch as an (H, W, 3) uint8 RGB image: its input image
-        with each patch shaded by the share of its image token (a pooled token covers pool x pool
-        patches, a CLS token none), and its text tokens drawn as boxes shaded the same way.
+        """The conflict picture of a one-sample batch as an (H, W, 3) uint8 RGB image: its input image,
+        beside it a grey copy with each patch shaded by the share of its image token (a pooled token
+        covers pool x pool patches, a CLS token none), and its text tokens drawn as boxes shaded the
+        same way (stgc.board.conflict_figure).
 
         `token_share` (T,): a share in [0, 1] per sequence position of the batch, NaN where a position
         has none (not routed, no assignment); the image tokens are the positions of IMAGE_TOKEN_ID,
@@ -327,6 +328,11 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
             )
         share = token_share.detach().float().cpu().numpy()  # (T,)
         is_image = (ids == IMAGE_TOKEN_ID).numpy()  # (T,)
+        if is_image.sum() != self.num_image_tokens:
+            raise ValueError(
+                f"the batch's first sample has {is_image.sum()} image positions; the picture needs one image "
+                f"of {self.num_image_tokens} tokens (see conflict_picture_sample)"
+            )
         tower = self.model.vision_tower
         pixels = batch["images"][0]  # (3, H, W)
         image = as_display_image(
@@ -334,7 +340,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         )
         shares = token_grid(share[is_image], tower.grid, tower.pool, tower.keep_cls)  # (h/pool, w/pool)
         real = batch["attention_mask"][0].cpu().bool().numpy()  # (T,)
-        first_image = int(is_image.argmax()) if is_image.any() else -1
+        first_image = int(is_image.argmax())  # the image's tokens show as one "<image>" box
         shown = [t for t in range(len(ids)) if real[t] and (not is_image[t] or t == first_image)]
         tokens = [
             "<image>" if is_image[t] else self.tokenizer.decode([int(ids[t])]).strip() or "␣" for t in shown
