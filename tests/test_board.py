@@ -20,16 +20,6 @@ from support.fit import fit_command, run, stage3_stgc
 from support.tiny import TINY_LM
 
 NUM_EXPERTS = 4  # configs/easy_vqa/stage3_moe.yaml
-# Issue 14's per-layer mechanism metrics, logged by the STGC callback once they are merged
-MECHANISM = (
-    "cosine_null",
-    "reroute_rate",
-    "delta_p_flagged",
-    "delta_p_other",
-    "cel_grad_ratio",
-    "expert_drift",
-)
-MECHANISM += ("exact_output_pearson",)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +40,7 @@ def _layout(events: EventAccumulator) -> dict[str, dict[str, list[str]]]:
 def test_layout_groups_the_logged_charts_per_layer_with_a_line_per_expert(fit_events) -> None:
     layout = _layout(fit_events)
     assert list(layout) == ["layer_0", "all layers"]  # the tiny LM's 2 layers: MoE in every other one
-    logged = set(fit_events.Tags()["scalars"])
-    names = logged | {f"stgc/{quantity}/{layer}" for quantity in MECHANISM for layer in ("layer_0", "all")}
+    names = set(fit_events.Tags()["scalars"])
     for category, charts in layout.items():
         for title, regexes in charts.items():
             lines = {name for name in names if any(re.search(regex, name) for regex in regexes)}
@@ -67,7 +56,7 @@ def test_layout_groups_the_logged_charts_per_layer_with_a_line_per_expert(fit_ev
         for name in names
         if any(re.search(r, name) for r in regexes)
     }
-    routing = {name for name in logged if name.startswith(("stgc/", "moe/"))}
+    routing = {name for name in names if name.startswith(("stgc/", "moe/"))}
     assert routing <= shown, sorted(routing - shown)  # every routing and conflict metric has its chart
     cosine = layout["layer_0"]["cosine mean and its null level"]
     assert {n for n in names if any(re.search(r, n) for r in cosine)} == {
@@ -89,6 +78,12 @@ def test_baseline_layout_is_the_start_of_the_stgc_layout() -> None:
         for _, regexes in charts.values()
         for regex in regexes
     )
+
+
+def test_the_fit_logs_the_conflict_picture_of_its_fixed_sample(fit_events) -> None:
+    """The STGC callback draws it through LVLMModule's conflict_picture methods on histogram steps."""
+    (picture,) = fit_events.Images("stgc/conflict_picture")  # step 0 of 3, histogram_every_n_steps=50
+    assert picture.step == 0 and picture.width > picture.height > 300
 
 
 def test_no_placeholder_hp_metric(fit_events) -> None:
