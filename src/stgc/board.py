@@ -136,21 +136,33 @@ def conflict_figure(
     inputs.imshow(image, interpolation="nearest")
     inputs.set_title("input", fontsize=10)
     picture = figure.add_axes((0.4 / width + side / width, bottom, side / width, side / height))
-    picture.imshow(shade(image, shares), interpolation="nearest")
+    shaded = shade(image, shares)  # (H, W, 3)
+    picture.imshow(shaded, interpolation="nearest")
     picture.set_title("conflict share of its image tokens", fontsize=10)
     cell = (image.shape[0] / shares.shape[0], image.shape[1] / shares.shape[1])  # pixels per token
+    labelled = shares.size <= 64  # cells large enough for their value and a border
+    for row in range(1, shares.shape[0]) if labelled else ():
+        picture.axhline(
+            row * cell[0] - 0.5, color="0.7", linewidth=0.5
+        )  # imshow's pixel centres are integers
+    for column in range(1, shares.shape[1]) if labelled else ():
+        picture.axvline(column * cell[1] - 0.5, color="0.7", linewidth=0.5)
     for (row, column), share in np.ndenumerate(shares):
-        corner = (column * cell[1] - 0.5, row * cell[0] - 0.5)  # imshow's pixel centres are integers
+        corner = (column * cell[1] - 0.5, row * cell[0] - 0.5)
         if np.isnan(share):
             picture.add_patch(
                 Rectangle(corner, cell[1], cell[0], fill=False, hatch="//", linewidth=0, color="0.35")
             )
-        elif shares.size <= 64:
-            centre = (corner[0] + cell[1] / 2, corner[1] + cell[0] / 2)
-            ink = "white" if share > 0.6 else "black"
-            picture.text(*centre, f"{share:.2f}", ha="center", va="center", fontsize=8, color=ink)
-    for axes in (inputs, picture):
-        axes.set_axis_off()
+        elif labelled:
+            y, x = int((row + 0.5) * cell[0]), int((column + 0.5) * cell[1])
+            under = shaded[y - 4 : y + 4, max(x - 12, 0) : x + 12].mean()  # the brightness behind the label
+            ink = "white" if under < 0.5 else "black"
+            picture.text(x - 0.5, y - 0.5, f"{share:.2f}", ha="center", va="center", fontsize=8, color=ink)
+    for axes in (inputs, picture):  # a thin frame, no ticks
+        axes.set_xticks([])
+        axes.set_yticks([])
+        for spine in axes.spines.values():
+            spine.set_color("0.7")
     colour_bar = figure.add_axes(((0.55 + 2 * side) / width, bottom, 0.15 / width, side / height))
     mappable = plt.cm.ScalarMappable(Normalize(0.0, 1.0), COLOURMAP)
     figure.colorbar(mappable, cax=colour_bar, label="conflict share")
