@@ -4,12 +4,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from stgc.callback import STGC, find_moe_probes
 from stgc.conflict.hf_experts import restore_experts, use_stgc_experts
 from stgc.moe import SparseMoE
+from support.brute_force import token_gradients
 from support.lightning_models import (
     CausalLMModule,
     ForeignMoEModule,
@@ -39,25 +40,11 @@ def _trainer(callbacks, **kwargs) -> L.Trainer:
 def _brute_force_cosines(
     expert_fn, expert_params, inputs, output_grads, topk_index, topk_weight, expert, gradient="exact", mean="all"
 ):
-    """Per-token gradients of one expert via torch.func, and their cosine to the sum of all of them
-    (mean="all") or of the others (mean="others").
-
-    Token t's exact gradient is ∂/∂θ ⟨w_te · expert(x_t), ∂L/∂y_t⟩, y the MoE layer's output; its
-    output gradient is ∂/∂o ⟨w_te · o, ∂L/∂y_t⟩ = w_te · ∂L/∂y_t at the expert's output o."""
-    routed = (topk_index == expert).any(dim=-1)  # (N,)
-    rows = routed.nonzero().squeeze(1)
-    weight = (topk_weight * (topk_index == expert)).sum(dim=-1)  # (N,)
-
-    def token_objective(params, x, w, dy):
-        return (w * expert_fn(params, x[None])[0] * dy).sum()
-
-    if gradient == "exact":
-        per_token = vmap(grad(token_objective), in_dims=(None, 0, 0, 0))(
-            expert_params, inputs[rows], weight[rows], output_grads[rows]
-        )
-        flat = torch.cat([g.reshape(len(rows), -1) for g in per_token.values()], dim=1)  # (n_e, P)
-    else:
-        flat = weight[rows, None] * output_grads[rows]  # (n_e, H)
+    """Per-token gradients of one expert (support.brute_force), and their cosine to the sum of all of
+    them (mean="all") or of the others (mean="others")."""
+    rows, flat = token_gradients(
+        expert_fn, expert_params, inputs, output_grads, topk_index, topk_weight, expert, gradient
+    )
     total = flat.sum(dim=0, keepdim=True)
     reference = total - flat if mean == "others" else total.expand_as(flat)
     return rows, torch.nn.functional.cosine_similarity(flat, reference, dim=1)

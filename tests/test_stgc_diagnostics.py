@@ -55,7 +55,10 @@ def test_expert_drift_is_zero_for_copies_and_the_relative_distance_otherwise() -
     mean = [torch.randn(3, 5), torch.randn(7)]
     assert float(expert_drift([[w.clone() for w in mean] for _ in range(4)])) == 0.0
     offset = [torch.randn(3, 5), torch.randn(7)]
-    experts = [[m + d for m, d in zip(mean, offset, strict=True)], [m - d for m, d in zip(mean, offset, strict=True)]]
+    experts = [
+        [m + d for m, d in zip(mean, offset, strict=True)],
+        [m - d for m, d in zip(mean, offset, strict=True)],
+    ]
     norm = lambda ws: math.sqrt(sum(float(w.double().square().sum()) for w in ws))  # noqa: E731
     assert float(expert_drift(experts)) == pytest.approx(norm(offset) / norm(mean), rel=1e-6)
 
@@ -83,7 +86,9 @@ def test_null_level_is_the_mean_of_one_over_root_n_e_over_assignments() -> None:
     stats = LayerStats.of(conflicts, torch.zeros(14, dtype=torch.bool), torch.tensor(0.0), 4)
     expected = (9 / 3 + 4 / 2 + 1 / 1) / 14
     assert float(layer_metrics("l", stats, 4, 1)["stgc/cosine_null/l"]) == pytest.approx(expected)
-    others = LayerStats.of(conflicts, torch.zeros(14, dtype=torch.bool), torch.tensor(0.0), 4, leave_one_out=True)
+    others = LayerStats.of(
+        conflicts, torch.zeros(14, dtype=torch.bool), torch.tensor(0.0), 4, leave_one_out=True
+    )
     assert float(layer_metrics("l", others, 4, 1)["stgc/cosine_null/l"]) == 0.0
 
 
@@ -253,7 +258,9 @@ def test_output_gradient_mode_captures_no_expert_inputs_off_histogram_steps() ->
     class Spy(L.Callback):
         def on_after_backward(self, trainer, pl_module):
             probe = callback.probes[0]
-            pending.append((probe.capture_exact, probe.capture_output, sorted(probe.conflicts("output").cosines)))
+            pending.append(
+                (probe.capture_exact, probe.capture_output, sorted(probe.conflicts("output").cosines))
+            )
 
     _trainer([Spy(), callback]).fit(CausalLMModule(model))
     assert pending == [(False, True, ["output"])]
@@ -306,47 +313,93 @@ class WithPicture(CausalLMModule):
         return torch.zeros(4, 4, 3, dtype=torch.uint8).numpy()
 
 
-def test_conflict_picture_uses_the_fixed_sample_alone_and_leaves_grads_and_rng_alone(tmp_path) -> None:
+def _batch_gradient_and_sample_cosines(sample, batch):
+    """Brute force, per MoE layer of upcycled_qwen2: each expert's summed gradient over `batch` (a plain
+    backward), and the cosine of each of the sample's token gradients in that expert with it."""
+    from torch.func import functional_call
+
+    from support.brute_force import token_gradients
+
+    trained = upcycled_qwen2()
+    trained(input_ids=batch, labels=batch).loss.backward()
+    model = upcycled_qwen2()
+    captured = {}
+
+    def keep(index):
+        def hook(module, args, output):
+            output.retain_grad()
+            captured[index] = (args[0].reshape(-1, args[0].shape[-1]), output)
+
+        return hook
+
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(keep(index))
+    model(input_ids=sample, labels=sample).loss.backward()
+    cosines = {}  # (layer, expert) -> (rows, cosines)
+    for index, layer in enumerate(model.model.layers):
+        inputs, output = captured[index]
+        record = layer.mlp.last_routing
+        for e, expert in enumerate(layer.mlp.experts):
+            params = {k: v.detach() for k, v in expert.named_parameters()}
+            rows, flat = token_gradients(
+                lambda p, x, ex=expert: functional_call(ex, p, (x,)), params, inputs.detach(),
+                output.grad.reshape(-1, output.shape[-1]), record.topk_index, record.topk_weight, e,
+            )  # fmt: skip
+            batch_expert = trained.model.layers[index].mlp.experts[e]
+            total = torch.cat([p.grad.reshape(-1) for p in batch_expert.parameters()])
+            cosines[index, e] = (rows, torch.nn.functional.cosine_similarity(flat, total[None], dim=1))
+    return cosines
+
+
+def test_conflict_picture_compares_the_fixed_sample_with_the_batch_and_leaves_training_alone(
+    tmp_path, monkeypatch
+) -> None:
+    """The share handed to the module comes from the fixed sample's token gradients against each
+    expert's summed gradient over the training batch (brute force, 1e-5); training with the picture
+    is bit-identical to training without it (gradients and RNG state at the optimizer step)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from stgc.callback import find_moe_probes
-    from stgc.conflict.statistics import position_conflict_share
+    from stgc import callback as callback_module
 
+    recorded = {}
+    original = callback_module.position_conflict_share
+
+    def record(layers, conflicting, positions, length):
+        recorded["layers"] = layers
+        return original(layers, conflicting, positions, length)
+
+    monkeypatch.setattr(callback_module, "position_conflict_share", record)
     module = WithPicture(upcycled_qwen2())
-    reference = upcycled_qwen2()  # the same weights: the expected share from a plain backward of the sample
-    probes = find_moe_probes(reference)
-    for probe in probes:
-        probe.start(True)
-    ids = module.sample
-    reference(input_ids=ids, labels=ids).loss.backward()
-    layers = [probe.conflicts() for probe in probes]
-    flagged = [c.has_grad & (c.cosine < 0.0) for c in layers]
-    expected = position_conflict_share(layers, flagged, [p.routing().positions for p in probes], 10)
-
     seen = {}
 
-    class Spy(L.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            seen["grads"] = [p.grad.clone() for p in pl_module.parameters()]
-            seen["rng"] = torch.random.get_rng_state()
+    def spy(store):
+        class Spy(L.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                store["grads"] = [p.grad.clone() for p in pl_module.parameters()]
+                store["rng"] = torch.random.get_rng_state()
+
+        return Spy()
 
     logger = TensorBoardLogger(tmp_path, name="run")
     callback = STGC(threshold=0.0, loss_weight=0.0, histogram_every_n_steps=1)
-    trainer = _trainer([callback, Spy()], logger=logger)
     torch.manual_seed(0)
-    trainer.fit(module)
-    assert len(module.shares) == 1
-    torch.testing.assert_close(module.shares[0], expected, equal_nan=True)
-    plain = WithPicture(upcycled_qwen2())  # the same run without the picture: same grads, same RNG
-    plain_seen = {}
-
-    class PlainSpy(L.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            plain_seen["grads"] = [p.grad.clone() for p in pl_module.parameters()]
-            plain_seen["rng"] = torch.random.get_rng_state()
-
+    _trainer([callback, spy(seen)], logger=logger).fit(module)
+    assert len(module.shares) == 1 and module.shares[0].shape == (10,)
+    batch = next(iter(module.train_dataloader()))[0]
+    expected = _batch_gradient_and_sample_cosines(module.sample, batch)
+    for index, conflicts in enumerate(recorded["layers"]):
+        for e in range(4):
+            mine = conflicts.expert == e
+            order = torch.argsort(conflicts.rows[mine])
+            rows, cosines = expected[index, e]
+            assert torch.equal(conflicts.rows[mine][order], rows)
+            torch.testing.assert_close(conflicts.cosine[mine][order], cosines, atol=1e-5, rtol=0)
+    plain_seen = {}  # the same run with a module that offers no picture
+    plain = CausalLMModule(upcycled_qwen2())
+    plain_logger = TensorBoardLogger(tmp_path, name="plain")
+    plain_callback = STGC(threshold=0.0, loss_weight=0.0, histogram_every_n_steps=1)
     torch.manual_seed(0)
-    _trainer([STGC(threshold=0.0, loss_weight=0.0, histogram_every_n_steps=0), PlainSpy()]).fit(plain)
+    _trainer([plain_callback, spy(plain_seen)], logger=plain_logger).fit(plain)
     for with_picture, without in zip(seen["grads"], plain_seen["grads"], strict=True):
         assert torch.equal(with_picture, without)
     assert torch.equal(seen["rng"], plain_seen["rng"])

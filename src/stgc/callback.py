@@ -193,9 +193,14 @@ class STGC(L.Callback):
         self._active = step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
         if self._active:  # transformers models run our experts implementation only while we capture
             self._previous_experts = switch_experts(self._transformers_models, IMPLEMENTATION)
-        gradients = GRADIENTS if self._histogram_step(step) else (self.gradient,)  # both: to compare them
+        histogram = self._histogram_step(step)
+        gradients = GRADIENTS if histogram else (self.gradient,)  # both: to compare them
+        # the conflict picture compares its fixed sample with this micro-batch's experts
+        picture = (
+            histogram and trainer.global_rank == 0 and all(hasattr(pl_module, m) for m in PICTURE_METHODS)
+        )
         for probe in self.probes:
-            probe.start(self._active, gradients)
+            probe.start(self._active, gradients, "keep" if self._active and picture else "none")
 
     @override
     def on_train_batch_end(
@@ -410,19 +415,24 @@ class STGC(L.Callback):
                 )
 
     def _conflict_picture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
-        """Where a fixed sample's tokens conflict, drawn by the module (LVLMModule draws its image's
-        patches and its text): the sample alone is a micro-batch, through its own forward and a
-        backward to the expert weights only (no `.grad` touched, the RNG streams left as they were)."""
-        if not all(hasattr(pl_module, name) for name in PICTURE_METHODS):
-            return None
-        sample = pl_module.conflict_picture_sample()
-        if sample is None:
+        """Where a fixed sample's tokens conflict with what this micro-batch asks of each expert, drawn
+        by the module (LVLMModule draws its image's patches and its text): the sample's own forward and
+        a backward to the expert weights only (no `.grad` touched, the RNG streams left as they were),
+        its token gradients compared with the micro-batch's kept sums (LayerProbe.start)."""
+        sample = (
+            pl_module.conflict_picture_sample()
+            if all(hasattr(pl_module, m) for m in PICTURE_METHODS)
+            else None
+        )
+        if sample is None or not self.probes[0].reference:
+            for probe in self.probes:
+                probe.drop_reference()
             return None
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             previous = switch_experts(self._transformers_models, IMPLEMENTATION)
             for probe in self.probes:
-                probe.start(True, (self.gradient,))
+                probe.start(True, (self.gradient,), "use")
             with trainer.precision_plugin.forward_context():
                 loss = pl_module.conflict_picture_loss(sample)
             weights = [site.weight for probe in self.probes for site in probe.sites]
@@ -431,6 +441,7 @@ class STGC(L.Callback):
             routings = [probe.routing() for probe in self.probes]
             for probe in self.probes:
                 probe.start(False)
+                probe.drop_reference()
             switch_experts(previous)
         conflicting = [c.has_grad & (c.cosine < self.threshold) for c in layers]
         positions = [r.positions for r in routings]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from stgc.conflict.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
 
+REFERENCES = ("none", "keep", "use")  # see LayerProbe.start
 GRADIENTS = ("exact", "output")  # which token gradient the cosines are of (see the module docstring)
 MEANS = ("all", "others")  # compared with the sum over all of the expert's tokens, or over the others
 
@@ -74,6 +75,10 @@ class LayerProbe(ABC):
         self.sites: list[WeightSite] = []  # the expert weights whose gradients give the exact terms
         # gradient -> expert -> [⟨g_i,G⟩ (n_e,), ‖g_i‖² (n_e,), ‖G‖² ()], summed over the expert's linears
         self._terms: dict[str, dict[int, list[Tensor]]] = {gradient: {} for gradient in GRADIENTS}
+        self.reference_mode = "none"
+        # a kept micro-batch's sums: (site or "output", expert) -> (G, Σδ or None), and its ‖G‖² per expert
+        self.reference: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+        self._reference_totals: dict[str, dict[int, Tensor]] = {gradient: {} for gradient in GRADIENTS}
 
     @abstractmethod
     def routing(self) -> LayerRouting:
@@ -92,13 +97,30 @@ class LayerProbe(ABC):
         logits = router_input.float() @ self.router_weight.float().T
         return logits if self.router_bias is None else logits + self.router_bias.float()
 
-    def start(self, capturing: bool, gradients: tuple[str, ...] = ("exact",)) -> None:
-        """Begin a micro-batch: forget the last one's terms; capture the terms of `gradients` when asked."""
+    def start(
+        self, capturing: bool, gradients: tuple[str, ...] = ("exact",), reference: str = "none"
+    ) -> None:
+        """Begin a micro-batch: forget the last one's terms; capture the terms of `gradients` when asked.
+
+        reference="keep" also keeps this micro-batch's summed gradients (G per expert weight, Σδ at
+        each expert's output) until `drop_reference`; "use" computes the next micro-batch's cosines
+        against those kept sums instead of its own (how a fixed sample is compared with a training
+        batch's experts, stgc.callback's conflict picture)."""
         self.capture_exact = capturing and "exact" in gradients
         self.capture_output = capturing and "output" in gradients
         self.capturing = self.capture_exact or self.capture_output
+        if reference == "keep":
+            self.drop_reference()
+        self.reference_mode = reference
         for terms in self._terms.values():
             terms.clear()
+
+    def drop_reference(self) -> None:
+        """Release the kept sums (they hold the experts' weight gradients of one micro-batch)."""
+        self.reference.clear()
+        for totals in self._reference_totals.values():
+            totals.clear()
+        self.reference_mode = "none"
 
     def add_terms(
         self, expert: int, dot: Tensor, sqnorm: Tensor, total_sqnorm: Tensor, gradient: str = "exact"
@@ -113,8 +135,20 @@ class LayerProbe(ABC):
     def conflicts(self, gradient: str = "exact", mean: str = "all") -> LayerConflicts:
         """Cosine of every (token, expert) assignment whose expert saw gradient this micro-batch, of the
         chosen `gradient`'s terms, against the sum over all the expert's tokens or over the `others`;
-        `cosines` also holds the other gradient's, in the same order, when it was captured too."""
-        cosine_of = leave_one_out_cosine if mean == "others" else cosine_from_terms
+        `cosines` also holds the other gradient's, in the same order, when it was captured too. Against a
+        kept reference, the cosines are with its sums (the tokens are not in them: `mean` plays no part)."""
+        using = self.reference_mode == "use"
+        if using:
+            for name, totals in self._reference_totals.items():
+                for expert in list(self._terms[name]):
+                    if expert not in totals:  # no kept tokens in this expert: nothing to compare with
+                        del self._terms[name][expert]
+                    else:
+                        self._terms[name][expert][2] = totals[expert]
+        elif self.reference_mode == "keep":
+            for name, terms in self._terms.items():
+                self._reference_totals[name].update({expert: t[2] for expert, t in terms.items()})
+        cosine_of = leave_one_out_cosine if mean == "others" and not using else cosine_from_terms
         routing = self.routing()
         chosen = self._terms[gradient]
         cosines = {name: [] for name, terms in self._terms.items() if terms}
@@ -190,9 +224,20 @@ class WeightSite:
         outputs.register_hook(keep_output_grad)
 
     def _on_weight_grad(self, grad: Tensor) -> None:
-        """Fires with this micro-batch's weight gradient: G for each captured expert is at hand."""
+        """Fires with this micro-batch's weight gradient: G for each captured expert is at hand (or,
+        against a kept reference, the kept G and Σδ replace this micro-batch's own)."""
+        mode = self.probe.reference_mode
         for expert, inputs, output_grads in self._pending:
             if output_grads is None:  # the output did not reach the loss
+                continue
+            if mode == "use":
+                kept = self.probe.reference.get((self, expert))
+                if kept is None:
+                    continue
+                dot, sqnorm, _ = linear_gradient_terms(
+                    inputs, output_grads, grad_weight=kept[0], grad_bias=kept[1], has_bias=self.has_bias
+                )
+                self.probe.add_terms(expert, dot, sqnorm, dot.new_zeros(()))  # ‖G‖²: the kept one
                 continue
             grad_weight = grad if self.expert is not None else grad[expert]
             if self.transposed:
@@ -201,6 +246,11 @@ class WeightSite:
                 inputs, output_grads, grad_weight=grad_weight, has_bias=self.has_bias
             )
             self.probe.add_terms(expert, *terms)
+            if mode == "keep":
+                self.probe.reference[(self, expert)] = (
+                    grad_weight,
+                    output_grads.sum(0) if self.has_bias else None,
+                )
         self._pending.clear()
 
 
@@ -212,8 +262,15 @@ def capture_output_terms(probe: LayerProbe, expert: int, outputs: Tensor) -> Non
         delta = grad.reshape(-1, grad.shape[-1]).to(
             torch.promote_types(grad.dtype, torch.float32)
         )  # (n_e, H)
+        if probe.reference_mode == "use":  # compare with a kept micro-batch's Σδ (see LayerProbe.start)
+            kept = probe.reference.get(("output", expert))
+            if kept is not None:
+                probe.add_terms(expert, delta @ kept[0], delta.square().sum(1), delta.new_zeros(()), "output")
+            return
         total = delta.sum(0)  # (H,)
         probe.add_terms(expert, delta @ total, delta.square().sum(1), total.square().sum(), "output")
+        if probe.reference_mode == "keep":
+            probe.reference[("output", expert)] = (total, None)
 
     outputs.register_hook(output_terms)
 
