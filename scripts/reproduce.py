@@ -14,7 +14,7 @@ at their end, on a fixed third of the test split (every 3rd image: 334 images, 3
     python scripts/reproduce.py --quick    # a tiny slice, to keep the script working (~3 min)
 
 Finished runs are kept (results/runs/<run>.json) and skipped when the study is run again. Writes
-results/*.png plots and results/results.md, which the README's "Results" section includes.
+results/*.png plots and results/results.md, which the README's "Results" section links to.
 """
 
 import argparse
@@ -27,9 +27,9 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import run as stgc
-from stgc.data.easy_vqa import QUESTION_TYPES, prepare
+from stgc.easy_vqa.pipeline import fit_stage, last_checkpoint, stage_args
+from stgc.easy_vqa.prepare import QUESTION_TYPES, prepare
 from stgc.model.metrics import metric_name
-from stgc.pipeline import fit_stage, last_checkpoint, stage_args
 
 TYPE_KEYS = [f"test/vqa_acc_{metric_name(q)}" for q in QUESTION_TYPES]  # logged test accuracy per type
 QUICK = [  # a tiny slice, model and budget: checks that the study runs end to end

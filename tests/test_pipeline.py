@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stgc.pipeline import fit_args, settings, stage_state
+from stgc.easy_vqa.pipeline import fit_args, settings, stage_state
 from support.fit import ROOT, run, run_until_stalled
 from support.tiny import TINY_LM
 
