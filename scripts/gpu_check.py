@@ -1,4 +1,6 @@
-"""A few minutes on a GPU: does stage III + STGC behave there? Prints, per precision (bf16-mixed, 16-mixed):
+"""A few minutes on a GPU: does stage III + STGC behave there?
+
+Prints, per precision (bf16-mixed, 16-mixed):
 
   * the step-time ratio STGC / plain against the floor 1 + s/3 (s = the experts' share of a plain step),
   * host-device syncs per training step with and without STGC (counted; on CUDA also seen by
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from stgc import STGC
 from stgc.conflict import cosine_from_terms, linear_gradient_terms
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
-from stgc.data.easy_vqa import prepare
+from stgc.easy_vqa.prepare import prepare
 from stgc.host_syncs import HostSyncCounter
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers

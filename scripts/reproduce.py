@@ -14,7 +14,7 @@ at their end, on a fixed third of the test split (every 3rd image: 334 images, 3
     python scripts/reproduce.py --quick    # a tiny slice, to keep the script working (~3 min)
 
 Finished runs are kept (results/runs/<run>.json) and skipped when the study is run again. Writes
-results/*.png plots and results/results.md, which the README's "Results" section includes.
+results/*.png plots and results/results.md, which the README's "Results" section links to.
 """
 
 import argparse
@@ -27,10 +27,11 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import run as stgc
-from stgc.data.easy_vqa import prepare
-from stgc.pipeline import fit_stage, last_checkpoint, stage_args
+from stgc.easy_vqa.pipeline import chain, fit_stage, last_checkpoint, source, stage_args, stage_config
+from stgc.easy_vqa.prepare import QUESTION_TYPES, prepare
+from stgc.model.metrics import metric_name
 
-QUESTION_TYPES = ("yes_no", "color", "shape")
+TYPE_KEYS = [f"test/vqa_acc_{metric_name(q)}" for q in QUESTION_TYPES]  # logged test accuracy per type
 QUICK = [  # a tiny slice, model and budget: checks that the study runs end to end
     "--data.init_args.limit_records=48",
     "--data.init_args.val_fraction=0.25",
@@ -153,7 +154,7 @@ def test_stage3(run: Run, args: argparse.Namespace, log_root: Path) -> dict[str,
 def dense_stage2(args: argparse.Namespace, log_root: Path) -> dict:
     """The shared stage II model, validated and tested once (the dense row of the table)."""
     stage2 = [
-        *stage_args("stage2", log_root),
+        *stage_args(source("stage3"), log_root),
         "--model.init_args.init_from=null",
         f"--ckpt_path={args.stage2}",
         "--trainer.logger.init_args.version=dense_stage2",
@@ -178,24 +179,24 @@ def mean_std(values: list[float]) -> str:
 def table(arms: dict[str, list[dict]], plain: dict, dense: dict) -> str:
     """The Markdown results table: accuracy, conflict ratio, gradient consistency, step time."""
     rows = [
-        "| model | test acc | val acc | test yes/no | test color | test shape | conflict ratio at τ | "
-        "gradient consistency (cos mean) | train step (ms) | step time vs plain MoE |",
-        "|" + " --- |" * 10,
+        "| model | test acc | val acc | "
+        + "".join(f"test {q} | " for q in QUESTION_TYPES)
+        + "conflict ratio at τ | gradient consistency (cos mean) | train step (ms) | step time vs plain MoE |",
+        "|" + " --- |" * (7 + len(QUESTION_TYPES)),
     ]
     dense_metrics = dense["metrics"]
     rows.append(
         f"| dense (stage II) | {dense_metrics['test/vqa_acc']:.3f} | {dense_metrics['val/vqa_acc']:.3f} | "
-        + " | ".join(f"{dense_metrics.get(f'test/vqa_acc_{q}', float('nan')):.3f}" for q in QUESTION_TYPES)
+        + " | ".join(f"{dense_metrics.get(key, float('nan')):.3f}" for key in TYPE_KEYS)
         + " | – | – | – | – |"
     )
     rows.append(
-        "| MoE, no callback (n=1, steps timed only) | – | – | – | – | – | – | – | "
+        "| MoE, no callback (n=1, steps timed only) | – | – | " + "– | " * len(QUESTION_TYPES) + "– | – | "
         f"{1e3 * plain['step_s']:.0f} | 1.00 |"
     )
     for label, runs in arms.items():
         cells = [
-            mean_std([r["metrics"][key] for r in runs])
-            for key in ("test/vqa_acc", "val/vqa_acc", *(f"test/vqa_acc_{q}" for q in QUESTION_TYPES))
+            mean_std([r["metrics"][key] for r in runs]) for key in ("test/vqa_acc", "val/vqa_acc", *TYPE_KEYS)
         ]
         cells += [mean_std([r["final"][tag] for r in runs]) for tag in ("conflict_ratio", "cosine_mean")]
         step_s = statistics.fmean(r["step_s"] for r in runs)
@@ -236,7 +237,7 @@ def plots(arms: dict[str, list[dict]], sweep: list[dict], out: Path) -> None:
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(8, 4))
-    keys = ["test/vqa_acc", *(f"test/vqa_acc_{q}" for q in QUESTION_TYPES)]
+    keys = ["test/vqa_acc", *TYPE_KEYS]
     width = 0.8 / len(arms)
     for index, (label, runs) in enumerate(arms.items()):
         values = np.array([[r["metrics"][k] for k in keys] for r in runs])
@@ -279,20 +280,24 @@ def plots(arms: dict[str, list[dict]], sweep: list[dict], out: Path) -> None:
 
 
 def ensure_stage2(args: argparse.Namespace, log_root: Path) -> None:
-    """Train stages 0 to II once when the shared stage II checkpoint is missing."""
+    """Train the stages up to the one stage III starts from (stage II) once, when its checkpoint is missing."""
     if Path(args.stage2).is_file():
         return
     previous = None
-    for stage in ("stage0", "stage1", "stage2_text", "stage2"):
+    for stage in chain(source("stage3")):
         fit_stage(stage, log_root, previous, args.extra)
         previous = stage
-    args.stage2 = str(last_checkpoint(log_root, "stage2"))
+    args.stage2 = str(last_checkpoint(log_root, previous))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny slice and model: checks the script works")
-    parser.add_argument("--stage2", default="logs/easy_vqa/stage2/checkpoints/last.ckpt")
+    parser.add_argument(
+        "--stage2",
+        default=stage_config("stage3").model.init_args.init_from,
+        help="the checkpoint every stage III run starts from (default: the one stage3_moe.yaml names)",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sweep-loss-weights", type=float, nargs="*", default=[0.01, 0.1, 1.0])
     parser.add_argument("--sweep-thresholds", type=float, nargs="+", default=[0.0, -0.1])

@@ -3,22 +3,21 @@
 import re
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
+from torchvision import transforms
 
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data import InstructionDataModule, LlavaCollator, PretrainDataModule
-from stgc.data import datamodule as datamodule_module
 from stgc.data.collate import is_empty
+from stgc.data.dataset import output_size
+from stgc.model.vision import VisionTower
 
 N_IMAGE = 4
 PAD = 0
 
 
-def to_tensor(image) -> torch.Tensor:
-    """(3, 8, 8) float image in [0, 1]."""
-    return torch.from_numpy(np.array(image.resize((8, 8)))).permute(2, 0, 1).float() / 255
+to_tensor = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])  # (3, 8, 8) in [0, 1]
 
 
 def record(i: int, n_turns: int = 2, image: bool = True) -> dict:
@@ -271,15 +270,6 @@ def test_setup_takes_model_inputs_from_the_trainer(write_llava, easy_vqa_tokeniz
     assert (next(iter(dm.test_dataloader()))["input_ids"] == IMAGE_TOKEN_ID).sum() == 2 * 2  # 2 records
 
 
-def test_prepare_data_runs_easy_vqa_when_files_are_missing(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(datamodule_module.easy_vqa, "prepare", calls.append)
-    train_json = tmp_path / "evqa" / "instruct_train.json"
-    dm = InstructionDataModule(train_json=str(train_json), image_folder=str(tmp_path), prepare_easy_vqa=True)
-    dm.prepare_data()
-    assert calls == [train_json.parent]
-
-
 def test_easy_vqa_end_to_end(easy_vqa_dir, easy_vqa_tokenizer):
     dm = InstructionDataModule(
         train_json=str(easy_vqa_dir / "instruct_train.json"),
@@ -318,3 +308,16 @@ def test_one_id_with_three_conversations_about_one_image_trains_all_three(write_
             assert [len(r.turns) for r in train if r.id == "r0"] == [1, 2, 3]
         assert dm.skip_report() == {}
     assert 0 < trained < 4  # the seeds put them on both sides
+
+
+def test_a_blank_image_has_the_size_the_transform_gives() -> None:
+    """A text-only record's zero image batches with real ones: its size is the transform's output
+    size (open_clip's train and eval transforms; the 8x8 Resize above), never a fixed one."""
+    tower = VisionTower("stgc-vit-tiny")
+    size = tower.visual.image_size
+    assert (
+        output_size(tower.image_transform(True)) == output_size(tower.image_transform(False)) == tuple(size)
+    )
+    assert output_size(to_tensor) == (8, 8)
+    with pytest.raises(ValueError, match="no resize or crop step"):
+        output_size(lambda image: image)

@@ -11,7 +11,7 @@ from pathlib import Path
 from support.tiny import TINY_LM
 
 ROOT = Path(__file__).resolve().parents[2]
-# this checkout's stgc, also where the environment has another one installed (a git worktree)
+# this checkout's src/ first: a subprocess runs the code under test even where another checkout is installed
 ENV = os.environ | {
     "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
     "HF_HUB_OFFLINE": "1",

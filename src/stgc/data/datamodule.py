@@ -2,7 +2,6 @@
 
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from stgc.data import easy_vqa
 from stgc.data.collate import LlavaCollator, pad_token_id
 from stgc.data.dataset import ImageTransform, LlavaDataset
 from stgc.data.records import Record, load_records
@@ -25,6 +23,8 @@ class LlavaDataModule(LightningDataModule):
 
     The tokenizer, image transforms and num_image_tokens come from the LightningModule at setup
     (its `tokenizer`, `image_transform(train)`, `num_image_tokens`), or from attach() beforehand.
+    `question_types` are the answer labels of the data (the "type" of its gpt turns): the model
+    reports its VQA accuracy per type.
     """
 
     def __init__(
@@ -41,8 +41,8 @@ class LlavaDataModule(LightningDataModule):
         seed: int = 0,
         skip_bad_records: bool = True,
         limit_records: int | None = None,
-        prepare_easy_vqa: bool = False,
         group_by_length: bool = False,
+        question_types: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -57,6 +57,7 @@ class LlavaDataModule(LightningDataModule):
         if limit_records is not None and limit_records < 1:
             raise ValueError(f"limit_records must be None or >= 1, got {limit_records}")
         self.save_hyperparameters(logger=False)
+        self.question_types = tuple(question_types)
         self.template: Template | None = None
         self.collator: LlavaCollator | None = None
         self.transforms: dict[str, ImageTransform] = {}
@@ -81,12 +82,6 @@ class LlavaDataModule(LightningDataModule):
         self.template = self.make_template(tokenizer, num_image_tokens)
         self.collator = LlavaCollator(pad_token_id(tokenizer))
         self.transforms = {"train": train_transform, "eval": eval_transform}
-
-    def prepare_data(self) -> None:
-        """Write the bundled easy-VQA data next to train_json when asked to and a file is missing."""
-        files = [self.hparams.train_json, self.hparams.val_json, self.hparams.test_json]
-        if self.hparams.prepare_easy_vqa and not all(Path(f).is_file() for f in files if f):
-            easy_vqa.prepare(Path(self.hparams.train_json).parent)
 
     def setup(self, stage: str) -> None:
         """Attach the model's tokenizer/transforms if needed, then build the datasets of `stage`."""

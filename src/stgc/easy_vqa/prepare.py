@@ -38,17 +38,19 @@ PALETTE = {  # the exact fill colours easy-VQA draws its shapes with
 }
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 FORMAT = "4"  # 1: a conversation per image; 2: a record per question; 3: + text-only file; 4: colour only
+QUESTION_TYPES = ("yes/no", "color", "shape")  # the labels of the answers (question_type)
 VOCAB_SIZE = 1000  # an upper bound: easy-VQA's few words are fully merged well below it
 
 
 def question_type(answer: str) -> str:
-    """The eval category of an answer: "yes/no", "shape" or "color"."""
+    """The eval category of an answer, one of QUESTION_TYPES."""
+    yes_no, color, shape = QUESTION_TYPES
     if answer in ("yes", "no"):
-        return "yes/no"
+        return yes_no
     if answer in SHAPES:
-        return "shape"
+        return shape
     if answer in PALETTE:
-        return "color"
+        return color
     raise ValueError(f"unknown easy-VQA answer {answer!r}")
 
 
@@ -117,8 +119,8 @@ def split_records(split: str) -> tuple[list[dict], list[dict], list[dict]]:
     gold answers sit in the context of the later questions). The text-only records are the
     questions that ask for or name a colour, with the image's caption stated first ("the image shows
     a blue rectangle. is there a red shape?"); the easy-vqa pipeline trains on them before the image
-    questions, so the LM learns to compare the asked colour with a stated one (README, "Why yes/no
-    needs the text warm-up").
+    questions, so the LM learns to compare the asked colour with a stated one (docs/experiments.md,
+    "Why yes/no needs the text warm-up").
     """
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = {i: Path(p) for i, p in getattr(easy_vqa, f"get_{split}_image_paths")().items()}
