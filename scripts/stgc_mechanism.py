@@ -1,5 +1,6 @@
-"""Does the CEL move routing? Short stage III runs from one stage II checkpoint: the MoE baseline
-(λ = 0, STGC measuring) and STGC with each loss form at one λ, and what STGC's diagnostics say.
+"""Does the CEL move routing? Short stage III runs from one stage II checkpoint, and their diagnostics.
+
+The arms: the MoE baseline (λ = 0, STGC measuring) and STGC with each loss form at one λ.
 
     python scripts/stgc_mechanism.py --stage2 logs/easy_vqa/stage2/checkpoints/last.ckpt --steps 120
 
