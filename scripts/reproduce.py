@@ -27,10 +27,11 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import run as stgc
-from stgc.data.easy_vqa import prepare
+from stgc.data.easy_vqa import QUESTION_TYPES, prepare
+from stgc.model.metrics import metric_name
 from stgc.pipeline import fit_stage, last_checkpoint, stage_args
 
-QUESTION_TYPES = ("yes_no", "color", "shape")
+TYPE_KEYS = [f"test/vqa_acc_{metric_name(q)}" for q in QUESTION_TYPES]  # logged test accuracy per type
 QUICK = [  # a tiny slice, model and budget: checks that the study runs end to end
     "--data.init_args.limit_records=48",
     "--data.init_args.val_fraction=0.25",
@@ -178,24 +179,27 @@ def mean_std(values: list[float]) -> str:
 def table(arms: dict[str, list[dict]], plain: dict, dense: dict) -> str:
     """The Markdown results table: accuracy, conflict ratio, gradient consistency, step time."""
     rows = [
-        "| model | test acc | val acc | test yes/no | test color | test shape | conflict ratio at τ | "
-        "gradient consistency (cos mean) | train step (ms) | step time vs plain MoE |",
-        "|" + " --- |" * 10,
+        "| model | test acc | val acc | "
+        + "".join(f"test {q} | " for q in QUESTION_TYPES)
+        + "conflict ratio at τ | gradient consistency (cos mean) | train step (ms) | step time vs plain MoE |",
+        "|" + " --- |" * (7 + len(QUESTION_TYPES)),
     ]
     dense_metrics = dense["metrics"]
     rows.append(
         f"| dense (stage II) | {dense_metrics['test/vqa_acc']:.3f} | {dense_metrics['val/vqa_acc']:.3f} | "
-        + " | ".join(f"{dense_metrics.get(f'test/vqa_acc_{q}', float('nan')):.3f}" for q in QUESTION_TYPES)
+        + " | ".join(f"{dense_metrics.get(key, float('nan')):.3f}" for key in TYPE_KEYS)
         + " | – | – | – | – |"
     )
     rows.append(
-        "| MoE, no callback (n=1, steps timed only) | – | – | – | – | – | – | – | "
+        "| MoE, no callback (n=1, steps timed only) | – | – | "
+        + "– | " * len(QUESTION_TYPES)
+        + "– | – | "
         f"{1e3 * plain['step_s']:.0f} | 1.00 |"
     )
     for label, runs in arms.items():
         cells = [
             mean_std([r["metrics"][key] for r in runs])
-            for key in ("test/vqa_acc", "val/vqa_acc", *(f"test/vqa_acc_{q}" for q in QUESTION_TYPES))
+            for key in ("test/vqa_acc", "val/vqa_acc", *TYPE_KEYS)
         ]
         cells += [mean_std([r["final"][tag] for r in runs]) for tag in ("conflict_ratio", "cosine_mean")]
         step_s = statistics.fmean(r["step_s"] for r in runs)
@@ -236,7 +240,7 @@ def plots(arms: dict[str, list[dict]], sweep: list[dict], out: Path) -> None:
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(8, 4))
-    keys = ["test/vqa_acc", *(f"test/vqa_acc_{q}" for q in QUESTION_TYPES)]
+    keys = ["test/vqa_acc", *TYPE_KEYS]
     width = 0.8 / len(arms)
     for index, (label, runs) in enumerate(arms.items()):
         values = np.array([[r["metrics"][k] for k in keys] for r in runs])

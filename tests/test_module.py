@@ -172,7 +172,7 @@ def test_greedy_generation_returns_new_tokens_only(tiny_module) -> None:
 
 def test_vqa_accuracy_normalises_and_splits_by_type() -> None:
     assert normalize_answer("  The Blue!  ") == "blue"
-    metric = VQAAccuracy()
+    metric = VQAAccuracy(["yes/no", "color", "shape"])
     metric.update(
         ["Yes", "red", "circle.", "a cat"],
         ["yes", "blue", "Circle", "cat"],

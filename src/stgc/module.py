@@ -81,9 +81,14 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
             self._load(state_dict, init_from)
         self._freeze_all_but(trainable)
         self.val_loss = MeanMetric()
-        self.val_vqa = VQAAccuracy()
         self.test_loss = MeanMetric()
-        self.test_vqa = VQAAccuracy()
+
+    def setup(self, stage: str) -> None:
+        """VQA accuracy per question type of the trainer's DataModule (its `question_types`; without
+        them every answer counts under "other")."""
+        question_types = getattr(self.trainer.datamodule, "question_types", ())
+        self.val_vqa = VQAAccuracy(question_types)
+        self.test_vqa = VQAAccuracy(question_types)
 
     # -- what the DataModules need from the model --------------------------------------------
     @property

@@ -25,6 +25,8 @@ class LlavaDataModule(LightningDataModule):
 
     The tokenizer, image transforms and num_image_tokens come from the LightningModule at setup
     (its `tokenizer`, `image_transform(train)`, `num_image_tokens`), or from attach() beforehand.
+    `question_types` are the answer labels of the data (the "type" of its gpt turns): the model
+    reports its VQA accuracy per type.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class LlavaDataModule(LightningDataModule):
         limit_records: int | None = None,
         prepare_easy_vqa: bool = False,
         group_by_length: bool = False,
+        question_types: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -57,6 +60,7 @@ class LlavaDataModule(LightningDataModule):
         if limit_records is not None and limit_records < 1:
             raise ValueError(f"limit_records must be None or >= 1, got {limit_records}")
         self.save_hyperparameters(logger=False)
+        self.question_types = tuple(question_types)
         self.template: Template | None = None
         self.collator: LlavaCollator | None = None
         self.transforms: dict[str, ImageTransform] = {}

@@ -34,16 +34,18 @@ PALETTE = {  # the exact fill colours easy-VQA draws its shapes with
     "black": (0, 0, 0),
 }
 FORMAT = "4"  # 1: a conversation per image; 2: a record per question; 3: + text-only file; 4: colour only
+QUESTION_TYPES = ("yes/no", "color", "shape")  # the labels of the answers (question_type)
 
 
 def question_type(answer: str) -> str:
-    """The eval category of an answer: "yes/no", "shape" or "color"."""
+    """The eval category of an answer, one of QUESTION_TYPES."""
+    yes_no, color, shape = QUESTION_TYPES
     if answer in ("yes", "no"):
-        return "yes/no"
+        return yes_no
     if answer in SHAPES:
-        return "shape"
+        return shape
     if answer in PALETTE:
-        return "color"
+        return color
     raise ValueError(f"unknown easy-VQA answer {answer!r}")
 
 

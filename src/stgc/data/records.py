@@ -19,9 +19,8 @@ from typing import Any, TextIO
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 
-from stgc.constants import IMAGE_PLACEHOLDER
+from stgc.constants import IMAGE_PLACEHOLDER, OTHER_QUESTION_TYPE
 
-DEFAULT_QUESTION_TYPE = "other"  # a gpt turn without a "type" key
 CHUNK = 1 << 22  # characters of the file decoded at a time
 WHITESPACE = re.compile(r"[ \t\n\r]*")
 SHARED_LENGTH = 32  # texts up to this long are interned (see _shared)
@@ -45,7 +44,7 @@ class Turn:
 
     question: str
     answer: str
-    question_type: str = DEFAULT_QUESTION_TYPE
+    question_type: str = OTHER_QUESTION_TYPE
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +161,7 @@ def parse_record(
     values = [turn.get("value") for turn in conversations]
     if not all(isinstance(v, str) for v in values):
         raise fail("bad_value", "a turn's 'value' is not a string")
-    types = [turn.get("type", DEFAULT_QUESTION_TYPE) for turn in conversations[1::2]]
+    types = [turn.get("type", OTHER_QUESTION_TYPE) for turn in conversations[1::2]]
     if not all(isinstance(t, str) for t in types):
         raise fail("bad_value", "an answer's 'type' is not a string")
 

@@ -2,11 +2,13 @@
 
 import re
 import string
+from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
 
-QUESTION_TYPES = ("yes/no", "color", "shape", "other")
+from stgc.constants import OTHER_QUESTION_TYPE
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -17,33 +19,44 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def metric_name(question_type: str) -> str:
+    """The key of a question type's accuracy in compute() and the logs ("yes/no" -> "yes_no")."""
+    return question_type.replace("/", "_")
+
+
 class VQAAccuracy(Metric):
-    """Fraction of exactly matching normalised answers; `compute()` gives overall and per-type values."""
+    """Fraction of exactly matching normalised answers; `compute()` gives overall and per-type values.
+
+    `question_types` are the dataset's answer labels (its DataModule's `question_types`); an answer
+    of any other label counts under "other".
+    """
 
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, question_types: Sequence[str] = (), **kwargs) -> None:
         super().__init__(**kwargs)
-        self.add_state("correct", default=torch.zeros(len(QUESTION_TYPES)), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.zeros(len(QUESTION_TYPES)), dist_reduce_fx="sum")
+        self.question_types = tuple(dict.fromkeys([*question_types, OTHER_QUESTION_TYPE]))
+        self.add_state("correct", default=torch.zeros(len(self.question_types)), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(len(self.question_types)), dist_reduce_fx="sum")
 
     def update(self, predictions: list[str], targets: list[str], question_types: list[str]) -> None:
         if not len(predictions) == len(targets) == len(question_types):
             raise ValueError(
                 f"got {len(predictions)} predictions, {len(targets)} targets, {len(question_types)} types"
             )
+        known = self.question_types
         for prediction, target, question_type in zip(predictions, targets, question_types, strict=True):
-            index = QUESTION_TYPES.index(question_type if question_type in QUESTION_TYPES else "other")
+            index = known.index(question_type if question_type in known else OTHER_QUESTION_TYPE)
             self.total[index] += 1
             self.correct[index] += float(normalize_answer(prediction) == normalize_answer(target))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """{"overall": acc, "yes_no": acc, "color": acc, ...}; a type never seen is left out, and
-        nothing is returned when no answer was scored."""
+        """{"overall": acc, "yes_no": acc, "color": acc, ...} (keys by metric_name); a type never
+        seen is left out, and nothing is returned when no answer was scored."""
         if self.total.sum() == 0:
             return {}
         result = {"overall": self.correct.sum() / self.total.sum()}
-        for index, question_type in enumerate(QUESTION_TYPES):
+        for index, question_type in enumerate(self.question_types):
             if self.total[index] > 0:
-                result[question_type.replace("/", "_")] = self.correct[index] / self.total[index]
+                result[metric_name(question_type)] = self.correct[index] / self.total[index]
         return result
