@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from stgc.constants import IMAGE_TOKEN_ID
-from stgc.data.easy_vqa import PALETTE
+from stgc.easy_vqa.pipeline import stage_data_args
+from stgc.easy_vqa.prepare import PALETTE
 from stgc.module import LVLMModule
-from stgc.pipeline import stage_data_args
 
 DATA = "data/easy_vqa"
 SYSTEM_PROMPT = stage_data_args("stage2")["system_prompt"]  # the layout the checkpoint was trained on

@@ -32,7 +32,7 @@ from torch.func import functional_call, grad
 from stgc import STGC
 from stgc.conflict import linear_gradient_terms, token_gradient_cosine
 from stgc.constants import IMAGE_TOKEN_ID
-from stgc.data.easy_vqa import prepare
+from stgc.easy_vqa.prepare import prepare
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers, moe_losses
 

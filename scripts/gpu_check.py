@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from stgc import STGC
 from stgc.conflict import cosine_from_terms, linear_gradient_terms
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
-from stgc.data.easy_vqa import prepare
+from stgc.easy_vqa.prepare import prepare
 from stgc.host_syncs import HostSyncCounter
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers

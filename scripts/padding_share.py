@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from stgc.data import InstructionDataModule
 from stgc.data.sampler import LengthGroupedSampler
-from stgc.pipeline import stage_data_args
+from stgc.easy_vqa.pipeline import stage_data_args
 
 DATA = "data/easy_vqa"
 IMAGE_TOKENS = 16  # configs/easy_vqa/model.yaml: the 8x8 patch grid pooled 2x2

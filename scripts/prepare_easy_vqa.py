@@ -2,7 +2,7 @@
 
 import argparse
 
-from stgc.data.easy_vqa import prepare
+from stgc.easy_vqa.prepare import prepare
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 import argparse
 
-from stgc.data.sort_of_clevr import prepare
+from stgc.sort_of_clevr.prepare import prepare
 
 
 def main() -> None:

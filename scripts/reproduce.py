@@ -14,7 +14,7 @@ at their end, on a fixed third of the test split (every 3rd image: 334 images, 3
     python scripts/reproduce.py --quick    # a tiny slice, to keep the script working (~3 min)
 
 Finished runs are kept (results/runs/<run>.json) and skipped when the study is run again. Writes
-results/*.png plots and results/results.md, which the README's "Results" section includes.
+results/*.png plots and results/results.md, which the README's "Results" section links to.
 """
 
 import argparse
@@ -27,9 +27,9 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import run as stgc
-from stgc.data.easy_vqa import QUESTION_TYPES, prepare
+from stgc.easy_vqa.pipeline import chain, fit_stage, last_checkpoint, source, stage_args, stage_config
+from stgc.easy_vqa.prepare import QUESTION_TYPES, prepare
 from stgc.model.metrics import metric_name
-from stgc.pipeline import fit_stage, last_checkpoint, stage_args
 
 TYPE_KEYS = [f"test/vqa_acc_{metric_name(q)}" for q in QUESTION_TYPES]  # logged test accuracy per type
 QUICK = [  # a tiny slice, model and budget: checks that the study runs end to end
@@ -154,7 +154,7 @@ def test_stage3(run: Run, args: argparse.Namespace, log_root: Path) -> dict[str,
 def dense_stage2(args: argparse.Namespace, log_root: Path) -> dict:
     """The shared stage II model, validated and tested once (the dense row of the table)."""
     stage2 = [
-        *stage_args("stage2", log_root),
+        *stage_args(source("stage3"), log_root),
         "--model.init_args.init_from=null",
         f"--ckpt_path={args.stage2}",
         "--trainer.logger.init_args.version=dense_stage2",
@@ -191,15 +191,12 @@ def table(arms: dict[str, list[dict]], plain: dict, dense: dict) -> str:
         + " | – | – | – | – |"
     )
     rows.append(
-        "| MoE, no callback (n=1, steps timed only) | – | – | "
-        + "– | " * len(QUESTION_TYPES)
-        + "– | – | "
+        "| MoE, no callback (n=1, steps timed only) | – | – | " + "– | " * len(QUESTION_TYPES) + "– | – | "
         f"{1e3 * plain['step_s']:.0f} | 1.00 |"
     )
     for label, runs in arms.items():
         cells = [
-            mean_std([r["metrics"][key] for r in runs])
-            for key in ("test/vqa_acc", "val/vqa_acc", *TYPE_KEYS)
+            mean_std([r["metrics"][key] for r in runs]) for key in ("test/vqa_acc", "val/vqa_acc", *TYPE_KEYS)
         ]
         cells += [mean_std([r["final"][tag] for r in runs]) for tag in ("conflict_ratio", "cosine_mean")]
         step_s = statistics.fmean(r["step_s"] for r in runs)
@@ -283,20 +280,24 @@ def plots(arms: dict[str, list[dict]], sweep: list[dict], out: Path) -> None:
 
 
 def ensure_stage2(args: argparse.Namespace, log_root: Path) -> None:
-    """Train stages 0 to II once when the shared stage II checkpoint is missing."""
+    """Train the stages up to the one stage III starts from (stage II) once, when its checkpoint is missing."""
     if Path(args.stage2).is_file():
         return
     previous = None
-    for stage in ("stage0", "stage1", "stage2_text", "stage2"):
+    for stage in chain(source("stage3")):
         fit_stage(stage, log_root, previous, args.extra)
         previous = stage
-    args.stage2 = str(last_checkpoint(log_root, "stage2"))
+    args.stage2 = str(last_checkpoint(log_root, previous))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny slice and model: checks the script works")
-    parser.add_argument("--stage2", default="logs/easy_vqa/stage2/checkpoints/last.ckpt")
+    parser.add_argument(
+        "--stage2",
+        default=stage_config("stage3").model.init_args.init_from,
+        help="the checkpoint every stage III run starts from (default: the one stage3_moe.yaml names)",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--sweep-loss-weights", type=float, nargs="*", default=[0.01, 0.1, 1.0])
     parser.add_argument("--sweep-thresholds", type=float, nargs="+", default=[0.0, -0.1])

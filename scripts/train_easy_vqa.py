@@ -1,6 +1,6 @@
 """The default pipeline behind `make train`: stages 0 -> I -> II (text, then images) -> III on easy-vqa.
 
-Each stage is one `stgc fit` (see stgc.pipeline); the stage II model and the final one are tested
+Each stage is one `stgc fit` (see stgc.easy_vqa.pipeline); the stage II model and the final one are tested
 on the easy-vqa test split. Prints each stage's wall time and validation metrics, the test metrics,
 the peak resident memory, and the TensorBoard command. Extra arguments go to every run
 (e.g. --trainer.max_epochs=1).
@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from stgc.pipeline import STAGES, fit_stage, last_checkpoint, metrics, stage_record, stage_state, test_stage
+from stgc.easy_vqa.pipeline import (
+    STAGES,
+    fit_stage,
+    last_checkpoint,
+    metrics,
+    stage_record,
+    stage_state,
+    test_stage,
+)
 
 
 def run(stages: list[str], extra: list[str], log_root: str, fresh: bool = False) -> dict:

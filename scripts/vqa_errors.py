@@ -14,10 +14,10 @@ from collections import Counter
 import torch
 
 from stgc.data import InstructionDataModule
-from stgc.data.easy_vqa import PALETTE, SHAPES, question_words
 from stgc.data.records import load_records
+from stgc.easy_vqa.pipeline import stage_data_args
+from stgc.easy_vqa.prepare import PALETTE, SHAPES, question_words
 from stgc.module import LVLMModule
-from stgc.pipeline import stage_data_args
 
 DATA = "data/easy_vqa"
 STAGE2_DATA = stage_data_args("stage2")  # the prompt layout the checkpoint was trained on

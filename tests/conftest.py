@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def easy_vqa_dir(tmp_path_factory: pytest.TempPathFactory):
     """easy-VQA prepared once per session (images, LLaVA JSON files, trained tokenizer)."""
-    from stgc.data.easy_vqa import prepare
+    from stgc.easy_vqa.prepare import prepare
 
     return prepare(tmp_path_factory.mktemp("easy_vqa"))
 

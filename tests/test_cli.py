@@ -1,5 +1,5 @@
-"""End to end through the CLI, on a slice: `stgc fit` stages 0 -> I -> II (text, then images) -> III
-(+ STGC), then validate/test."""
+"""End to end through the CLI, on a slice: the easy-vqa pipeline's `fit_stage` runs stages 0 -> I ->
+II (text, then images) -> III (+ STGC) as `make train` does, then validate/test."""
 
 import json
 import runpy
@@ -11,44 +11,35 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import run as stgc
-from stgc.pipeline import stage_data_args
+from stgc.easy_vqa.pipeline import STAGES, fit_stage, stage_args, stage_data_args
 from support.tiny import TINY_LM as TINY_LM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LM = json.dumps(TINY_LM_CONFIG)
+STGC_CALLBACK = [
+    "--trainer.callbacks+=stgc.STGC",
+    "--trainer.callbacks.loss_weight=0.05",
+    "--trainer.callbacks.histogram_every_n_steps=1",
+]
 
 
-def _args(config: str, data_dir: Path, log_root: Path) -> list[str]:
-    """A stage's config files (stage 0 has no LVLM), pointed at the slice, with tiny budgets."""
-    is_clip = config.startswith("stage0")
-    prefix = "pretrain" if config.startswith(("stage0", "stage1")) else "instruct"
-    prefix += "_text" if config.startswith("stage2_text") else ""
-    model = [] if is_clip else ["-c", str(ROOT / "configs" / "easy_vqa" / "model.yaml")]
-    lm = [] if is_clip else [f"--model.init_args.lm_config={TINY_LM}"]
-    configs = [
-        "-c",
-        str(ROOT / "configs" / "trainer.yaml"),
-        *model,
-        "-c",
-        str(ROOT / "configs" / "easy_vqa" / config),
-    ]
-    data = [
-        f"--data.init_args.train_json={data_dir / f'{prefix}_train.json'}",
-        f"--data.init_args.test_json={data_dir / f'{prefix}_test.json'}",
+def _slice(stage: str, data_dir: Path) -> list[str]:
+    """Arguments that point a stage at its files in data_dir, with a tiny LM and budget."""
+    files = stage_data_args(stage)
+    lm = [] if stage == "stage0" else [f"--model.init_args.lm_config={TINY_LM}"]
+    return [
+        f"--model.init_args.tokenizer={data_dir / 'tokenizer'}",
+        *lm,
+        f"--data.init_args.train_json={data_dir / Path(files['train_json']).name}",
+        f"--data.init_args.test_json={data_dir / Path(files['test_json']).name}",
         f"--data.init_args.image_folder={data_dir / 'images'}",
         "--data.init_args.limit_records=40",
         "--data.init_args.val_fraction=0.3",  # easy-vqa instruct: 2 of the 5 images, every question type
         "--data.init_args.batch_size=8",
         "--data.init_args.eval_batch_size=16",
-    ]
-    budget = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.log_every_n_steps=1"]
-    return [
-        *configs,
-        f"--model.init_args.tokenizer={data_dir / 'tokenizer'}",
-        *lm,
-        *data,
-        *budget,
-        f"--trainer.logger.init_args.save_dir={log_root}",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.log_every_n_steps=1",
     ]
 
 
@@ -58,37 +49,33 @@ def _scalars(log_dir: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(easy_vqa_dir, tmp_path_factory):
-    """Stages 0, I, II (text warm-up, then images) and III with STGC added from the command line;
-    returns the log root."""
+    """Every stage in order through the pipeline's fit_stage (its links between stages), stage III
+    with STGC added from the command line; returns the log root."""
     log_root = tmp_path_factory.mktemp("logs")
-    clip = log_root / "clip.pt"
-    stgc(["fit", *_args("stage0_clip.yaml", easy_vqa_dir, log_root), f"--model.init_args.export_path={clip}"])
-    stage1_args = _args("stage1_pretrain.yaml", easy_vqa_dir, log_root)
-    stgc(["fit", *stage1_args, f"--model.init_args.vision_pretrained={clip}"])
-    stage1 = log_root / "easy_vqa" / "stage1" / "checkpoints" / "last.ckpt"
-    stgc(["fit", *_args("stage2_text.yaml", easy_vqa_dir, log_root), f"--model.init_args.init_from={stage1}"])
-    text = log_root / "easy_vqa" / "stage2_text" / "checkpoints" / "last.ckpt"
-    stgc(
-        ["fit", *_args("stage2_finetune.yaml", easy_vqa_dir, log_root), f"--model.init_args.init_from={text}"]
-    )
-    stage2 = log_root / "easy_vqa" / "stage2" / "checkpoints" / "last.ckpt"
-    stage3_args = _args("stage3_moe.yaml", easy_vqa_dir, log_root) + [f"--model.init_args.init_from={stage2}"]
-    stgc_callback = [
-        "--trainer.callbacks+=stgc.STGC",
-        "--trainer.callbacks.loss_weight=0.05",
-        "--trainer.callbacks.histogram_every_n_steps=1",
-    ]
-    stgc(["fit", *stage3_args, *stgc_callback])
+    previous = None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)  # the pipeline reads configs/ from the working directory
+        for stage in STAGES:
+            extra = _slice(stage, easy_vqa_dir) + (STGC_CALLBACK if stage == "stage3" else [])
+            fit_stage(stage, log_root, previous, extra)
+            previous = stage
     return log_root
 
 
 def test_stage0_exports_a_clip_checkpoint_that_stage1_loads(pipeline) -> None:
-    assert (pipeline / "clip.pt").is_file()
+    clip = pipeline / "easy_vqa" / "stage0" / "clip.pt"
+    assert clip.is_file()
     assert {"train/clip_loss", "val/clip_loss", "val/retrieval_acc"} <= _scalars(
         pipeline / "easy_vqa" / "stage0"
     )
     stage1 = (pipeline / "easy_vqa" / "stage1" / "config.yaml").read_text()
-    assert f"vision_pretrained: {pipeline / 'clip.pt'}" in stage1
+    assert f"vision_pretrained: {clip}" in stage1
+
+
+def test_each_stage_starts_from_the_last_checkpoint_of_the_one_before(pipeline) -> None:
+    for before, stage in (("stage1", "stage2_text"), ("stage2_text", "stage2"), ("stage2", "stage3")):
+        trained = OmegaConf.load(pipeline / "easy_vqa" / stage / "config.yaml").model.init_args
+        assert trained.init_from == str(pipeline / "easy_vqa" / before / "checkpoints" / "last.ckpt")
 
 
 def test_each_stage_writes_checkpoints_and_metrics(pipeline) -> None:
@@ -130,12 +117,17 @@ def test_scripts_rebuild_the_prompt_layout_stage2_trained_with(pipeline) -> None
     assert (read["system_prompt"], read["max_length"]) == (trained.system_prompt, trained.max_length)
 
 
-def test_validate_and_test_a_checkpoint(pipeline, easy_vqa_dir) -> None:
+def test_validate_and_test_a_checkpoint(pipeline, easy_vqa_dir, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
     checkpoint = pipeline / "easy_vqa" / "stage2" / "checkpoints" / "last.ckpt"
-    args = _args("stage2_finetune.yaml", easy_vqa_dir, pipeline) + [
-        f"--ckpt_path={checkpoint}",
-        "--model.init_args.init_from=null",
-    ]
+    args = (
+        stage_args("stage2", pipeline)
+        + _slice("stage2", easy_vqa_dir)
+        + [
+            f"--ckpt_path={checkpoint}",
+            "--model.init_args.init_from=null",
+        ]
+    )
     validated = stgc(["validate", *args])
     assert {"val/loss", "val/vqa_acc"} <= set(validated.trainer.callback_metrics)
     tested = stgc(["test", *args, "--trainer.limit_test_batches=2"])

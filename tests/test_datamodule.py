@@ -3,22 +3,19 @@
 import re
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
+from torchvision import transforms
 
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data import InstructionDataModule, LlavaCollator, PretrainDataModule
-from stgc.data import datamodule as datamodule_module
 from stgc.data.collate import is_empty
 
 N_IMAGE = 4
 PAD = 0
 
 
-def to_tensor(image) -> torch.Tensor:
-    """(3, 8, 8) float image in [0, 1]."""
-    return torch.from_numpy(np.array(image.resize((8, 8)))).permute(2, 0, 1).float() / 255
+to_tensor = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])  # (3, 8, 8) in [0, 1]
 
 
 def record(i: int, n_turns: int = 2, image: bool = True) -> dict:
@@ -269,15 +266,6 @@ def test_setup_takes_model_inputs_from_the_trainer(write_llava, easy_vqa_tokeniz
     dm.trainer = SimpleNamespace(lightning_module=model, world_size=1, global_rank=0, accelerator=None)
     dm.setup("test")
     assert (next(iter(dm.test_dataloader()))["input_ids"] == IMAGE_TOKEN_ID).sum() == 2 * 2  # 2 records
-
-
-def test_prepare_data_runs_easy_vqa_when_files_are_missing(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(datamodule_module.easy_vqa, "prepare", calls.append)
-    train_json = tmp_path / "evqa" / "instruct_train.json"
-    dm = InstructionDataModule(train_json=str(train_json), image_folder=str(tmp_path), prepare_easy_vqa=True)
-    dm.prepare_data()
-    assert calls == [train_json.parent]
 
 
 def test_easy_vqa_end_to_end(easy_vqa_dir, easy_vqa_tokenizer):

@@ -1,15 +1,18 @@
-"""The bundled easy-VQA preparation: layout, captions consistent with answers, idempotence, tokenizer."""
+"""The bundled easy-VQA: layout, captions consistent with answers, idempotence, tokenizer, DataModules."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from stgc.data.easy_vqa import FORMAT, PALETTE, SHAPES, captions, prepare, question_type
 from stgc.data.records import load_records
 from stgc.data.templates import DEFAULT_SYSTEM_PROMPT
+from stgc.easy_vqa import EasyVQAInstructionDataModule, EasyVQAPretrainDataModule
+from stgc.easy_vqa.prepare import FORMAT, PALETTE, QUESTION_TYPES, SHAPES, captions, prepare, question_type
 
 JSON_FILES = ("pretrain_train.json", "pretrain_test.json", "instruct_train.json", "instruct_test.json")
 
@@ -137,3 +140,29 @@ def test_script_prepares(tmp_path, monkeypatch, easy_vqa_dir):
 
     monkeypatch.setattr("sys.argv", ["prepare_easy_vqa.py", "--out", str(easy_vqa_dir)])
     runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "prepare_easy_vqa.py"), run_name="__main__")
+
+
+def test_datamodules_prepare_a_missing_file_and_score_by_question_type(easy_vqa_dir, tmp_path, capsys):
+    """prepare_data runs prepare() only when a file of the DataModule is missing; the instruction
+    DataModule reports the question types that question_type() labels answers with."""
+    data = tmp_path / "easy_vqa"
+    shutil.copytree(easy_vqa_dir, data, ignore=shutil.ignore_patterns("images"))
+    (data / "images").symlink_to(easy_vqa_dir / "images")
+    files = {"image_folder": str(data / "images"), "train_json": str(data / "pretrain_train.json")}
+    EasyVQAPretrainDataModule(**files).prepare_data()
+    assert capsys.readouterr().out == ""
+    (data / "pretrain_test.json").unlink()
+    EasyVQAPretrainDataModule(**files, test_json=str(data / "pretrain_test.json")).prepare_data()
+    assert f"easy-VQA in {data}" in capsys.readouterr().out and (data / "pretrain_test.json").is_file()
+    instruct = EasyVQAInstructionDataModule(**files | {"train_json": str(data / "instruct_train.json")})
+    assert instruct.question_types == QUESTION_TYPES
+    records = json.loads((data / "instruct_test.json").read_text())
+    assert {turn["type"] for r in records for turn in r["conversations"][1::2]} == set(QUESTION_TYPES)
+
+
+def test_the_general_package_does_not_import_easy_vqa() -> None:
+    code = "import sys, stgc.cli, stgc.data, stgc.module; print(sorted(m for m in sys.modules if 'easy_vqa' in m))"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        == "[]\n"
+    )

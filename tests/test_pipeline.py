@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stgc.pipeline import fit_args, settings, stage_state
+from stgc.easy_vqa.pipeline import STAGES, chain, fit_args, settings, source, stage_config, stage_state
 from support.fit import ROOT, run, run_until_stalled
 from support.tiny import TINY_LM
 
@@ -102,3 +102,23 @@ def test_stage_state_reads_the_recorded_settings(tmp_path, monkeypatch) -> None:
     assert stage_state("stage3", tmp_path, "stage2", extra) == "new"  # killed before its first epoch ended
     (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
     assert stage_state("stage3", tmp_path, "stage2", extra) == "interrupted"
+
+
+def test_the_stage_chain_is_read_from_the_config_files(tmp_path, monkeypatch) -> None:
+    """Each stage's config names what it starts from; `make train` runs them in that order, and a
+    fit moves the links under its log root only when the stage it starts from ran just before."""
+    monkeypatch.chdir(ROOT)
+    assert chain("stage3") == list(STAGES)  # stage0 -> stage1 -> stage2_text -> stage2 -> stage3
+    assert [source(stage) for stage in STAGES] == [None, *list(STAGES)[:-1]]
+    assert all(stage_config(stage).trainer.logger.init_args.version == stage for stage in STAGES)
+    stage1 = fit_args("stage1", tmp_path, "stage0", [])
+    assert stage1[-1] == f"--model.init_args.vision_pretrained={tmp_path / 'easy_vqa' / 'stage0' / 'clip.pt'}"
+    assert fit_args("stage0", tmp_path, None, [])[-1] == (
+        f"--model.init_args.export_path={tmp_path / 'easy_vqa' / 'stage0' / 'clip.pt'}"
+    )
+    stage3 = fit_args("stage3", tmp_path, "stage2", [])
+    assert (
+        stage3[-1]
+        == f"--model.init_args.init_from={tmp_path / 'easy_vqa' / 'stage2' / 'checkpoints' / 'last.ckpt'}"
+    )
+    assert not any("init_from" in arg for arg in fit_args("stage3", tmp_path, "stage1", []))

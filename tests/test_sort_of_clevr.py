@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from stgc.data.records import load_records
-from stgc.data.sort_of_clevr import HALF_SIZE, PALETTE, QUESTION_TYPES, SPLITS, prepare
+from stgc.sort_of_clevr.prepare import HALF_SIZE, PALETTE, QUESTION_TYPES, SPLITS, prepare
 
 QUESTIONS = {  # question pattern -> subtype, written out here independently of the generator's templates
     r"what is the shape of the (\w+) object\?": "shape",

@@ -2,7 +2,6 @@
 
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from stgc.data import easy_vqa
 from stgc.data.collate import LlavaCollator, pad_token_id
 from stgc.data.dataset import ImageTransform, LlavaDataset
 from stgc.data.records import Record, load_records
@@ -54,7 +52,6 @@ class LlavaDataModule(LightningDataModule):
         seed: int = 0,
         skip_bad_records: bool = True,
         limit_records: int | None = None,
-        prepare_easy_vqa: bool = False,
         group_by_length: bool = False,
         question_types: Sequence[str] = (),
     ) -> None:
@@ -111,12 +108,6 @@ class LlavaDataModule(LightningDataModule):
         self.template = self.make_template(tokenizer, num_image_tokens)
         self.collator = LlavaCollator(pad_token_id(tokenizer))
         self.transforms = {"train": train_transform, "eval": eval_transform}
-
-    def prepare_data(self) -> None:
-        """Write the bundled easy-VQA data next to train_json when asked to and a file is missing."""
-        files = [f for split_files in self.files.values() for f in split_files or () if f]
-        if self.hparams.prepare_easy_vqa and not all(Path(f).is_file() for f in files):
-            easy_vqa.prepare(Path(self.files["train"][0]).parent)
 
     def setup(self, stage: str) -> None:
         """Attach the model's tokenizer/transforms if needed, then build the datasets of `stage`."""

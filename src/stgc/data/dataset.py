@@ -121,10 +121,25 @@ class LlavaDataset(Dataset):
         """Transformed RGB image, or zeros of the transform's output shape for a text-only record."""
         if record.image is None:
             if self._blank is None:
-                self._blank = torch.zeros_like(self.image_transform(Image.new("RGB", (64, 64))))
+                height, width = output_size(self.image_transform)
+                self._blank = torch.zeros_like(self.image_transform(Image.new("RGB", (width, height))))
             return self._blank
         try:
             with Image.open(record.image) as img:
                 return self.image_transform(img.convert("RGB"))
         except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
             raise record.error("bad_image", f"cannot decode {record.image}: {err}") from err
+
+
+def output_size(transform: ImageTransform) -> tuple[int, int]:
+    """(H, W) of every image a torchvision-style transform (open_clip's) gives: the `size` of its last
+    resize or crop step. A text-only record's blank image has it, so it batches with the others."""
+    steps = getattr(transform, "transforms", [transform])  # a Compose, or a single step
+    sizes = [step.size for step in steps if isinstance(getattr(step, "size", None), int | Sequence)]
+    if not sizes:
+        raise ValueError(
+            f"image transform {transform!r} has no resize or crop step with a `size`: a text-only "
+            "record needs one to know the size of its blank image"
+        )
+    size = sizes[-1]
+    return (size, size) if isinstance(size, int) else (size[0], size[-1])

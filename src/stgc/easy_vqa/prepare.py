@@ -114,8 +114,8 @@ def split_records(split: str) -> tuple[list[dict], list[dict], list[dict]]:
     gold answers sit in the context of the later questions). The text-only records are the
     questions that ask for or name a colour, with the image's caption stated first ("the image shows
     a blue rectangle. is there a red shape?"); the easy-vqa pipeline trains on them before the image
-    questions, so the LM learns to compare the asked colour with a stated one (README, "Why yes/no
-    needs the text warm-up").
+    questions, so the LM learns to compare the asked colour with a stated one (docs/experiments.md,
+    "Why yes/no needs the text warm-up").
     """
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = {i: Path(p) for i, p in getattr(easy_vqa, f"get_{split}_image_paths")().items()}

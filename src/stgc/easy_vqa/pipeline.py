@@ -1,11 +1,14 @@
 """The easy-vqa pipeline, stage by stage: which config files and links each `stgc fit` gets.
 
-Run from the repository root (configs/ is read from there). Stage 0 CLIP-pretrains the vision
-tower and exports `clip.pt`, which stage I loads; the text warm-up, II and III start from the previous
-stage's last checkpoint. Logs and checkpoints go to <log_root>/easy_vqa/<stage>/, beside
-`pipeline.json`: the settings the stage was last fitted with (its `stgc fit` arguments and the text of
-its config files), whether that fit finished, its wall time and final val metrics. A rerun uses it
-to keep finished stages and to resume an interrupted one from its last.ckpt (`stage_state`).
+Run from the repository root (configs/ is read from there). The stage chain is written once, in
+the stage config files: a stage's model paths under the logger's folder (`logs/easy_vqa/<stage>/...`)
+name what it starts from (stage I: stage 0's `clip.pt`; the text warm-up, II and III: the previous
+stage's last checkpoint) and what it writes (stage 0: `clip.pt`). `source()` and `chain()` read
+them; `fit_args()` moves them under another log root. Logs and checkpoints go to
+<log_root>/easy_vqa/<stage>/, beside `pipeline.json`: the settings the stage was last fitted with
+(its `stgc fit` arguments and the text of its config files), whether that fit finished, its wall
+time and final val metrics. A rerun uses it to keep finished stages and to resume an interrupted
+one from its last.ckpt (`stage_state`).
 """
 
 import json
@@ -16,12 +19,12 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from stgc.cli import run as stgc
 
 CONFIGS = Path("configs")
-STAGES = {
+STAGES = {  # stage (its logger version) -> its config file under configs/easy_vqa/, in training order
     "stage0": "stage0_clip.yaml",
     "stage1": "stage1_pretrain.yaml",
     "stage2_text": "stage2_text.yaml",
@@ -30,10 +33,46 @@ STAGES = {
 }
 
 
+def stage_config(stage: str) -> DictConfig:
+    """A stage's config file."""
+    return OmegaConf.load(CONFIGS / "easy_vqa" / STAGES[stage])
+
+
 def stage_data_args(stage: str) -> dict[str, Any]:
     """The DataModule init_args a stage's config file sets (for scripts that rebuild its data)."""
-    config = OmegaConf.load(CONFIGS / "easy_vqa" / STAGES[stage])
-    return OmegaConf.to_container(config.data.init_args)
+    return OmegaConf.to_container(stage_config(stage).data.init_args)
+
+
+def stage_paths(stage: str) -> dict[str, tuple[str, Path]]:
+    """The stage's model paths inside a stage's run folder, as its config file gives them:
+    {model init_args key: (the stage whose folder holds it, the path inside that folder)}."""
+    config = stage_config(stage)
+    logger = config.trainer.logger.init_args
+    runs = Path(logger.save_dir) / logger.name  # logs/easy_vqa: where the stages' run folders are
+    paths = {}
+    for key, value in config.model.init_args.items():
+        if isinstance(value, str) and Path(value).is_relative_to(runs):
+            owner, *inside = Path(value).relative_to(runs).parts
+            if owner not in STAGES:
+                raise ValueError(f"{STAGES[stage]}: model.init_args.{key}={value} is in no stage's folder")
+            paths[key] = (owner, Path(*inside))
+    return paths
+
+
+def source(stage: str) -> str | None:
+    """The stage whose output this stage starts from (None: the first stage)."""
+    owners = {owner for owner, _ in stage_paths(stage).values() if owner != stage}
+    if len(owners) > 1:
+        raise ValueError(f"{STAGES[stage]} starts from several stages: {sorted(owners)}")
+    return next(iter(owners), None)
+
+
+def chain(stage: str) -> list[str]:
+    """The stages that lead to `stage` and the stage itself, first to last."""
+    stages = [stage]
+    while (before := source(stages[0])) is not None:
+        stages.insert(0, before)
+    return stages
 
 
 def run_folder(log_root: str | Path, stage: str) -> Path:
@@ -55,15 +94,14 @@ def stage_args(stage: str, log_root: str | Path) -> list[str]:
 
 
 def fit_args(stage: str, log_root: str | Path, previous: str | None, extra: list[str]) -> list[str]:
-    """`stgc fit` arguments of one stage, linked to what the previous stage wrote (extra arguments
-    come before the links, so they cannot unlink the stages)."""
-    clip = run_folder(log_root, "stage0") / "clip.pt"
-    if stage == "stage0":
-        links = [f"--model.init_args.export_path={clip}"]
-    elif stage == "stage1":
-        links = [f"--model.init_args.vision_pretrained={clip}"]
-    else:
-        links = [f"--model.init_args.init_from={last_checkpoint(log_root, previous)}"] if previous else []
+    """`stgc fit` arguments of one stage, its config's paths moved under log_root: what it writes,
+    and what it starts from when that is what `previous` (the stage fitted before it) wrote; extra
+    arguments come before these links, so they cannot unlink the stages."""
+    links = [
+        f"--model.init_args.{key}={run_folder(log_root, owner) / inside}"
+        for key, (owner, inside) in stage_paths(stage).items()
+        if owner in (stage, previous)
+    ]
     return ["fit", *stage_args(stage, log_root), *extra, *links]
 
 
