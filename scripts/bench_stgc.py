@@ -1,6 +1,8 @@
 """What does STGC cost? Training steps with and without the callback, alternated in one run.
 
-For the default stage III easy-vqa model (and a larger LM shape) on a fixed batch:
+For the stage III easy-vqa model of the configs (configs/easy_vqa/model.yaml + stage3_moe.yaml,
+untrained; and a larger LM shape) on a fixed batch, each step a `Trainer.fit` step with the
+callback of stage3_moe_stgc.yaml, as users run it:
   * step time: plain, STGC with conflicts every step, STGC every 4th step (paired by repetition);
   * s, the experts' share of the plain step (their fwd+bwd timed alone on the step's own rows),
     and the floor 1 + s/3 that exact cosines cannot beat (one extra product per expert linear);
@@ -12,103 +14,139 @@ For the default stage III easy-vqa model (and a larger LM shape) on a fixed batc
 
     python scripts/bench_stgc.py [--quick] [--out results/bench_stgc.json]
 
-The last line prints the step-time and peak-memory ratios.
+Run from the repository root (it reads configs/). The last line prints the step-time and
+peak-memory ratios.
 """
 
 import argparse
 import json
+import logging
 import resource
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from omegaconf import OmegaConf
 from torch.func import functional_call, grad
+from torch.utils.data import DataLoader
 
 from stgc import STGC
 from stgc.conflict import linear_gradient_terms, token_gradient_cosine
-from stgc.constants import IMAGE_TOKEN_ID
+from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from stgc.data.dataset import output_size
 from stgc.easy_vqa.prepare import prepare
 from stgc.module import LVLMModule
-from stgc.moe import moe_layers, moe_losses
+from stgc.moe import moe_layers
 
-DATA = Path("data/easy_vqa")
-LM = {  # the easy-vqa LM (configs/easy_vqa/model.yaml) and a larger one
-    "default": {"hidden_size": 192, "intermediate_size": 512, "num_attention_heads": 4},
-    "large": {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8},
+CONFIGS = Path("configs")
+SHAPES = ("default", "large")  # the configured model; the same with a wider LM (LARGER_LM)
+LARGER_LM = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8}
+# what each variant changes in the configured callback (None: no callback)
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "plain": None,
+    "stgc_every_step": {"every_n_steps": 1},
+    "stgc_every_4": {"every_n_steps": 4},
 }
+QUIET = {"histogram_every_n_steps": 0}  # the bench has no logger to draw histograms for
+STEPS_PER_FIT = 4  # timed steps per fit, after one untimed step (optimizer state, first-call costs)
 
 
-def build(shape: str, device: str) -> LVLMModule:
-    """Stage III: the easy-vqa LVLM with 4-expert top-2 MoE in every other layer; experts and routers train."""
+def config(path: str) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.load(CONFIGS / path), resolve=True)
+
+
+def model_args(shape: str) -> dict[str, Any]:
+    """LVLMModule arguments of the configured stage III model, untrained; "large" widens its LM."""
+    model, stage3 = config("easy_vqa/model.yaml"), config("easy_vqa/stage3_moe.yaml")
+    args = model["model"]["init_args"] | stage3["model"]["init_args"] | {"init_from": None}
+    if shape == "large":
+        args["lm_config"] = args["lm_config"] | LARGER_LM
+    return args
+
+
+def stgc_args() -> dict[str, Any]:
+    """The STGC callback's arguments in stage3_moe_stgc.yaml."""
+    callbacks = config("easy_vqa/stage3_moe_stgc.yaml")["trainer"]["callbacks"]
+    return next(c["init_args"] for c in callbacks if c["class_path"] == "stgc.STGC")
+
+
+def trainer_args() -> dict[str, Any]:
+    """The configured Trainer settings that change a step's work (precision, clipping)."""
+    trainer = config("trainer.yaml")["trainer"]
+    return {key: trainer[key] for key in ("accelerator", "precision", "gradient_clip_val")}
+
+
+def build(shape: str) -> LVLMModule:
+    """The stage III model; routers perturbed, since trained routers are not uniform: routing matters."""
     torch.manual_seed(0)
-    lm = {
-        "model_type": "qwen2",
-        "num_hidden_layers": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "tie_word_embeddings": True,
-        **LM[shape],
-    }
-    module = LVLMModule(
-        tokenizer=str(DATA / "tokenizer"),
-        lm_config=lm,
-        moe={"num_experts": 4, "top_k": 2},
-        trainable=["experts", "routers"],
-    )
-    for layer in moe_layers(module.model).values():  # trained routers are not uniform: make routing matter
+    module = LVLMModule(**model_args(shape))
+    for layer in moe_layers(module.model).values():
         torch.nn.init.normal_(layer.router.weight, std=0.05)
-    return module.to(device)
+    return module
 
 
-def batch(module: LVLMModule, batch_size: int, text_tokens: int, device: str) -> dict[str, torch.Tensor]:
+def batch(module: LVLMModule, batch_size: int, text_tokens: int) -> dict[str, torch.Tensor]:
     """A stage III-shaped batch: the image positions then text, every position trained but the image."""
     generator = torch.Generator().manual_seed(0)
-    vocab = len(module.tokenizer)
-    text = torch.randint(4, vocab, (batch_size, text_tokens), generator=generator)
+    text = torch.randint(4, len(module.tokenizer), (batch_size, text_tokens), generator=generator)
     image = torch.full((batch_size, module.num_image_tokens), IMAGE_TOKEN_ID)
     ids = torch.cat([image, text], dim=1)
+    height, width = output_size(module.image_transform(False))
     return {
-        "images": torch.randn(batch_size, 3, 64, 64, generator=generator).to(device),
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones_like(ids).to(device),
-        "labels": ids.masked_fill(ids == IMAGE_TOKEN_ID, -100).to(device),
+        "images": torch.randn(batch_size, 3, height, width, generator=generator),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX),
     }
 
 
-class Stepper:
-    """One optimizer step of the LM loss + aux loss, optionally driving an STGC callback by hand."""
+def to_device(data: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in data.items()}
 
-    def __init__(self, module: LVLMModule, data: dict, callback: STGC | None, every_n: int = 1) -> None:
-        self.module, self.data, self.callback, self.every_n = module, data, callback, every_n
-        self.optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1e-4)
-        self.trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False)
-        self.trainer.strategy.connect(module)
-        self.count = 0
-        if callback is not None:
-            callback.setup(self.trainer, module, "fit")
 
-    def __call__(self) -> None:
-        active = self.callback is not None and self.count % self.every_n == 0
-        if self.callback is not None:
-            self.callback._active = active
-            for probe in self.callback.probes:
-                probe.start(active)
-        loss = self.module(self.data).loss + 0.01 * moe_losses(self.module.model)[0]
-        loss.backward()
-        if active:
-            self.callback.on_after_backward(self.trainer, self.module)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.count += 1
+class StepClock(L.Callback):
+    """Wall time of each training step, from its first hook to its end (put it first in the list)."""
 
-    def close(self) -> None:
-        if self.callback is not None:
-            self.callback.teardown(self.trainer, self.module, "fit")
+    def __init__(self, device: str) -> None:
+        self.device, self.times, self._start = device, [], 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter() - self._start)
+
+
+def fit_steps(module: LVLMModule, data: dict, variant: str, steps: int, device: str) -> list[float]:
+    """`steps` training steps of one variant through Trainer.fit (a fresh trainer: global step 0 is
+    STGC's first active step); the seconds of each."""
+    change = VARIANTS[variant]
+    callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
+    clock = StepClock(device)
+    trainer = L.Trainer(
+        **trainer_args(),
+        devices=1,
+        max_steps=steps,
+        callbacks=[clock, *callbacks],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, DataLoader([data] * steps, batch_size=None))
+    return clock.times
 
 
 def sync(device: str) -> None:
@@ -124,24 +162,17 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def step_times(shape: str, data: dict, reps: int, device: str) -> dict[str, list[float]]:
-    """Per-repetition times of the three variants, run round-robin on identical copies of the model
-    (so no variant pays for another's hooks); 'every_4' is the mean of 4 steps."""
-    quiet = {"log_every_n_steps": 10**9, "histogram_every_n_steps": 0}
-    variants = {
-        "plain": Stepper(build(shape, device), data, None),
-        "stgc_every_step": Stepper(build(shape, device), data, STGC(loss_weight=0.01, **quiet)),
-        "stgc_every_4": Stepper(build(shape, device), data, STGC(loss_weight=0.01, **quiet), every_n=4),
-    }
-    times = {name: [] for name in variants}
+def step_times(shape: str, batch_shape: tuple[int, int], reps: int, device: str) -> dict[str, list[float]]:
+    """Per-repetition step times of the variants, run round-robin on identical copies of the model
+    (so no variant pays for another's hooks): each the mean of STEPS_PER_FIT steps of one fit."""
+    modules = {variant: build(shape) for variant in VARIANTS}
+    steps = batch(modules["plain"], *batch_shape)
+    times = {variant: [] for variant in VARIANTS}
     for rep in range(reps + 2):  # the first two rounds warm up
-        for name, stepper in variants.items():
-            steps = 4 if name == "stgc_every_4" else 1
-            elapsed = sum(timed(stepper, device) for _ in range(steps)) / steps
+        for variant, module in modules.items():
+            elapsed = fit_steps(module, steps, variant, 1 + STEPS_PER_FIT, device)[1:]
             if rep >= 2:
-                times[name].append(elapsed)
-    for stepper in variants.values():
-        stepper.close()
+                times[variant].append(statistics.fmean(elapsed))
     return times
 
 
@@ -277,18 +308,12 @@ def peak_memory(shape: str, variant: str, batch_size: int, text_tokens: int, dev
 
 
 def memory_probe(shape: str, variant: str, batch_size: int, text_tokens: int, device: str) -> None:
-    module = build(shape, device)
-    data = batch(module, batch_size, text_tokens, device)
-    callback = (
-        STGC(loss_weight=0.01, log_every_n_steps=10**9, histogram_every_n_steps=0)
-        if variant == "stgc"
-        else None
-    )
-    stepper = Stepper(module, data, callback)
+    """Print the peak memory (MiB) of three training steps of one variant, from a fresh process."""
+    module = build(shape)
+    steps = batch(module, batch_size, text_tokens)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(3):
-        stepper()
+    fit_steps(module, steps, variant, 3, device)
     peak = (
         torch.cuda.max_memory_allocated()
         if device == "cuda"
@@ -302,9 +327,9 @@ def median_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 
 def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
-    module = build(shape, device)
-    data = batch(module, args.batch_size, args.text_tokens, device)
-    times = step_times(shape, data, args.reps, device)
+    times = step_times(shape, (args.batch_size, args.text_tokens), args.reps, device)
+    module = build(shape).to(device)
+    data = to_device(batch(module, args.batch_size, args.text_tokens), device)
     plain = statistics.median(times["plain"])
     experts = captured_experts(module, data)
     experts_alone = statistics.median(experts_time(experts, device) for _ in range(args.reps))
@@ -323,11 +348,15 @@ def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
             peak_memory(shape, variant, args.batch_size, args.text_tokens, device)
             for _ in range(args.memory_reps)
         )
-        for variant in ("plain", "stgc")
+        for variant in ("plain", "stgc_every_step")
     }
-    hidden, intermediate = LM[shape]["hidden_size"], LM[shape]["intermediate_size"]
+    lm = module.hparams.lm_config
     return {
-        "shape": {"lm": LM[shape], "batch": [args.batch_size, module.num_image_tokens + args.text_tokens]},
+        "shape": {
+            "lm": lm,
+            "batch": [args.batch_size, module.num_image_tokens + args.text_tokens],
+            "image_tokens": module.num_image_tokens,
+        },
         "plain_step_ms": 1e3 * plain,
         "stgc_step_ms": 1e3 * statistics.median(times["stgc_every_step"]),
         "stgc_every_4_step_ms": 1e3 * statistics.median(times["stgc_every_4"]),
@@ -341,8 +370,8 @@ def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
         "extra_vs_materialised": stgc_extra / materialised,
         "extra_vs_second_backward": stgc_extra / second,
         "peak_mib": memory,
-        "memory_ratio": memory["stgc"] / memory["plain"],
-        "linearity": linearity(hidden, intermediate, args.sizes, device),
+        "memory_ratio": memory["stgc_every_step"] / memory["plain"],
+        "linearity": linearity(lm["hidden_size"], lm["intermediate_size"], args.sizes, device),
     }
 
 
@@ -367,15 +396,19 @@ def print_table(results: dict, header: bool = True) -> None:
 
 
 def main() -> None:
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per fit
+    warnings.filterwarnings("ignore", category=PossibleUserWarning)  # "few dataloader workers"
     if len(sys.argv) > 1 and sys.argv[1] == "--memory-probe":
         shape, variant, batch_size, text_tokens, device = sys.argv[2:]
         memory_probe(shape, variant, int(batch_size), int(text_tokens), device)
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="default shape only, small batch (< 60 s)")
+    parser.add_argument(
+        "--quick", action="store_true", help="default shape only, small batch, few repetitions"
+    )
     parser.add_argument("--out", default="results/bench_stgc.json")
     parser.add_argument(
-        "--shapes", nargs="+", choices=list(LM), default=list(LM), help="ignored with --quick"
+        "--shapes", nargs="+", choices=SHAPES, default=list(SHAPES), help="ignored with --quick"
     )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20, quick 6)")
     args = parser.parse_args()
@@ -384,7 +417,7 @@ def main() -> None:
     args.reps = args.reps or (6 if args.quick else 20)
     args.sizes = [256, 512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    prepare(DATA)  # the tokenizer of the easy-vqa model (idempotent)
+    prepare(Path(model_args("default")["tokenizer"]).parent)  # the model's tokenizer (idempotent)
     shapes = ["default"] if args.quick else args.shapes
     results = {}
     for shape in shapes:

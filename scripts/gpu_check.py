@@ -1,4 +1,6 @@
-"""A few minutes on a GPU: does stage III + STGC behave there? Prints, per precision (bf16-mixed, 16-mixed):
+"""A few minutes on a GPU: does stage III + STGC behave there?
+
+Prints, per precision (bf16-mixed, 16-mixed):
 
   * the step-time ratio STGC / plain against the floor 1 + s/3 (s = the experts' share of a plain step),
   * host-device syncs per training step with and without STGC (counted; on CUDA also seen by

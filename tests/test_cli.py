@@ -111,7 +111,7 @@ def test_stage3_logs_routing_and_stgc_statistics(pipeline) -> None:
 
 
 def test_scripts_rebuild_the_prompt_layout_stage2_trained_with(pipeline) -> None:
-    """scripts/ (ask, vqa_errors, ...) read stage II's data settings from its config file."""
+    """scripts/ask.py reads stage II's data settings from its config file."""
     trained = OmegaConf.load(pipeline / "easy_vqa" / "stage2" / "config.yaml").data.init_args
     read = stage_data_args("stage2")
     assert (read["system_prompt"], read["max_length"]) == (trained.system_prompt, trained.max_length)

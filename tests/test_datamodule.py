@@ -10,6 +10,8 @@ from torchvision import transforms
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data import InstructionDataModule, LlavaCollator, PretrainDataModule
 from stgc.data.collate import is_empty
+from stgc.data.dataset import output_size
+from stgc.model.vision import VisionTower
 
 N_IMAGE = 4
 PAD = 0
@@ -306,6 +308,19 @@ def test_one_id_with_three_conversations_about_one_image_trains_all_three(write_
             assert [len(r.turns) for r in train if r.id == "r0"] == [1, 2, 3]
         assert dm.skip_report() == {}
     assert 0 < trained < 4  # the seeds put them on both sides
+
+
+def test_a_blank_image_has_the_size_the_transform_gives() -> None:
+    """A text-only record's zero image batches with real ones: its size is the transform's output
+    size (open_clip's train and eval transforms; the 8x8 Resize above), never a fixed one."""
+    tower = VisionTower("stgc-vit-tiny")
+    size = tower.visual.image_size
+    assert (
+        output_size(tower.image_transform(True)) == output_size(tower.image_transform(False)) == tuple(size)
+    )
+    assert output_size(to_tensor) == (8, 8)
+    with pytest.raises(ValueError, match="no resize or crop step"):
+        output_size(lambda image: image)
 
 
 def test_several_files_one_dataset_each_with_its_own_image_folder(tmp_path, easy_vqa_tokenizer):
