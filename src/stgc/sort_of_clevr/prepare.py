@@ -12,7 +12,7 @@ Layout written by prepare(out_dir):
     scenes_{split}.json                      each image's objects: colour, shape, centre (x, y)
     pretrain_{split}.json                    one caption per image ("red square top left, ...")
     instruct_{split}.json                    QUESTIONS_PER_SUBTYPE questions per subtype per image
-    instruct_text_{split}.json               TEXT_QUESTIONS_PER_IMAGE of them per image, text only
+    instruct_text_{split}.json               3 of them per image (one per family), text only
     tokenizer/                               byte-level BPE on these texts, loadable with AutoTokenizer
     FORMAT                                   the layout version, so older layouts are rebuilt
 """
@@ -30,7 +30,6 @@ from stgc.data.preparation import conversation_texts, train_tokenizer, write_jso
 FORMAT = "1"
 SPLITS = {"train": 4000, "val": 500, "test": 1000}  # images per split
 QUESTIONS_PER_SUBTYPE = 2  # colours asked per subtype per image: 6 subtypes -> 12 questions an image
-TEXT_QUESTIONS_PER_IMAGE = 3  # one of each family: non-relational, relational, count
 IMAGE_SIZE = 75
 HALF_SIZE = 5  # a square spans centre +- 5 pixels; a circle has radius 5 (Santoro et al.'s sizes)
 BACKGROUND = (255, 255, 255)
@@ -170,7 +169,7 @@ def image_records(
         ]
         instruct.append({"id": f"{record_id}_q{k}", "image": image, "conversations": conversation})
     text, stated = [], describe(scene, rng.permutation(len(scene)).tolist())
-    for family in FAMILIES[:TEXT_QUESTIONS_PER_IMAGE]:  # one question of each family, drawn from the asked
+    for family in FAMILIES:  # one question of each family, drawn from those asked about the image
         k = int(rng.choice([k for k, (s, _) in enumerate(asked) if SUBTYPES[s][0] == family]))
         subtype, colour = asked[k]
         conversation = [
@@ -182,8 +181,8 @@ def image_records(
 
 
 def split_seed(seed: int, split: str) -> list[int]:
-    """The RNG seed of one split: splits draw independent scenes."""
-    return [seed, list(SPLITS).index(split)]
+    """The RNG seed of one split, from its name: splits draw independent scenes."""
+    return [seed, *split.encode()]
 
 
 def write_split(split: str, n_images: int, seed: int, out_dir: Path) -> dict[str, list[dict]]:
