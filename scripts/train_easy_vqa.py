@@ -1,5 +1,7 @@
-"""The pipeline behind `make train`: stages 0 -> I -> II (text, then images) -> III on easy-vqa
-(`--pipeline mix`, `make train-mix`: on easy-vqa + Sort-of-CLEVR + its text-only family).
+"""The pipeline behind `make train`: stages 0 -> I -> II (text, then images) -> III on easy-vqa.
+
+With `--pipeline mix` (`make train-mix`): the same stages on easy-vqa + Sort-of-CLEVR + its
+text-only family (configs/mix/).
 
 Each stage is one `stgc fit` (see stgc.easy_vqa.pipeline); the stage II model and the final one are tested
 on the pipeline's test split. Prints each stage's wall time and validation metrics, the test metrics,
