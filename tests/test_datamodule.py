@@ -365,3 +365,5 @@ def test_several_files_one_dataset_each_with_its_own_image_folder(tmp_path, easy
         InstructionDataModule(train_json=["x", "y"], image_folder=["p", "q", "r"])
     with pytest.raises(ValueError, match="test_json lists 1 entries for 2 train_json files"):
         InstructionDataModule(train_json=["x", "y"], image_folder="p", test_json="z")
+    with pytest.raises(ValueError, match="only val_json takes null"):
+        InstructionDataModule(train_json=["x", None], image_folder="p")

@@ -83,6 +83,8 @@ class LlavaDataModule(LightningDataModule):
                 raise ValueError(
                     f"{name} lists {len(files)} entries for {n_datasets} train_json files: give one per dataset"
                 )
+        if None in self.files["train"] + (self.files["test"] or []):
+            raise ValueError("train_json and test_json entries must be files; only val_json takes null")
         self.question_types = tuple(question_types)
         self.template: Template | None = None
         self.collator: LlavaCollator | None = None
