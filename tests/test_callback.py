@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from stgc.callback import STGC, find_moe_probes
 from stgc.conflict.hf_experts import restore_experts, use_stgc_experts
+from stgc.constants import MODALITIES
 from stgc.moe import SparseMoE
 from support.lightning_models import (
     CausalLMModule,
@@ -252,7 +253,8 @@ def test_modality_split_is_logged_for_our_moe() -> None:
             from stgc.moe import routing_context
 
             (ids,) = batch
-            modality = (torch.arange(ids.shape[1]) < 4).long().expand_as(ids)  # first 4 positions "image"
+            image = torch.arange(ids.shape[1]) < 4  # the first 4 positions
+            modality = torch.where(image, MODALITIES["image"], MODALITIES["text"]).expand_as(ids)
             with routing_context(self.model, torch.ones_like(ids, dtype=torch.bool), modality):
                 return self.model(input_ids=ids, labels=ids).loss
 

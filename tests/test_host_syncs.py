@@ -7,6 +7,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from stgc import STGC
+from stgc.constants import MODALITIES
 from stgc.host_syncs import HostSyncCounter
 from stgc.moe import moe_losses, routing_context, upcycle
 from support.lightning_models import VOCAB, token_batches
@@ -70,7 +71,8 @@ def _step_syncs(num_layers: int, with_stgc: bool) -> int:
         callback.on_train_batch_start(trainer, module, None, 0)
     ids = next(iter(token_batches()))[0]
     mask = torch.ones_like(ids, dtype=torch.bool)
-    modality = (torch.arange(ids.shape[1]) < 4).long().expand_as(ids)
+    image = torch.arange(ids.shape[1]) < 4  # the first 4 positions
+    modality = torch.where(image, MODALITIES["image"], MODALITIES["text"]).expand_as(ids)
     with HostSyncCounter() as syncs:
         with routing_context(model, mask, modality):
             loss = model(input_ids=ids, labels=ids).loss + 0.01 * moe_losses(model)[0]

@@ -17,6 +17,7 @@ from transformers import (
 )
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
+from stgc.constants import MODALITIES
 from stgc.moe import SparseMoE, moe_layers, moe_losses, routing_context, routing_stats, upcycle
 
 VOCAB = 97
@@ -144,7 +145,7 @@ def test_padding_excluded_from_routing() -> None:
     moe = tiny_moe(num_experts=4, top_k=2)
     x = torch.randn(2, 6, 16)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    with routing_context(moe, token_mask=mask, modality=torch.ones(2, 6, dtype=torch.long)):
+    with routing_context(moe, token_mask=mask, modality=torch.full((2, 6), MODALITIES["image"])):
         out = moe(x)
     masked = moe.last_routing
     assert moe.token_mask is None and moe.modality is None

@@ -5,7 +5,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from stgc.constants import IMAGE_TOKEN_ID
+from stgc.constants import IMAGE_TOKEN_ID, MODALITIES
 from stgc.model.vision import VisionTower
 from stgc.moe import routing_context
 
@@ -51,8 +51,9 @@ class LVLM(nn.Module):
     ) -> CausalLMOutputWithPast:
         """Teacher-forced pass; with labels, `.loss` is the mean CE over non-ignored targets."""
         embeds, image_mask = self.embed(images, input_ids)
-        # MoE layers route only real tokens and record each token's modality (1 image, 0 text).
-        with routing_context(self.language_model, attention_mask.bool(), image_mask.long()):
+        # MoE layers route only real tokens and record each token's modality
+        modality = torch.where(image_mask, MODALITIES["image"], MODALITIES["text"])  # (B, T)
+        with routing_context(self.language_model, attention_mask.bool(), modality):
             return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
     @torch.no_grad()
