@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data train test lint bench clean
+.PHONY: install data data-mix train train-mix test lint bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,14 @@ data: install
 train: data
 	$(PY) scripts/train_easy_vqa.py
 
+# The mixed pipeline: easy-vqa + Sort-of-CLEVR + its text-only family, one tokenizer for both (hours on 2 cores).
+data-mix: data
+	$(PY) scripts/prepare_sort_of_clevr.py --out data/sort_of_clevr
+	$(PY) scripts/prepare_mix.py data/easy_vqa data/sort_of_clevr --out data/mix/tokenizer
+
+train-mix: data-mix
+	$(PY) scripts/train_easy_vqa.py --pipeline mix
+
 test: install
 	$(PY) -m ruff check src tests scripts examples
 	$(PY) -m pytest
@@ -28,4 +36,4 @@ bench: install
 	$(PY) scripts/bench_moe.py
 
 clean:
-	rm -rf logs/easy_vqa data
+	rm -rf logs/easy_vqa logs/mix data

@@ -157,7 +157,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     generate(args.out, args.records, args.image_files, args.image_paths)
     if "datamodule" in args.what and not (args.out / "tokenizer").is_dir():
-        from stgc.easy_vqa.prepare import train_tokenizer
+        from stgc.data.preparation import train_tokenizer
 
         train_tokenizer([" ".join(WORDS)] * 10, args.out / "tokenizer")
     for what in args.what:

@@ -1,12 +1,15 @@
-"""The default pipeline behind `make train`: stages 0 -> I -> II (text, then images) -> III on easy-vqa.
+"""The pipeline behind `make train`: stages 0 -> I -> II (text, then images) -> III on easy-vqa.
+
+With `--pipeline mix` (`make train-mix`): the same stages on easy-vqa + Sort-of-CLEVR + its
+text-only family (configs/mix/).
 
 Each stage is one `stgc fit` (see stgc.easy_vqa.pipeline); the stage II model and the final one are tested
-on the easy-vqa test split. Prints each stage's wall time and validation metrics, the test metrics,
+on the pipeline's test split. Prints each stage's wall time and validation metrics, the test metrics,
 the peak resident memory, and the TensorBoard command. Extra arguments go to every run
 (e.g. --trainer.max_epochs=1).
 
 A rerun keeps each stage that finished with the same settings (its `stgc fit` arguments and the
-text of its config files, recorded in <log-root>/easy_vqa/<stage>/pipeline.json), resumes an
+text of its config files, recorded in <log-root>/<pipeline>/<stage>/pipeline.json), resumes an
 interrupted stage from its last.ckpt (written at every epoch end, so the resumption is exact), and
 trains every later stage again; it says which. --fresh starts every stage from scratch.
 """
@@ -20,6 +23,8 @@ from pathlib import Path
 import torch
 
 from stgc.easy_vqa.pipeline import (
+    DEFAULT,
+    PIPELINES,
     STAGES,
     fit_stage,
     last_checkpoint,
@@ -30,33 +35,38 @@ from stgc.easy_vqa.pipeline import (
 )
 
 
-def run(stages: list[str], extra: list[str], log_root: str, fresh: bool = False) -> dict:
+def run(
+    stages: list[str], extra: list[str], log_root: str, fresh: bool = False, pipeline: str = DEFAULT
+) -> dict:
     report, previous, keep = {}, None, not fresh
     for stage in stages:
-        state = stage_state(stage, log_root, previous, extra) if keep else "new"
+        state = stage_state(stage, log_root, previous, extra, pipeline=pipeline) if keep else "new"
         keep = state == "finished"  # once a stage trains, the later ones start from what it writes
         if state == "finished":
-            record = stage_record(log_root, stage)
+            record = stage_record(log_root, stage, pipeline=pipeline)
             report[stage] = {"wall_s": record["wall_s"], **record["val"], "kept": True}
             print(f"[{stage}] kept: finished earlier with the same settings", flush=True)
         else:
             if state == "interrupted":
-                epoch = torch.load(last_checkpoint(log_root, stage), map_location="cpu", weights_only=True)[
-                    "epoch"
-                ]
+                checkpoint = last_checkpoint(log_root, stage, pipeline=pipeline)
+                epoch = torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"]
                 print(
-                    f"[{stage}] resuming from {last_checkpoint(log_root, stage)} (end of epoch {epoch})",
+                    f"[{stage}] resuming from {checkpoint} (end of epoch {epoch})",
                     flush=True,
                 )
             start = time.perf_counter()
-            cli = fit_stage(stage, log_root, previous, extra, resume=state == "interrupted")
+            cli = fit_stage(
+                stage, log_root, previous, extra, resume=state == "interrupted", pipeline=pipeline
+            )
             report[stage] = {"wall_s": round(time.perf_counter() - start, 1), **metrics(cli, "val/")}
             report[stage] |= {"resumed": True} if state == "interrupted" else {}
         print(f"[{stage}] {json.dumps(report[stage])}", flush=True)
         previous = stage
     report["training_wall_s"] = round(sum(report[stage]["wall_s"] for stage in stages), 1)
     tested = dict.fromkeys(s for s in ("stage2", previous) if s in stages)  # the dense model, the final one
-    report["test"] = {stage: metrics(test_stage(stage, log_root, extra), "test/") for stage in tested}
+    report["test"] = {
+        stage: metrics(test_stage(stage, log_root, extra, pipeline=pipeline), "test/") for stage in tested
+    }
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return report
 
@@ -64,18 +74,19 @@ def run(stages: list[str], extra: list[str], log_root: str, fresh: bool = False)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    parser.add_argument("--pipeline", default=DEFAULT, choices=list(PIPELINES), help=f"default: {DEFAULT}")
     parser.add_argument("--log-root", default="logs")
     parser.add_argument("--report", default=None, help="also write the report as JSON here")
     parser.add_argument(
         "--fresh", action="store_true", help="train every stage from scratch, keeping nothing"
     )
     args, extra = parser.parse_known_args()
-    report = run(args.stages, extra, args.log_root, args.fresh)
-    print("\n== easy-vqa pipeline ==")
+    report = run(args.stages, extra, args.log_root, args.fresh, args.pipeline)
+    print(f"\n== {args.pipeline} pipeline ==")
     print(json.dumps(report, indent=2))
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nWatch the runs: .venv/bin/tensorboard --logdir {args.log_root}/easy_vqa")
+    print(f"\nWatch the runs: .venv/bin/tensorboard --logdir {args.log_root}/{args.pipeline}")
 
 
 if __name__ == "__main__":

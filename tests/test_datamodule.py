@@ -321,3 +321,49 @@ def test_a_blank_image_has_the_size_the_transform_gives() -> None:
     assert output_size(to_tensor) == (8, 8)
     with pytest.raises(ValueError, match="no resize or crop step"):
         output_size(lambda image: image)
+
+
+def test_several_files_one_dataset_each_with_its_own_image_folder(tmp_path, easy_vqa_tokenizer):
+    """Dataset i is file i of train_json/val_json/test_json, its images under image_folder[i]; a None
+    val entry carves that dataset's val from its own train file."""
+    import json
+
+    from PIL import Image
+
+    files = {}
+    for name, colour in [("a", (255, 0, 0)), ("b", (0, 0, 255))]:
+        (tmp_path / name).mkdir()
+        for i in range(20):  # the same relative image paths in both folders
+            Image.new("RGB", (8, 8), colour).save(tmp_path / name / f"r{i}.png")
+        for split, ids in [("train", range(20)), ("val", range(3)), ("test", range(4))]:
+            records = [record(i, n_turns=1) | {"id": f"{name}{split}{i}"} for i in ids]
+            files[name, split] = tmp_path / f"{name}_{split}.json"
+            files[name, split].write_text(json.dumps(records))
+    dm = InstructionDataModule(
+        train_json=[str(files["a", "train"]), str(files["b", "train"])],
+        val_json=[None, str(files["b", "val"])],
+        test_json=[str(files["a", "test"]), str(files["b", "test"])],
+        image_folder=[str(tmp_path / "a"), str(tmp_path / "b")],
+        val_fraction=0.25,
+    )
+    dm.attach(easy_vqa_tokenizer, to_tensor, to_tensor, N_IMAGE)
+    dm.setup("fit")
+    dm.setup("test")
+    ids = {split: [r.id for r in dm.datasets[split].records] for split in ("train", "val", "test")}
+    carved = [i for i in ids["val"] if i.startswith("atrain")]
+    assert len(carved) == 5 and not set(carved) & set(ids["train"])
+    assert sorted(ids["train"] + carved) == sorted(
+        [f"atrain{i}" for i in range(20)] + [f"btrain{i}" for i in range(20)]
+    )
+    assert ids["val"][5:] == [f"bval{i}" for i in range(3)]
+    assert ids["test"] == [f"atest{i}" for i in range(4)] + [f"btest{i}" for i in range(4)]
+    image_of = {r.id[0]: r.image for r in dm.datasets["test"].records}
+    assert image_of == {"a": str(tmp_path / "a" / "r3.png"), "b": str(tmp_path / "b" / "r3.png")}
+    first_b = dm.datasets["test"][4]["image"]  # pixels from b's folder: blue
+    assert first_b[2].mean() == 1 and first_b[0].mean() == 0
+    with pytest.raises(ValueError, match="image_folder lists 3 entries for 2 train_json files"):
+        InstructionDataModule(train_json=["x", "y"], image_folder=["p", "q", "r"])
+    with pytest.raises(ValueError, match="test_json lists 1 entries for 2 train_json files"):
+        InstructionDataModule(train_json=["x", "y"], image_folder="p", test_json="z")
+    with pytest.raises(ValueError, match="only val_json takes null"):
+        InstructionDataModule(train_json=["x", None], image_folder="p")

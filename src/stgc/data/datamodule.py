@@ -18,21 +18,32 @@ from stgc.data.sampler import EvalShardSampler, LengthGroupedSampler
 from stgc.data.templates import DEFAULT_SYSTEM_PROMPT, InstructionTemplate, PlainTemplate, Template
 
 
+def as_files(value: str | Sequence[str | None] | None) -> list[str | None] | None:
+    """A file argument as a list: one file, or several (None stays None)."""
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
 class LlavaDataModule(LightningDataModule):
     """Shared base: loads the JSON files, carves val from train if needed, builds datasets and loaders.
 
     The tokenizer, image transforms and num_image_tokens come from the LightningModule at setup
     (its `tokenizer`, `image_transform(train)`, `num_image_tokens`), or from attach() beforehand.
+    Each split may come from several LLaVA JSON files (MoE-LLaVA's list of data files): file i of
+    train_json, val_json and test_json is dataset i, its image paths relative to image_folder[i] (or
+    to the one image_folder). Without val_json, or where its entry is None, val is carved from that
+    dataset's train file (see split).
     `question_types` are the answer labels of the data (the "type" of its gpt turns): the model
     reports its VQA accuracy per type.
     """
 
     def __init__(
         self,
-        train_json: str,
-        image_folder: str,
-        val_json: str | None = None,
-        test_json: str | None = None,
+        train_json: str | list[str],
+        image_folder: str | list[str],
+        val_json: str | list[str | None] | None = None,
+        test_json: str | list[str] | None = None,
         val_fraction: float = 0.05,
         batch_size: int = 32,
         eval_batch_size: int = 64,
@@ -57,6 +68,23 @@ class LlavaDataModule(LightningDataModule):
         if limit_records is not None and limit_records < 1:
             raise ValueError(f"limit_records must be None or >= 1, got {limit_records}")
         self.save_hyperparameters(logger=False)
+        self.files = {"train": as_files(train_json), "val": as_files(val_json), "test": as_files(test_json)}
+        n_datasets = len(self.files["train"])
+        if self.files["val"] is None:
+            self.files["val"] = [None] * n_datasets
+        self.image_folders = (
+            [image_folder] * n_datasets if isinstance(image_folder, str) else list(image_folder)
+        )
+        for name, files in [
+            ("image_folder", self.image_folders),
+            *[(f"{k}_json", v) for k, v in self.files.items()],
+        ]:
+            if files is not None and len(files) != n_datasets:
+                raise ValueError(
+                    f"{name} lists {len(files)} entries for {n_datasets} train_json files: give one per dataset"
+                )
+        if None in self.files["train"] + (self.files["test"] or []):
+            raise ValueError("train_json and test_json entries must be files; only val_json takes null")
         self.question_types = tuple(question_types)
         self.template: Template | None = None
         self.collator: LlavaCollator | None = None
@@ -98,26 +126,38 @@ class LlavaDataModule(LightningDataModule):
                 model.num_image_tokens,
             )
         if stage in ("fit", "validate") and "train" not in self.datasets:
-            train, skipped = self.load(self.hparams.train_json)
-            if self.hparams.val_json is None:
-                train, val, val_skipped = *self.split(train), Counter()
-            else:
-                val, val_skipped = self.load(self.hparams.val_json)
+            train, val, skipped, val_skipped = [], [], Counter(), Counter()
+            for train_json, val_json, folder in zip(
+                self.files["train"], self.files["val"], self.image_folders, strict=True
+            ):
+                records, counts = self.load(train_json, folder)
+                skipped += counts
+                if val_json is None:
+                    records, carved = self.split(records, train_json)
+                    val += carved
+                else:
+                    carved, counts = self.load(val_json, folder)
+                    val, val_skipped = val + carved, val_skipped + counts
+                train += records
             self.datasets["train"] = self.dataset(train, skipped, answers="none")
             self.datasets["val"] = self.dataset(val, val_skipped, answers="all")
         if stage in ("test", "predict") and "test" not in self.datasets:
-            if self.hparams.test_json is None:
+            if self.files["test"] is None:
                 raise ValueError(
                     f"{type(self).__name__}.test_json is not set; pass the test file to test or predict"
                 )
-            self.datasets["test"] = self.dataset(*self.load(self.hparams.test_json), answers="all")
+            test, skipped = [], Counter()
+            for test_json, folder in zip(self.files["test"], self.image_folders, strict=True):
+                records, counts = self.load(test_json, folder)
+                test, skipped = test + records, skipped + counts
+            self.datasets["test"] = self.dataset(test, skipped, answers="all")
 
-    def load(self, json_path: str) -> tuple[list[Record], Counter[str]]:
+    def load(self, json_path: str, image_folder: str) -> tuple[list[Record], Counter[str]]:
         """Valid records of one file and its skip counts."""
         h = self.hparams
-        return load_records(json_path, h.image_folder, h.skip_bad_records, h.limit_records)
+        return load_records(json_path, image_folder, h.skip_bad_records, h.limit_records)
 
-    def split(self, records: Sequence[Record]) -> tuple[list[Record], list[Record]]:
+    def split(self, records: Sequence[Record], source: str) -> tuple[list[Record], list[Record]]:
         """Seeded train/val split by image: all records of one image (and so all answers of a
         conversation) stay on one side, so val images are unseen in training. Text-only records
         are split one by one."""
@@ -128,8 +168,7 @@ class LlavaDataModule(LightningDataModule):
         n_val = max(1, round(self.hparams.val_fraction * len(keys)))
         if n_val >= len(keys):
             raise ValueError(
-                f"{self.hparams.train_json}: {len(keys)} images (or text-only records) "
-                "are too few to carve a val split"
+                f"{source}: {len(keys)} images (or text-only records) are too few to carve a val split"
             )
         order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(self.hparams.seed))
         val_idx = {i for k in order[:n_val].tolist() for i in groups[keys[k]]}

@@ -1,11 +1,14 @@
-"""The easy-vqa pipeline, stage by stage: which config files and links each `stgc fit` gets.
+"""The stage pipelines, stage by stage: which config files and links each `stgc fit` gets. Two
+pipelines share the stage names and the code: easy-vqa (`make train`, configs/easy_vqa/) and the mix
+of easy-vqa, Sort-of-CLEVR and its text-only family (`make train-mix`, configs/mix/); PIPELINES
+names each one's model config files.
 
 Run from the repository root (configs/ is read from there). The stage chain is written once, in
-the stage config files: a stage's model paths under the logger's folder (`logs/easy_vqa/<stage>/...`)
+the stage config files: a stage's model paths under the logger's folder (`logs/<pipeline>/<stage>/...`)
 name what it starts from (stage I: stage 0's `clip.pt`; the text warm-up, II and III: the previous
 stage's last checkpoint) and what it writes (stage 0: `clip.pt`). `source()` and `chain()` read
 them; `fit_args()` moves them under another log root. Logs and checkpoints go to
-<log_root>/easy_vqa/<stage>/, beside `pipeline.json`: the settings the stage was last fitted with
+<log_root>/<pipeline>/<stage>/, beside `pipeline.json`: the settings the stage was last fitted with
 (its `stgc fit` arguments and the text of its config files), whether that fit finished, its wall
 time and final val metrics. A rerun uses it to keep finished stages and to resume an interrupted
 one from its last.ckpt (`stage_state`).
@@ -24,7 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from stgc.cli import run as stgc
 
 CONFIGS = Path("configs")
-STAGES = {  # stage (its logger version) -> its config file under configs/easy_vqa/, in training order
+DEFAULT = "easy_vqa"  # the pipeline of `make train`
+PIPELINES = {  # pipeline -> its LVLM's config files under configs/; its stage files are in configs/<pipeline>/
+    "easy_vqa": ("easy_vqa/model.yaml",),
+    "mix": ("easy_vqa/model.yaml", "mix/model.yaml"),  # easy-vqa's LVLM with the tokenizer of both datasets
+}
+STAGES = {  # stage (its logger version) -> its config file under configs/<pipeline>/, in training order
     "stage0": "stage0_clip.yaml",
     "stage1": "stage1_pretrain.yaml",
     "stage2_text": "stage2_text.yaml",
@@ -33,20 +41,20 @@ STAGES = {  # stage (its logger version) -> its config file under configs/easy_v
 }
 
 
-def stage_config(stage: str) -> DictConfig:
+def stage_config(stage: str, *, pipeline: str = DEFAULT) -> DictConfig:
     """A stage's config file."""
-    return OmegaConf.load(CONFIGS / "easy_vqa" / STAGES[stage])
+    return OmegaConf.load(CONFIGS / pipeline / STAGES[stage])
 
 
-def stage_data_args(stage: str) -> dict[str, Any]:
+def stage_data_args(stage: str, *, pipeline: str = DEFAULT) -> dict[str, Any]:
     """The DataModule init_args a stage's config file sets (for scripts that rebuild its data)."""
-    return OmegaConf.to_container(stage_config(stage).data.init_args)
+    return OmegaConf.to_container(stage_config(stage, pipeline=pipeline).data.init_args)
 
 
-def stage_paths(stage: str) -> dict[str, tuple[str, Path]]:
+def stage_paths(stage: str, *, pipeline: str = DEFAULT) -> dict[str, tuple[str, Path]]:
     """The stage's model paths inside a stage's run folder, as its config file gives them:
     {model init_args key: (the stage whose folder holds it, the path inside that folder)}."""
-    config = stage_config(stage)
+    config = stage_config(stage, pipeline=pipeline)
     logger = config.trainer.logger.init_args
     runs = Path(logger.save_dir) / logger.name  # logs/easy_vqa: where the stages' run folders are
     paths = {}
@@ -59,50 +67,54 @@ def stage_paths(stage: str) -> dict[str, tuple[str, Path]]:
     return paths
 
 
-def source(stage: str) -> str | None:
+def source(stage: str, *, pipeline: str = DEFAULT) -> str | None:
     """The stage whose output this stage starts from (None: the first stage)."""
-    owners = {owner for owner, _ in stage_paths(stage).values() if owner != stage}
+    owners = {owner for owner, _ in stage_paths(stage, pipeline=pipeline).values() if owner != stage}
     if len(owners) > 1:
         raise ValueError(f"{STAGES[stage]} starts from several stages: {sorted(owners)}")
     return next(iter(owners), None)
 
 
-def chain(stage: str) -> list[str]:
+def chain(stage: str, *, pipeline: str = DEFAULT) -> list[str]:
     """The stages that lead to `stage` and the stage itself, first to last."""
     stages = [stage]
-    while (before := source(stages[0])) is not None:
+    while (before := source(stages[0], pipeline=pipeline)) is not None:
         stages.insert(0, before)
     return stages
 
 
-def run_folder(log_root: str | Path, stage: str) -> Path:
+def run_folder(log_root: str | Path, stage: str, *, pipeline: str = DEFAULT) -> Path:
     """Where a stage's logs, checkpoints and pipeline.json go."""
-    return Path(log_root) / "easy_vqa" / stage
+    return Path(log_root) / pipeline / stage
 
 
-def last_checkpoint(log_root: str | Path, stage: str) -> Path:
-    return run_folder(log_root, stage) / "checkpoints" / "last.ckpt"
+def last_checkpoint(log_root: str | Path, stage: str, *, pipeline: str = DEFAULT) -> Path:
+    return run_folder(log_root, stage, pipeline=pipeline) / "checkpoints" / "last.ckpt"
 
 
-def stage_args(stage: str, log_root: str | Path) -> list[str]:
+def stage_args(stage: str, log_root: str | Path, *, pipeline: str = DEFAULT) -> list[str]:
     """Config files of a stage, with its outputs under log_root (stage 0 has no LVLM: no model.yaml)."""
-    model = [] if stage == "stage0" else ["-c", str(CONFIGS / "easy_vqa" / "model.yaml")]
+    model = (
+        [] if stage == "stage0" else [arg for f in PIPELINES[pipeline] for arg in ("-c", str(CONFIGS / f))]
+    )
     return [
-        "-c", str(CONFIGS / "trainer.yaml"), *model, "-c", str(CONFIGS / "easy_vqa" / STAGES[stage]),
+        "-c", str(CONFIGS / "trainer.yaml"), *model, "-c", str(CONFIGS / pipeline / STAGES[stage]),
         f"--trainer.logger.init_args.save_dir={log_root}",
     ]  # fmt: skip
 
 
-def fit_args(stage: str, log_root: str | Path, previous: str | None, extra: list[str]) -> list[str]:
+def fit_args(
+    stage: str, log_root: str | Path, previous: str | None, extra: list[str], *, pipeline: str = DEFAULT
+) -> list[str]:
     """`stgc fit` arguments of one stage, its config's paths moved under log_root: what it writes,
     and what it starts from when that is what `previous` (the stage fitted before it) wrote; extra
     arguments come before these links, so they cannot unlink the stages."""
     links = [
-        f"--model.init_args.{key}={run_folder(log_root, owner) / inside}"
-        for key, (owner, inside) in stage_paths(stage).items()
+        f"--model.init_args.{key}={run_folder(log_root, owner, pipeline=pipeline) / inside}"
+        for key, (owner, inside) in stage_paths(stage, pipeline=pipeline).items()
         if owner in (stage, previous)
     ]
-    return ["fit", *stage_args(stage, log_root), *extra, *links]
+    return ["fit", *stage_args(stage, log_root, pipeline=pipeline), *extra, *links]
 
 
 def settings(args: list[str]) -> dict[str, Any]:
@@ -113,58 +125,77 @@ def settings(args: list[str]) -> dict[str, Any]:
     return {"args": args, "configs": configs}
 
 
-def stage_record(log_root: str | Path, stage: str) -> dict[str, Any] | None:
+def stage_record(log_root: str | Path, stage: str, *, pipeline: str = DEFAULT) -> dict[str, Any] | None:
     """The stage's pipeline.json, or None when it has none."""
-    path = run_folder(log_root, stage) / "pipeline.json"
+    path = run_folder(log_root, stage, pipeline=pipeline) / "pipeline.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 @rank_zero_only
-def _write_record(log_root: str | Path, stage: str, record: dict[str, Any]) -> None:
-    path = run_folder(log_root, stage) / "pipeline.json"
+def _write_record(log_root: str | Path, stage: str, record: dict[str, Any], pipeline: str) -> None:
+    path = run_folder(log_root, stage, pipeline=pipeline) / "pipeline.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".tmp").write_text(json.dumps(record, indent=1) + "\n")
     path.with_suffix(".tmp").replace(path)  # a kill never leaves half a record
 
 
-def stage_state(stage: str, log_root: str | Path, previous: str | None, extra: list[str]) -> str:
+def stage_state(
+    stage: str, log_root: str | Path, previous: str | None, extra: list[str], *, pipeline: str = DEFAULT
+) -> str:
     """ "finished" when the stage's last fit had these settings and finished; "interrupted" when it
     had them, did not finish and left a last.ckpt (written at an epoch end: resumes exactly);
     "new" otherwise."""
-    record = stage_record(log_root, stage)
-    if record is None or record["settings"] != settings(fit_args(stage, log_root, previous, extra)):
+    record = stage_record(log_root, stage, pipeline=pipeline)
+    args = fit_args(stage, log_root, previous, extra, pipeline=pipeline)
+    if record is None or record["settings"] != settings(args):
         return "new"
     if record["finished"]:
         return "finished"
-    return "interrupted" if last_checkpoint(log_root, stage).is_file() else "new"
+    return "interrupted" if last_checkpoint(log_root, stage, pipeline=pipeline).is_file() else "new"
 
 
 def fit_stage(
-    stage: str, log_root: str | Path, previous: str | None, extra: list[str], resume: bool = False
+    stage: str,
+    log_root: str | Path,
+    previous: str | None,
+    extra: list[str],
+    resume: bool = False,
+    *,
+    pipeline: str = DEFAULT,
 ) -> LightningCLI:
     """`stgc fit` one stage, recording its settings first and its end in pipeline.json. With `resume`
     it continues from the stage's last.ckpt; without, a last.ckpt left by an earlier fit is removed
     first, so that a later rerun cannot resume from a checkpoint of other settings."""
-    args = fit_args(stage, log_root, previous, extra)
-    checkpoint = last_checkpoint(log_root, stage)
+    args = fit_args(stage, log_root, previous, extra, pipeline=pipeline)
+    checkpoint = last_checkpoint(log_root, stage, pipeline=pipeline)
     if not resume and rank_zero_only.rank == 0:
         checkpoint.unlink(missing_ok=True)
     record = {"settings": settings(args), "finished": False}
-    _write_record(log_root, stage, record)
+    _write_record(log_root, stage, record, pipeline)
     start = time.perf_counter()
     cli = stgc([*args, f"--ckpt_path={checkpoint}"] if resume else args)
     if cli.trainer.state.status == TrainerStatus.FINISHED and not cli.trainer.interrupted:
         wall_s = round(time.perf_counter() - start, 1)
         _write_record(
-            log_root, stage, record | {"finished": True, "wall_s": wall_s, "val": metrics(cli, "val/")}
+            log_root,
+            stage,
+            record | {"finished": True, "wall_s": wall_s, "val": metrics(cli, "val/")},
+            pipeline,
         )
     return cli
 
 
-def test_stage(stage: str, log_root: str | Path, extra: list[str]) -> LightningCLI:
+def test_stage(
+    stage: str, log_root: str | Path, extra: list[str], *, pipeline: str = DEFAULT
+) -> LightningCLI:
     """`stgc test` a stage's last checkpoint on the test split."""
     return stgc(
-        ["test", *stage_args(stage, log_root), f"--ckpt_path={last_checkpoint(log_root, stage)}", *extra]
+        [
+            "test",
+            *stage_args(stage, log_root, pipeline=pipeline),
+            f"--ckpt_path={last_checkpoint(log_root, stage, pipeline=pipeline)}",
+            *extra,
+        ]
     )
 
 

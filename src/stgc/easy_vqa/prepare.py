@@ -9,7 +9,6 @@ Layout written by prepare(out_dir):
     FORMAT                                   the layout version, so older layouts are rebuilt
 """
 
-import json
 import shutil
 import time
 from collections import defaultdict
@@ -18,11 +17,9 @@ from pathlib import Path
 import easy_vqa
 import numpy as np
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from stgc.constants import IMAGE_PLACEHOLDER
-from stgc.data.templates import DEFAULT_SYSTEM_PROMPT
+from stgc.data.preparation import conversation_texts, train_tokenizer, write_json
 
 SPLITS = ("train", "test")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -36,10 +33,8 @@ PALETTE = {  # the exact fill colours easy-VQA draws its shapes with
     "gray": (128, 128, 128),
     "black": (0, 0, 0),
 }
-SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 FORMAT = "4"  # 1: a conversation per image; 2: a record per question; 3: + text-only file; 4: colour only
 QUESTION_TYPES = ("yes/no", "color", "shape")  # the labels of the answers (question_type)
-VOCAB_SIZE = 1000  # an upper bound: easy-VQA's few words are fully merged well below it
 
 
 def question_type(answer: str) -> str:
@@ -168,28 +163,6 @@ def copy_images(split: str, images_dir: Path) -> int:
     return copied
 
 
-def write_json(path: Path, data: list[dict]) -> None:
-    """Write atomically, so a present file is always a complete one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
-def train_tokenizer(texts: list[str], out_dir: Path) -> int:
-    """Train a byte-level BPE on `texts`, save it as a transformers tokenizer directory; return its vocab size."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS).save_pretrained(out_dir)
-    return tokenizer.get_vocab_size()
-
-
 def prepare(out_dir: str | Path) -> Path:
     """Write easy-VQA in LLaVA format plus a tokenizer under out_dir, once: copied images are kept,
     the JSON files and tokenizer are rebuilt together unless all of them are present in this FORMAT."""
@@ -206,22 +179,19 @@ def prepare(out_dir: str | Path) -> Path:
         print(f"easy-VQA in {out_dir}: complete ({copied} images copied, {time.perf_counter() - start:.1f}s)")
         return out_dir
 
-    texts, summary = [DEFAULT_SYSTEM_PROMPT, " USER: ", " ASSISTANT:"], []
+    records, summary = [], []
     for split in SPLITS:
         pretrain, instruct, text = split_records(split)
         write_json(out_dir / f"pretrain_{split}.json", pretrain)
         write_json(out_dir / f"instruct_{split}.json", instruct)
         write_json(out_dir / f"instruct_text_{split}.json", text)
-        for record in pretrain + instruct + text:
-            texts += [
-                " " + turn["value"].replace(IMAGE_PLACEHOLDER, "").strip() for turn in record["conversations"]
-            ]
+        records += pretrain + instruct + text
         n_open = sum(not shape_is_known(r["conversations"][1]["value"]) for r in pretrain)
         summary.append(
             f"{split}: {len(pretrain)} images ({n_open} of unknown shape), {len(instruct)} questions, "
             f"{len(text)} text-only"
         )
-    vocab_size = train_tokenizer(texts, tokenizer_dir)
+    vocab_size = train_tokenizer(conversation_texts(records), tokenizer_dir)
     format_file.write_text(FORMAT + "\n")  # last: only a complete build is marked current
     print(
         f"easy-VQA in {out_dir}: {'; '.join(summary)}; {copied} images copied; "
