@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stgc.callback import find_moe_probes
-from stgc.conflict.recompute import checkpoint_phases
+from stgc.conflict.recompute import enable_gradient_checkpointing
 from support.fit import fit_command, run, stage3_stgc
 from support.lightning_models import upcycled_qwen2
 from support.sharded_stgc import RANKS, STEPS, THRESHOLD, global_batches
@@ -111,9 +111,7 @@ def test_checkpointing_captures_each_expert_input_once_in_the_recomputation() ->
     ids = global_batches()[0, 0]
     plain = upcycled_qwen2().double().train()
     recomputed = upcycled_qwen2().double().train()
-    recomputed.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_phases}
-    )
+    enable_gradient_checkpointing(recomputed)
     held, terms = _terms_after_backward(plain, ids)
     held_ckpt, terms_ckpt = _terms_after_backward(recomputed, ids)
     assert [len(h) for h in held] == [len(h) for h in held_ckpt] and sum(map(len, held)) > 0

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stgc.callback import STGC  # noqa: E402
-from stgc.conflict.recompute import checkpoint_phases  # noqa: E402
+from stgc.conflict.recompute import enable_gradient_checkpointing  # noqa: E402
 from stgc.moe.upcycle import decoder_layers  # noqa: E402
 from support.lightning_models import VOCAB, CausalLMModule, tiny_olmoe, upcycled_qwen2  # noqa: E402
 from support.ranks import full_state_dict  # noqa: E402
@@ -91,9 +91,7 @@ def main() -> None:
     out_dir, mode = Path(sys.argv[1]), sys.argv[2]
     model = tiny_olmoe() if "--hf-experts" in sys.argv else upcycled_qwen2()
     if "--checkpointing" in sys.argv:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_phases}
-        )
+        enable_gradient_checkpointing(model)
     strategies = {
         "single": "auto",
         "ddp": "ddp",
