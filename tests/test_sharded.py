@@ -4,14 +4,17 @@ checkpointing: the same cosines, conflict masks and trained weights as one proce
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from stgc.callback import find_moe_probes
+from stgc.callback import STGC, find_moe_probes
 from stgc.conflict.recompute import enable_gradient_checkpointing
 from support.fit import fit_command, run, stage3_stgc
-from support.lightning_models import upcycled_qwen2
+from support.lightning_models import CausalLMModule, upcycled_qwen2
 from support.sharded_stgc import RANKS, STEPS, THRESHOLD, global_batches
 
 SCRIPT = Path(__file__).parent / "support" / "sharded_stgc.py"
@@ -148,3 +151,10 @@ def test_stgc_fit_under_fsdp2_resumes_from_its_sharded_checkpoint(easy_vqa_dir, 
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
     assert torch.equal(resumed["step_counts"][-1][0], uninterrupted["step_counts"][-1][0])
     assert torch.equal(resumed["step_counts"][-1][1], uninterrupted["step_counts"][-1][1])
+
+
+def test_deepspeed_keeps_its_refusal_by_name() -> None:
+    """DeepSpeed's ZeRO flattens parameters into its own buffers: no expert weight, no router .grad."""
+    trainer = SimpleNamespace(strategy=object.__new__(DeepSpeedStrategy), precision="32-true")
+    with pytest.raises(MisconfigurationException, match="does not support DeepSpeedStrategy: .* or FSDP2"):
+        STGC().setup(trainer, CausalLMModule(upcycled_qwen2()), "fit")
