@@ -4,7 +4,6 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -14,6 +13,7 @@ from stgc.moe import SparseMoE
 from support.lightning_models import (
     CausalLMModule,
     ForeignMoEModule,
+    OppositeGroups,
     tiny_olmoe,
     token_batches,
     upcycled_qwen2,
@@ -36,10 +36,14 @@ def _trainer(callbacks, **kwargs) -> L.Trainer:
 # -- exactness inside real models -----------------------------------------------------------------
 
 
-def _brute_force_cosines(expert_fn, expert_params, inputs, output_grads, topk_index, topk_weight, expert):
-    """Per-token gradients of one expert's parameters via torch.func, and their cosine to the sum.
+def _brute_force_cosines(
+    expert_fn, expert_params, inputs, output_grads, topk_index, topk_weight, expert, gradient="exact", mean="all"
+):
+    """Per-token gradients of one expert via torch.func, and their cosine to the sum of all of them
+    (mean="all") or of the others (mean="others").
 
-    Token t's gradient is ∂/∂θ ⟨w_te · expert(x_t), ∂L/∂y_t⟩, y the MoE layer's output."""
+    Token t's exact gradient is ∂/∂θ ⟨w_te · expert(x_t), ∂L/∂y_t⟩, y the MoE layer's output; its
+    output gradient is ∂/∂o ⟨w_te · o, ∂L/∂y_t⟩ = w_te · ∂L/∂y_t at the expert's output o."""
     routed = (topk_index == expert).any(dim=-1)  # (N,)
     rows = routed.nonzero().squeeze(1)
     weight = (topk_weight * (topk_index == expert)).sum(dim=-1)  # (N,)
@@ -47,12 +51,16 @@ def _brute_force_cosines(expert_fn, expert_params, inputs, output_grads, topk_in
     def token_objective(params, x, w, dy):
         return (w * expert_fn(params, x[None])[0] * dy).sum()
 
-    per_token = vmap(grad(token_objective), in_dims=(None, 0, 0, 0))(
-        expert_params, inputs[rows], weight[rows], output_grads[rows]
-    )
-    flat = torch.cat([g.reshape(len(rows), -1) for g in per_token.values()], dim=1)  # (n_e, P)
+    if gradient == "exact":
+        per_token = vmap(grad(token_objective), in_dims=(None, 0, 0, 0))(
+            expert_params, inputs[rows], weight[rows], output_grads[rows]
+        )
+        flat = torch.cat([g.reshape(len(rows), -1) for g in per_token.values()], dim=1)  # (n_e, P)
+    else:
+        flat = weight[rows, None] * output_grads[rows]  # (n_e, H)
     total = flat.sum(dim=0, keepdim=True)
-    return rows, torch.nn.functional.cosine_similarity(flat, total.expand_as(flat), dim=1)
+    reference = total - flat if mean == "others" else total.expand_as(flat)
+    return rows, torch.nn.functional.cosine_similarity(flat, reference, dim=1)
 
 
 def _probe_cosines(conflicts, expert):
@@ -77,19 +85,21 @@ def _moe_io(model, moe_type):
     return captured
 
 
-def test_sparse_moe_cosines_match_brute_force_per_token_gradients() -> None:
+@pytest.mark.parametrize("mean", ["all", "others"])
+@pytest.mark.parametrize("gradient", ["exact", "output"])
+def test_sparse_moe_cosines_match_brute_force_per_token_gradients(gradient, mean) -> None:
     model = upcycled_qwen2().double()
     probes = find_moe_probes(model)
     captured = _moe_io(model, SparseMoE)
     for probe in probes:
-        probe.start(capturing=True)
+        probe.start(capturing=True, gradients=("exact", "output"))
     ids = next(iter(token_batches()))[0]
     model(input_ids=ids, labels=ids).loss.backward()
     worst = 0.0
     for probe, (name, (inputs, output)) in zip(probes, captured.items(), strict=True):
         layer = dict(model.named_modules())[name]
         record = layer.last_routing
-        conflicts = probe.conflicts()
+        conflicts = probe.conflicts(gradient, mean)
         for expert_index, expert in enumerate(layer.experts):
             params = {k: v.detach() for k, v in expert.named_parameters()}
             rows, expected = _brute_force_cosines(
@@ -100,6 +110,8 @@ def test_sparse_moe_cosines_match_brute_force_per_token_gradients() -> None:
                 record.topk_index,
                 record.topk_weight.double(),
                 expert_index,
+                gradient,
+                mean,
             )
             got_rows, got = _probe_cosines(conflicts, expert_index)
             order = torch.argsort(got_rows)
@@ -108,7 +120,8 @@ def test_sparse_moe_cosines_match_brute_force_per_token_gradients() -> None:
     assert worst <= 1e-6, worst
 
 
-def test_transformers_experts_cosines_match_brute_force() -> None:
+@pytest.mark.parametrize(("gradient", "mean"), [("exact", "all"), ("output", "others")])
+def test_transformers_experts_cosines_match_brute_force(gradient, mean) -> None:
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
     model = tiny_olmoe().double()
@@ -116,7 +129,7 @@ def test_transformers_experts_cosines_match_brute_force() -> None:
     probes = find_moe_probes(model)
     captured = _moe_io(model, OlmoeSparseMoeBlock)
     for probe in probes:
-        probe.start(capturing=True)
+        probe.start(capturing=True, gradients=(gradient,))
     ids = next(iter(token_batches()))[0]
     model(input_ids=ids, labels=ids).loss.backward()
     for probe, (name, (inputs, output)) in zip(probes, captured.items(), strict=True):
@@ -141,8 +154,10 @@ def test_transformers_experts_cosines_match_brute_force() -> None:
                 topk_index,
                 topk_weight,
                 expert_index,
+                gradient,
+                mean,
             )
-            got_rows, got = _probe_cosines(probe.conflicts(), expert_index)
+            got_rows, got = _probe_cosines(probe.conflicts(gradient, mean), expert_index)
             order = torch.argsort(got_rows)
             assert torch.equal(got_rows[order], rows)
             torch.testing.assert_close(got[order], expected, atol=1e-6, rtol=0)
@@ -162,33 +177,6 @@ def test_stgc_experts_implementation_matches_eager() -> None:
 
 
 # -- the method on a constructed expert -----------------------------------------------------------
-
-
-class OppositeGroups(L.LightningModule):
-    """Eight identical tokens through one MoE layer; six pull an expert one way, two the other."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
-        self.moe = SparseMoE(mlp, hidden_size=4, num_experts=2, top_k=1)
-        self.token = torch.randn(4)
-        self.direction = torch.randn(4)
-        self.sign = torch.tensor([1.0] * 6 + [-1.0] * 2)  # tokens 6 and 7 are the minority
-
-    def training_step(self, batch, batch_idx):
-        out = self.moe(self.token.expand(1, 8, 4))  # (1, 8, 4)
-        return (out[0] * self.sign[:, None] * self.direction).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=1.0)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
-
-    def expert_probability(self) -> torch.Tensor:
-        logits = self.moe.router(self.token)
-        return logits.softmax(-1)
 
 
 def test_minority_with_opposite_gradients_is_flagged_and_routed_away() -> None:

@@ -97,6 +97,10 @@ def test_each_stage_writes_checkpoints_and_metrics(pipeline) -> None:
         assert (run / "checkpoints" / "last.ckpt").is_file()
         assert (run / "config.yaml").is_file()
         assert {"train/loss", "val/loss", "val/ppl"} <= _scalars(run)
+    for stage in ("stage0", "stage1", "stage2_text", "stage2", "stage3"):  # configs/trainer.yaml's logger
+        assert "hp_metric" not in _scalars(pipeline / "easy_vqa" / stage), (
+            f"{stage} logs a placeholder hp_metric"
+        )
     assert (pipeline / "easy_vqa" / "stage2" / "checkpoints" / "best.ckpt").is_file()  # best val/vqa_acc
     stage2 = _scalars(pipeline / "easy_vqa" / "stage2")
     assert {"val/vqa_acc", "val/vqa_acc_yes_no", "val/vqa_acc_color", "val/vqa_acc_shape"} <= stage2

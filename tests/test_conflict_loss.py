@@ -36,3 +36,69 @@ def test_negated_logits_is_cross_entropy_to_the_flipped_distribution_per_token()
 def test_unknown_loss_type_is_rejected() -> None:
     with pytest.raises(ValueError, match="loss_type='kl'"):
         conflict_elimination_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0]), "kl")
+
+
+def test_negated_logits_per_expert_is_minus_log_softmax_of_negated_logits_over_e_times_n() -> None:
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    rows, experts = torch.tensor([0, 0, 3]), torch.tensor([1, 2, 0])
+    flipped = torch.softmax(-logits, -1)
+    expected = -torch.log(flipped[rows, experts]).sum() / (4 * 5)
+    loss = conflict_elimination_loss(logits, rows, experts, "negated_logits_per_expert")
+    torch.testing.assert_close(loss, expected)
+    flagged = torch.tensor([True, False, True])  # a mask drops a pair, the denominator stays E·N
+    masked = conflict_elimination_loss(logits, rows, experts, "negated_logits_per_expert", flagged)
+    torch.testing.assert_close(masked, -torch.log(flipped[[0, 3], [1, 0]]).sum() / 20)
+
+
+# One token per case, its router input a unit vector: one SGD step on the router weight W (E, H)
+# moves the logits by exactly -lr * dL/dz. (logits, conflicting expert e)
+CONFIDENT = [3.0, 2.0, -1.0, -2.0]
+NEAR_UNIFORM = [0.1, 0.05, -0.05, -0.1]
+CASES = {
+    "first_choice": (CONFIDENT, 0),
+    "second_choice": (CONFIDENT, 1),
+    "near_uniform_second_choice": (NEAR_UNIFORM, 1),
+}
+# What a step does to p_{t,e}: the expert-specific forms lower it in every case; negated_logits lowers
+# the token's first choice and, pushing hardest there, raises a confident router's second choice.
+LOWERS = {
+    "negated_logits": {"first_choice": True, "second_choice": False, "near_uniform_second_choice": True},
+    "negated_logits_per_expert": dict.fromkeys(CASES, True),
+    "unlikelihood": dict.fromkeys(CASES, True),
+}
+
+
+def p_after_one_router_step(logits: list[float], expert: int, loss_type: str, lr: float = 0.5):
+    """p_{t,e} before and after one plain SGD step of the CEL on the router weight alone."""
+    num_experts = len(logits)
+    router_input = torch.zeros(1, 8, dtype=torch.float64)
+    router_input[0, 0] = 1.0
+    weight = torch.zeros(num_experts, 8, dtype=torch.float64)
+    weight[:, 0] = torch.tensor(logits, dtype=torch.float64)
+    weight.requires_grad_()
+    rows, experts = torch.tensor([0]), torch.tensor([expert])
+    loss = conflict_elimination_loss(router_input @ weight.T, rows, experts, loss_type)
+    (grad,) = torch.autograd.grad(loss, weight)
+    with torch.no_grad():
+        before = (router_input @ weight.T).softmax(-1)[0, expert]
+        after = (router_input @ (weight - lr * grad).T).softmax(-1)[0, expert]
+    return float(before), float(after)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("loss_type", LOWERS)
+def test_one_router_step_moves_the_conflicting_experts_probability_as_stated(loss_type, case) -> None:
+    before, after = p_after_one_router_step(*CASES[case], loss_type)
+    assert (after < before) == LOWERS[loss_type][case], (before, after)
+
+
+@pytest.mark.parametrize("loss_type", ["negated_logits_per_expert", "unlikelihood"])
+def test_the_expert_specific_forms_lower_p_te_for_any_logits_and_step(loss_type) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        scale = float(torch.empty(1).uniform_(0.05, 3.0, generator=generator))
+        logits = (torch.randn(4, generator=generator) * scale).tolist()
+        expert = int(torch.randint(4, (1,), generator=generator))
+        lr = float(torch.empty(1).uniform_(0.01, 5.0, generator=generator))
+        before, after = p_after_one_router_step(logits, expert, loss_type, lr)
+        assert after < before, (logits, expert, lr)

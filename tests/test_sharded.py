@@ -101,7 +101,7 @@ def _terms_after_backward(model: torch.nn.Module, ids: torch.Tensor) -> tuple[li
     loss = model(input_ids=ids, labels=ids).loss
     held = [[entry[1] for site in probe.sites for entry in site._pending] for probe in probes]
     loss.backward()
-    terms = [{e: [t.clone() for t in v] for e, v in probe._terms.items()} for probe in probes]
+    terms = [{e: [t.clone() for t in v] for e, v in probe._terms["exact"].items()} for probe in probes]
     for probe in probes:
         probe.remove()
     return held, terms

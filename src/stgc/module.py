@@ -4,15 +4,22 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import move_data_to_device
 from PIL import Image
 from torch import nn
 from torchmetrics import MeanMetric
 
+from stgc.board import as_display_image, conflict_figure, token_grid, write_custom_scalars
+from stgc.callback import STGC
 from stgc.checkpoint import KeepsRNGState
 from stgc.conflict.recompute import enable_gradient_checkpointing
-from stgc.constants import IGNORE_INDEX
+from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data.collate import is_empty, pad_token_id, prompt_batch
+from stgc.data.datamodule import LlavaDataModule
+from stgc.data.dataset import LlavaDataset
 from stgc.model.language_model import build_language_model, load_tokenizer
 from stgc.model.lvlm import LVLM
 from stgc.model.metrics import VQAAccuracy
@@ -91,6 +98,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         self.val_vqa = VQAAccuracy()
         self.test_loss = MeanMetric()
         self.test_vqa = VQAAccuracy()
+        self._picture_sample: dict[str, Any] | None = None  # built by conflict_picture_sample
 
     # -- what the DataModules need from the model --------------------------------------------
     @property
@@ -128,17 +136,22 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
     def forward(self, batch: dict[str, Any]):
         return self.model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
 
+    def _objective(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What training minimises on a batch: the LM loss plus, with MoE layers, the weighted
+        load-balancing and z-losses; also the LM loss alone and the load-balancing loss (None without MoE)."""
+        lm_loss = self(batch).loss
+        if self.hparams.moe is None:
+            return lm_loss, lm_loss, None
+        h = self.hparams
+        aux_loss, z_loss = moe_losses(self.model)
+        return lm_loss + h.router_aux_loss_coef * aux_loss + h.router_z_loss_coef * z_loss, lm_loss, aux_loss
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if is_empty(batch):  # every record of the batch was bad (reported by the DataModule)
             return self.empty_batch_loss()
-        lm_loss = self(batch).loss
-        loss = lm_loss
+        loss, lm_loss, aux_loss = self._objective(batch)
         batch_size = batch["input_ids"].shape[0]
-        if self.hparams.moe is not None:
-            aux_loss, z_loss = moe_losses(self.model)
-            loss = (
-                loss + self.hparams.router_aux_loss_coef * aux_loss + self.hparams.router_z_loss_coef * z_loss
-            )
+        if aux_loss is not None:
             self.log("train/aux_loss", aux_loss, batch_size=batch_size)
             self._log_routing()
         self.log("train/lm_loss", lm_loss, batch_size=batch_size)
@@ -272,6 +285,82 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
             pad_token_id=pad_token_id(self.tokenizer),
         )
         return [text.strip() for text in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
+
+    # -- TensorBoard ------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Give TensorBoard the custom-scalars layout of the MoE layers' charts (and of STGC's, when
+        an STGC callback runs): per layer, one chart per quantity with a line per expert."""
+        if self.hparams.moe is None:
+            return
+        layers = [short_layer_name(name) for name in moe_layers(self.model)]
+        with_stgc = any(isinstance(callback, STGC) for callback in self.trainer.callbacks)
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):  # its experiment does nothing off rank 0
+                write_custom_scalars(logger.experiment, layers, with_stgc)
+
+    def conflict_picture_sample(self) -> dict[str, Any] | None:
+        """The one-sample batch the conflict picture shows at every histogram step: the val split's
+        first record with an image (skipping bad ones), encoded and collated as training batches are
+        but with the eval transform (no random crop), on this module's device; built on the first
+        call. None without a LLaVA DataModule or such a record."""
+        if self._picture_sample is None:
+            datamodule = self.trainer.datamodule
+            if not isinstance(datamodule, LlavaDataModule) or "val" not in datamodule.datasets:
+                return None
+            records = [record for record in datamodule.datasets["val"].records if record.image is not None]
+            dataset = LlavaDataset(
+                records, datamodule.template, datamodule.transforms["eval"], datamodule.hparams.max_length
+            )
+            items = (dataset[i] for i in range(len(dataset)))  # a bad record gives a "skipped" item
+            item = next((item for item in items if "skipped" not in item), None)
+            if item is None:
+                return None
+            self._picture_sample = move_data_to_device(datamodule.collator([item]), self.device)
+        return self._picture_sample
+
+    def conflict_picture_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The loss training_step minimises on `batch`, without logging: its backward gives the
+        conflict picture's token gradients (the forward replaces the MoE layers' `last_routing`)."""
+        return self._objective(batch)[0]
+
+    def conflict_picture(self, batch: dict[str, Any], token_share: torch.Tensor) -> np.ndarray:
+        """The conflict picture of a one-sample batch as an (H, W, 3) uint8 RGB image: its input image,
+        beside it a grey copy with each patch shaded by the share of its image token (a pooled token
+        covers pool x pool patches, a CLS token none), and its text tokens drawn as boxes shaded the
+        same way (stgc.board.conflict_figure).
+
+        `token_share` (T,): a share in [0, 1] per sequence position of the batch, NaN where a position
+        has none (not routed, no assignment); the image tokens are the positions of IMAGE_TOKEN_ID,
+        in the vision tower's order (see LVLM.embed).
+        """
+        ids = batch["input_ids"][0].cpu()  # (T,)
+        if token_share.shape != ids.shape:
+            raise ValueError(
+                f"token_share has shape {tuple(token_share.shape)}; expected ({len(ids)},), one per position"
+            )
+        share = token_share.detach().float().cpu().numpy()  # (T,)
+        is_image = (ids == IMAGE_TOKEN_ID).numpy()  # (T,)
+        if is_image.sum() != self.num_image_tokens:
+            raise ValueError(
+                f"the batch's first sample has {is_image.sum()} image positions; the picture needs one image "
+                f"of {self.num_image_tokens} tokens (see conflict_picture_sample)"
+            )
+        tower = self.model.vision_tower
+        pixels = batch["images"][0]  # (3, H, W)
+        image = as_display_image(
+            pixels, tower.visual.image_mean, tower.visual.image_std, max(1, 512 // max(pixels.shape[1:]))
+        )
+        shares = token_grid(share[is_image], tower.grid, tower.pool, tower.keep_cls)  # (h/pool, w/pool)
+        real = batch["attention_mask"][0].cpu().bool().numpy()  # (T,)
+        first_image = int(is_image.argmax())  # the image's tokens show as one "<image>" box
+        shown = [t for t in range(len(ids)) if real[t] and (not is_image[t] or t == first_image)]
+        tokens = [
+            "<image>" if is_image[t] else self.tokenizer.decode([int(ids[t])]).strip() or "␣" for t in shown
+        ]
+        token_shares = np.array([np.nan if is_image[t] else share[t] for t in shown])
+        record_id = batch["keys"][0][0]
+        title = f"conflict share per token, step {self.global_step}, record {record_id}"
+        return conflict_figure(image, shares, tokens, token_shares, title)
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

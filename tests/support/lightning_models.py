@@ -6,10 +6,11 @@
 
 import lightning as L
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import OlmoeConfig, OlmoeForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from stgc.moe import moe_losses, upcycle
+from stgc.moe import SparseMoE, moe_losses, upcycle
 
 VOCAB = 64
 
@@ -92,3 +93,30 @@ class ForeignMoEModule(CausalLMModule):
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__(tiny_olmoe(seed))
+
+
+class OppositeGroups(L.LightningModule):
+    """Eight identical tokens through one MoE layer; six pull an expert one way, two the other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+        self.moe = SparseMoE(mlp, hidden_size=4, num_experts=2, top_k=1)
+        self.token = torch.randn(4)
+        self.direction = torch.randn(4)
+        self.sign = torch.tensor([1.0] * 6 + [-1.0] * 2)  # tokens 6 and 7 are the minority
+
+    def training_step(self, batch, batch_idx):
+        out = self.moe(self.token.expand(1, 8, 4))  # (1, 8, 4)
+        return (out[0] * self.sign[:, None] * self.direction).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
+
+    def expert_probability(self) -> torch.Tensor:
+        logits = self.moe.router(self.token)
+        return logits.softmax(-1)

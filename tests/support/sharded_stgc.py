@@ -47,8 +47,8 @@ class RecordingSTGC(STGC):
             probe.conflicts = self._recorded(probe.conflicts)
 
     def _recorded(self, conflicts):
-        def recorded():
-            layer = conflicts()
+        def recorded(*args, **kwargs):
+            layer = conflicts(*args, **kwargs)
             self.seen.append(
                 {
                     "cosine": layer.cosine.detach().clone(),

@@ -74,7 +74,9 @@ def linear_gradient_terms(
             weight = delta.T @ x if grad_weight is None else grad_weight.to(product)  # (d_out, d_in)  G
             proj = (x @ weight.T).to(accumulate)  # (n, d_out)  G x_i
             if bias:
-                proj += delta.to(accumulate).sum(0) if grad_bias is None else grad_bias.to(accumulate)  # + Σ_j δ_j
+                proj += (
+                    delta.to(accumulate).sum(0) if grad_bias is None else grad_bias.to(accumulate)
+                )  # + Σ_j δ_j
             dot = (delta.to(accumulate) * proj).sum(1)  # (n,)  δ_iᵀ (G x_i + Σ_j δ_j)
         return dot, sqnorm, dot.sum()  # Σ_i ⟨g_i, G⟩ = ⟨G, G⟩
 
@@ -90,9 +92,18 @@ def term_dtypes(x_dtype: torch.dtype, delta_dtype: torch.dtype) -> tuple[torch.d
 
 
 def cosine_from_terms(dot: Tensor, sqnorm: Tensor, total_sqnorm: Tensor) -> Tensor:
-    """cos_i = ⟨g_i, G⟩ / (‖g_i‖ ‖G‖) (n,); 0.0 where g_i or G is zero, as neither then has a direction."""
+    """cos_i = ⟨g_i, G⟩ / (‖g_i‖ ‖G‖) (n,); 0.0 where g_i or G is zero, as neither then has a direction.
+    total_sqnorm is () or (n,)."""
     norms = sqnorm.sqrt() * total_sqnorm.sqrt()  # (n,)  square roots first: the product may underflow
     return torch.where(norms > 0, dot / norms, 0.0)
+
+
+def leave_one_out_cosine(dot: Tensor, sqnorm: Tensor, total_sqnorm: Tensor) -> Tensor:
+    """cos(g_i, G - g_i) (n,) from the same terms: ⟨g_i, G - g_i⟩ = ⟨g_i, G⟩ - ‖g_i‖² and
+    ‖G - g_i‖² = ‖G‖² - 2⟨g_i, G⟩ + ‖g_i‖². Free of the token's own share of the sum, so its null level
+    (near-orthogonal gradients) is 0 rather than about 1/√n; 0.0 for a token alone in its expert."""
+    others_sqnorm = (total_sqnorm - 2 * dot + sqnorm).clamp(min=0)  # (n,) rounding can dip below 0
+    return cosine_from_terms(dot - sqnorm, sqnorm, others_sqnorm)
 
 
 def token_gradient_cosine(

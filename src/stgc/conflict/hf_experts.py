@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
-from stgc.conflict.probes import LayerProbe, LayerRouting, WeightSite
+from stgc.conflict.probes import LayerProbe, LayerRouting, WeightSite, capture_output_terms
 from stgc.moe.layer import expert_counts
 from stgc.precision import to_compute_dtype
 
@@ -55,9 +55,11 @@ def stgc_experts_forward(
         up = _expert_linear(self, up_name, expert, expert_inputs)  # (n_e, 2I) or (n_e, I)
         hidden = self._apply_gate(up) if self.has_gate else self.act_fn(up)  # (n_e, I)
         out = _expert_linear(self, "down_proj", expert, hidden)  # (n_e, H)
-        if capturing:
+        if capturing and probe.capture_exact:
             probe.up_site.capture(expert, expert_inputs, up)
             probe.down_site.capture(expert, hidden, out)
+        if capturing and probe.capture_output:
+            capture_output_terms(probe, expert, out)
         expert_outputs.append(out)
     combined = torch.zeros_like(tokens)  # (N, H)
     if expert_outputs:
@@ -87,13 +89,16 @@ class HFExpertsProbe(LayerProbe):
     """Probe for a transformers experts module; the router is its sibling (E, H) weight."""
 
     def __init__(self, name: str, experts: nn.Module, parent: nn.Module) -> None:
-        router = _find_router_weight(parent, experts)
+        router = _find_router(parent, experts)
         if router is None:
             raise ValueError(
                 f"STGC found transformers experts at {name!r} but no linear router beside them: "
                 f"expected a sibling module with a ({experts.num_experts}, hidden) `weight`"
             )
-        super().__init__(name, router, experts.num_experts)
+        bias = getattr(router, "bias", None)
+        has_bias = isinstance(bias, nn.Parameter) and bias.shape == (experts.num_experts,)
+        top_k = getattr(router, "top_k", None) or experts.config.num_experts_per_tok
+        super().__init__(name, router.weight, experts.num_experts, top_k, bias if has_bias else None)
         up_name = "gate_up_proj" if experts.has_gate else "up_proj"
         self.up_site = WeightSite(
             self, getattr(experts, up_name), experts.has_bias, None, experts.is_transposed
@@ -106,13 +111,17 @@ class HFExpertsProbe(LayerProbe):
     def routing(self) -> LayerRouting:
         return self.last_routing
 
+    def expert_weights(self) -> list[list[Tensor]]:
+        fused = [p.detach() for p in self._experts.parameters()]  # each (E, ...)
+        return [[weight[expert] for weight in fused] for expert in range(self.num_experts)]
+
     def remove(self) -> None:
         super().remove()
         del self._experts._stgc_probe
 
 
-def _find_router_weight(parent: nn.Module, experts: nn.Module) -> nn.Parameter | None:
-    """The first sibling parameter named `weight` of shape (num_experts, hidden)."""
+def _find_router(parent: nn.Module, experts: nn.Module) -> nn.Module | None:
+    """The first sibling module whose parameter `weight` has shape (num_experts, hidden)."""
     hidden = experts.down_proj.shape[1 if not experts.is_transposed else 2]
     for child in parent.children():
         weight = getattr(child, "weight", None)
@@ -121,7 +130,7 @@ def _find_router_weight(parent: nn.Module, experts: nn.Module) -> nn.Parameter |
             and isinstance(weight, nn.Parameter)
             and weight.shape == (experts.num_experts, hidden)
         ):
-            return weight
+            return child
     return None
 
 

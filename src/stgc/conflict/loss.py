@@ -1,9 +1,26 @@
-"""The conflict elimination loss (CEL): lower conflicting tokens' routing scores for their experts."""
+"""The conflict elimination loss (CEL): lower conflicting tokens' routing scores for their experts.
+
+Three forms, for router logits z_t (E,) of token t, p_t = softmax(z_t), and conflicting (t, e) pairs.
+What one descent step does to p_{t,e} is checked by tests/test_conflict_loss.py and printed on random
+logits by scripts/cel_directions.py:
+
+- `negated_logits`: CE(softmax(z_t), stopgrad softmax(-z_t)), averaged over the conflicting tokens:
+  the reviewers' reading of the paper's Eq. 8 (target z' = -z). Its gradient p_t - softmax(-z_t) is the
+  same whichever expert conflicted and pushes hardest on the token's first choice, so when the
+  conflicting expert is the second choice a step can raise its p_{t,e}.
+- `negated_logits_per_expert`: -log softmax(-z_t)_e per conflicting pair, summed and divided by
+  E·max(1, N) for N routed tokens (a published re-implementation: Li et al., "Routing in Gradient
+  Space", App. D.10). Its gradient on z_{t,e} is 1 - softmax(-z_t)_e > 0 and on every other logit
+  -softmax(-z_t)_j < 0, so a step always lowers p_{t,e}.
+- `unlikelihood`: -log(1 - p_{t,e}), averaged over the conflicting pairs; its gradient is
+  p_{t,e}/(1 - p_{t,e}) · (onehot_e - p_t) scaled, i.e. it lowers z_{t,e} against all others: always
+  lowers p_{t,e}.
+"""
 
 import torch
 from torch import Tensor
 
-LOSS_TYPES = ("negated_logits", "unlikelihood")
+LOSS_TYPES = ("negated_logits", "negated_logits_per_expert", "unlikelihood")
 
 
 def conflict_elimination_loss(
@@ -13,12 +30,10 @@ def conflict_elimination_loss(
     loss_type: str = "negated_logits",
     flagged: Tensor | None = None,
 ) -> Tensor:
-    """Mean CEL over the conflicting (token, expert) pairs: `rows` (into router_logits) and `experts`,
+    """The CEL over the conflicting (token, expert) pairs: `rows` (into router_logits) and `experts`,
     those of them `flagged` (all when None); 0 when none is. Masks, not boolean indexing: no host sync.
 
-    negated_logits (the paper's form): CE(softmax(z_t), stopgrad softmax(-z_t)), averaged over the
-    conflicting tokens. unlikelihood: -log(1 - p_{t,e}), averaged over the conflicting pairs.
-    router_logits: (N, E) float32 with grad; rows, experts, flagged: (P,).
+    router_logits: (N, E) float32 with grad; rows, experts, flagged: (P,). Forms: see the module.
     """
     dtype = router_logits.dtype
     weights = torch.ones_like(rows, dtype=dtype) if flagged is None else flagged.to(dtype)  # (P,)
@@ -28,9 +43,13 @@ def conflict_elimination_loss(
         target = torch.softmax(-router_logits.detach(), dim=-1)  # (N, E)
         cross_entropy = -(target * torch.log_softmax(router_logits, dim=-1)).sum(dim=-1)  # (N,)
         return (cross_entropy * token_flagged).sum() / token_flagged.sum().clamp(min=1)
-    if loss_type == "unlikelihood":
-        logits = router_logits.index_select(0, rows)  # (P, E)
-        others = logits.scatter(1, experts[:, None], float("-inf"))  # (P, E) with z_e masked out
-        log_one_minus_p = torch.logsumexp(others, dim=-1) - torch.logsumexp(logits, dim=-1)  # log(1 - p_e)
-        return -(log_one_minus_p * weights).sum() / weights.sum().clamp(min=1)
-    raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+    logits = router_logits.index_select(0, rows)  # (P, E)
+    if loss_type == "negated_logits_per_expert":
+        log_q = torch.log_softmax(-logits, dim=-1).gather(1, experts[:, None])[:, 0]  # (P,) log softmax(-z)_e
+        num_tokens, num_experts = router_logits.shape
+        return -(log_q * weights).sum() / (num_experts * max(1, num_tokens))
+    others = logits.scatter(1, experts[:, None], float("-inf"))  # (P, E) with z_e masked out
+    log_one_minus_p = torch.logsumexp(others, dim=-1) - torch.logsumexp(logits, dim=-1)  # log(1 - p_e)
+    return -(log_one_minus_p * weights).sum() / weights.sum().clamp(min=1)

@@ -7,18 +7,26 @@ before it is accumulated into `.grad` (and before DDP averages it). So the terms
 product X·Gᵀ per expert linear, and nothing is kept once the weight hook has run. Under FSDP2
 the weight is a shard and G is formed from X and Δ (one more product, docs/design.md §7).
 
+Two token gradients (STGC's `gradient=`): "exact", the gradient w.r.t. all of the expert's weights
+(above); "output", the gradient w.r.t. the expert's output (routing weight included), the cheaper
+approximation the paper validates against the full one: its terms come from Δ at the output alone.
+
 Notation: N routed tokens of the layer, E experts, n_e rows processed by expert e.
 """
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from stgc.conflict.cosine import cosine_from_terms, linear_gradient_terms
+from stgc.conflict.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
 from stgc.conflict.recompute import RECOMPUTE, current_frame
-from stgc.conflict.sharding import is_sharded
+from stgc.conflict.sharding import full_tensor, is_sharded
+
+GRADIENTS = ("exact", "output")  # which token gradient the cosines are of (see the module docstring)
+MEANS = ("all", "others")  # compared with the sum over all of the expert's tokens, or over the others
 
 
 @dataclass
@@ -28,74 +36,122 @@ class LayerRouting:
     router_input: Tensor  # (N, H) the tensor the router's logits were computed from
     expert_rows: list[Tensor]  # E tensors: rows into the N tokens, in each expert's input order
     modality: Tensor | None  # (N,) 0 text / 1 image, or None when unknown
+    positions: Tensor | None = (
+        None  # (N,) each token's position in the flattened (B*T) input; None: row = position
+    )
 
 
 @dataclass
 class LayerConflicts:
     """Cosines of one layer's (token, expert) assignments for one micro-batch."""
 
-    cosine: Tensor  # (S,) cos(g_t, ḡ_e); 0 where the token has no gradient
+    cosine: Tensor  # (S,) cos(g_t, ḡ_e) of the chosen gradient and mean; 0 where the token has no gradient
     rows: Tensor  # (S,) token row into the layer's N routed tokens
     expert: Tensor  # (S,) expert index
     has_grad: Tensor  # (S,) bool: the token's gradient in that expert is non-zero
     modality: Tensor | None  # (S,) or None
     finite: Tensor  # () bool: every gradient term was finite (a NaN/inf micro-batch is skipped)
+    cosines: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # gradient -> (S,), each captured
 
 
 class LayerProbe(ABC):
     """One MoE layer as STGC sees it: its router weight, its routing, and the cosine terms."""
 
-    def __init__(self, name: str, router_weight: nn.Parameter, num_experts: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        router_weight: nn.Parameter,
+        num_experts: int,
+        top_k: int,
+        router_bias: nn.Parameter | None = None,
+    ) -> None:
         self.name = name
         self.router_weight = router_weight  # (E, H)
+        self.router_bias = router_bias  # (E,) or None: the router's logits are x Wᵀ (+ b)
         self.num_experts = num_experts
+        self.top_k = top_k
         self.capturing = False
+        self.capture_exact = False  # keep X and Δ of every expert linear
+        self.capture_output = False  # keep Δ of every expert's output
         self.handles: list = []
-        self.sites: list[WeightSite] = []  # its expert weights
-        self._terms: dict[int, list[Tensor]] = {}  # expert -> [⟨g_i,G⟩ (n_e,), ‖g_i‖² (n_e,), ‖G‖² ()]
+        self.sites: list[WeightSite] = []  # the expert weights whose gradients give the exact terms
+        # gradient -> expert -> [⟨g_i,G⟩ (n_e,), ‖g_i‖² (n_e,), ‖G‖² ()], summed over the expert's linears
+        self._terms: dict[str, dict[int, list[Tensor]]] = {gradient: {} for gradient in GRADIENTS}
 
     @abstractmethod
     def routing(self) -> LayerRouting:
         """Where the last captured forward sent this layer's tokens."""
 
-    def start(self, capturing: bool) -> None:
-        """Begin a micro-batch: forget the last one's terms; capture only when asked."""
-        self.capturing = capturing
-        self._terms.clear()
+    @abstractmethod
+    def expert_weights(self) -> list[list[Tensor]]:
+        """For each expert, its weight tensors (the same shapes for every expert)."""
 
-    def add_terms(self, expert: int, dot: Tensor, sqnorm: Tensor, total_sqnorm: Tensor) -> None:
-        """Add one linear's terms to the expert's running sums over its linears."""
-        terms = self._terms.get(expert)
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The parameters the CEL's gradient goes to: the router's weight, and its bias if it has one."""
+        return [self.router_weight] + ([self.router_bias] if self.router_bias is not None else [])
+
+    def router_logits(self, router_input: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+        """(N, E) float32 logits from (N, H) router inputs, as the router computes them; `weight` and
+        `bias` replace the router's own (e.g. gathered from their FSDP2 shards)."""
+        weight = full_tensor(self.router_weight) if weight is None else weight  # gathered under FSDP2
+        bias = full_tensor(self.router_bias) if bias is None and self.router_bias is not None else bias
+        logits = router_input.float() @ weight.float().T
+        return logits if bias is None else logits + bias.float()
+
+    def start(self, capturing: bool, gradients: tuple[str, ...] = ("exact",)) -> None:
+        """Begin a micro-batch: forget the last one's terms; capture the terms of `gradients` when asked."""
+        self.capture_exact = capturing and "exact" in gradients
+        self.capture_output = capturing and "output" in gradients
+        self.capturing = self.capture_exact or self.capture_output
+        for terms in self._terms.values():
+            terms.clear()
+
+    def add_terms(
+        self, expert: int, dot: Tensor, sqnorm: Tensor, total_sqnorm: Tensor, gradient: str = "exact"
+    ) -> None:
+        """Add one linear's (or, for "output", the expert output's) terms to the expert's running sums."""
+        terms = self._terms[gradient].get(expert)
         if terms is None:
-            self._terms[expert] = [dot, sqnorm, total_sqnorm]
+            self._terms[gradient][expert] = [dot, sqnorm, total_sqnorm]
         else:
             terms[0], terms[1], terms[2] = terms[0] + dot, terms[1] + sqnorm, terms[2] + total_sqnorm
 
-    def conflicts(self) -> LayerConflicts:
-        """Cosine of every (token, expert) assignment whose expert saw gradient this micro-batch."""
+    def conflicts(self, gradient: str = "exact", mean: str = "all") -> LayerConflicts:
+        """Cosine of every (token, expert) assignment whose expert saw gradient this micro-batch, of the
+        chosen `gradient`'s terms, against the sum over all the expert's tokens or over the `others`;
+        `cosines` also holds the other gradient's, in the same order, when it was captured too."""
+        cosine_of = leave_one_out_cosine if mean == "others" else cosine_from_terms
         routing = self.routing()
-        cosines, rows, experts, has_grad, finite = [], [], [], [], []
-        for expert, (dot, sqnorm, total_sqnorm) in sorted(self._terms.items()):
+        chosen = self._terms[gradient]
+        cosines = {name: [] for name, terms in self._terms.items() if terms}
+        rows, experts, has_grad, finite = [], [], [], []
+        for expert, (dot, sqnorm, total_sqnorm) in sorted(chosen.items()):
             finite.append(
                 torch.isfinite(dot).all() & torch.isfinite(sqnorm).all() & torch.isfinite(total_sqnorm)
             )
-            cosines.append(cosine_from_terms(dot, sqnorm, total_sqnorm))  # (n_e,)
+            for name in cosines:
+                terms = self._terms[name].get(expert)  # None: the other gradient did not reach this expert
+                cosines[name].append(
+                    torch.full_like(dot, float("nan")) if terms is None else cosine_of(*terms)
+                )
             rows.append(routing.expert_rows[expert])  # (n_e,)
             experts.append(torch.full_like(rows[-1], expert))  # (n_e,)
             has_grad.append(sqnorm > 0)  # (n_e,)
         device = self.router_weight.device
-        if not cosines:
+        if not rows:
             empty = torch.zeros(0, device=device)
             return LayerConflicts(empty, empty.long(), empty.long(), empty.bool(), None, torch.tensor(True))
         rows_cat = torch.cat(rows)  # (S,)
         modality = None if routing.modality is None else routing.modality.index_select(0, rows_cat)  # (S,)
+        by_gradient = {name: torch.cat(parts) for name, parts in cosines.items()}
         return LayerConflicts(
-            torch.cat(cosines),
+            by_gradient[gradient],
             rows_cat,
             torch.cat(experts),
             torch.cat(has_grad),
             modality,
             torch.stack(finite).all(),
+            by_gradient,
         )
 
     def remove(self) -> None:
@@ -126,14 +182,15 @@ class WeightSite:
                 f"STGC needs trainable experts: a weight of {probe.name} has requires_grad=False"
             )
         self.probe = probe
+        self.weight = weight
         self.has_bias = has_bias
         self.expert = expert  # None: fused, indexed by the captured expert
         self.transposed = transposed
         self.sharded = is_sharded(weight)
-        probe.sites.append(self)
         self._pending: list[list] = []  # [expert, X (n, d_in), Δ (n, d_out) or None]
         if not self.sharded:
             probe.handles.append(weight.register_hook(self._on_weight_grad))
+        probe.sites.append(self)
 
     def capture(self, expert: int, inputs: Tensor, outputs: Tensor) -> None:
         """Keep X by reference and ask autograd for Δ = ∂loss/∂outputs."""
@@ -176,13 +233,28 @@ class WeightSite:
         self.probe.add_terms(expert, *terms)
 
 
+def capture_output_terms(probe: LayerProbe, expert: int, outputs: Tensor) -> None:
+    """Ask autograd for Δ at one expert's output (n_e, H) and turn it into the "output" gradient's terms
+    there: ⟨δ_i, Σδ⟩, ‖δ_i‖², ‖Σδ‖² (nothing is kept once the hook has run)."""
+
+    def output_terms(grad: Tensor) -> None:
+        delta = grad.reshape(-1, grad.shape[-1]).to(
+            torch.promote_types(grad.dtype, torch.float32)
+        )  # (n_e, H)
+        total = delta.sum(0)  # (H,)
+        probe.add_terms(expert, delta @ total, delta.square().sum(1), total.square().sum(), "output")
+
+    outputs.register_hook(output_terms)
+
+
 class SparseMoEProbe(LayerProbe):
     """Probe for this project's SparseMoE: experts are modules of nn.Linear layers."""
 
     def __init__(self, name: str, layer: nn.Module) -> None:
-        super().__init__(name, layer.router.weight, layer.num_experts)
+        super().__init__(name, layer.router.weight, layer.num_experts, layer.top_k, layer.router.bias)
         self.layer = layer
         for expert, module in enumerate(layer.experts):
+            self.handles.append(module.register_forward_hook(self._output_hook(expert)))
             for linear in module.modules():
                 if isinstance(linear, nn.Linear):
                     site = WeightSite(self, linear.weight, linear.bias is not None, expert)
@@ -190,11 +262,21 @@ class SparseMoEProbe(LayerProbe):
 
     def _capture_hook(self, site: WeightSite, expert: int):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if self.capturing and torch.is_grad_enabled():
+            if self.capture_exact and torch.is_grad_enabled():
                 site.capture(expert, args[0], output)
+
+        return hook
+
+    def _output_hook(self, expert: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if self.capture_output and torch.is_grad_enabled():
+                capture_output_terms(self, expert, output)
 
         return hook
 
     def routing(self) -> LayerRouting:
         record = self.layer.last_routing
-        return LayerRouting(record.router_input, record.expert_rows, record.modality)
+        return LayerRouting(record.router_input, record.expert_rows, record.modality, record.token_index)
+
+    def expert_weights(self) -> list[list[Tensor]]:
+        return [[p.detach() for p in expert.parameters()] for expert in self.layer.experts]

@@ -14,10 +14,10 @@ def is_sharded(parameter: Tensor) -> bool:
     return isinstance(parameter, DTensor)
 
 
-def full_weight(parameter: nn.Parameter) -> Tensor:
-    """The whole weight, differentiable back to `parameter`: all-gathered when sharded (every rank
-    must call this in the same order), the parameter itself otherwise."""
-    return parameter.full_tensor() if is_sharded(parameter) else parameter
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor (a parameter, or its gradient), differentiable back to it: all-gathered when
+    sharded (every rank must call this in the same order), the tensor itself otherwise."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def add_to_grad(parameter: nn.Parameter, grad: Tensor) -> None:

@@ -30,6 +30,7 @@ class LayerStats:
     conflicts: Tensor  # (E,) of them conflicting
     cosine: Tensor  # Σ cos(g_t, ḡ_e)
     cosine_sq: Tensor  # Σ cos²
+    cosine_null: Tensor  # Σ of the cosine's null level: 1/√n_e per assignment (0 when leaving t out)
     text: Tensor  # assignments of text tokens
     text_conflicts: Tensor
     image: Tensor  # assignments of image tokens
@@ -38,9 +39,17 @@ class LayerStats:
 
     @classmethod
     def of(
-        cls, conflicts: LayerConflicts, conflicting: Tensor, cel_loss: Tensor, num_experts: int
+        cls,
+        conflicts: LayerConflicts,
+        conflicting: Tensor,
+        cel_loss: Tensor,
+        num_experts: int,
+        leave_one_out: bool = False,
     ) -> "LayerStats":
-        """The sums of one micro-batch; `conflicting` (S,) flags conflicting assignments with a gradient."""
+        """The sums of one micro-batch; `conflicting` (S,) flags conflicting assignments with a gradient.
+
+        The null level is what the cosine is for n_e near-orthogonal token gradients of similar norm:
+        cos(g_t, Σg) ≈ 1/√n_e, and 0 when the token is left out of the sum (mean="others")."""
         valid = conflicts.has_grad.double()  # (S,)
         flagged = conflicting.double()  # (S,)
         cosine = torch.where(conflicts.has_grad, conflicts.cosine.double(), 0.0)  # (S,)
@@ -52,11 +61,15 @@ class LayerStats:
                 is_modality = (conflicts.modality == value).double()  # (S,)
             by_modality[name] = (valid * is_modality).sum()
             by_modality[f"{name}_conflicts"] = (flagged * is_modality).sum()
+        assignments = expert_counts(conflicts.expert, num_experts, valid)  # (E,)
         return cls(
-            assignments=expert_counts(conflicts.expert, num_experts, valid),
+            assignments=assignments,
             conflicts=expert_counts(conflicts.expert, num_experts, flagged),
             cosine=cosine.sum(),
             cosine_sq=cosine.square().sum(),
+            cosine_null=torch.zeros_like(cosine.sum())
+            if leave_one_out
+            else assignments.sqrt().sum(),  # Σ_e n_e/√n_e
             cel_loss=cel_loss.detach().double(),
             **by_modality,
         )
@@ -80,7 +93,7 @@ class LayerStats:
 
 def layer_metrics(layer: str, stats: LayerStats, num_experts: int, cel_terms: int) -> dict[str, Tensor]:
     """stgc/<stat>/<layer>: conflict ratio (overall and by modality), the paper's gradient consistency
-    (cosine mean and std), the CEL averaged over `cel_terms` terms, and for the first `num_experts`
+    (cosine mean and std) beside its null level, the CEL averaged over `cel_terms` terms, and for the first `num_experts`
     experts (none when 0) each one's load and conflict ratio."""
     metrics = {f"stgc/cel_loss/{layer}": (stats.cel_loss / cel_terms).float()}
     tokens = stats.assignments.sum()
@@ -88,6 +101,7 @@ def layer_metrics(layer: str, stats: LayerStats, num_experts: int, cel_terms: in
         mean = stats.cosine / tokens
         metrics[f"stgc/conflict_ratio/{layer}"] = (stats.conflicts.sum() / tokens).float()
         metrics[f"stgc/cosine_mean/{layer}"] = mean.float()
+        metrics[f"stgc/cosine_null/{layer}"] = (stats.cosine_null / tokens).float()
         metrics[f"stgc/cosine_std/{layer}"] = (stats.cosine_sq / tokens - mean**2).clamp(min=0).sqrt().float()
     for modality in MODALITIES:
         count = getattr(stats, modality)
@@ -103,6 +117,24 @@ def layer_metrics(layer: str, stats: LayerStats, num_experts: int, cel_terms: in
     return metrics
 
 
+def position_conflict_share(
+    layers: list[LayerConflicts], conflicting: list[Tensor], positions: list[Tensor | None], length: int
+) -> Tensor:
+    """(length,) for each input position, the share of the MoE layers that routed it (with a gradient)
+    in which it conflicts in one of its experts; NaN where no layer did. positions[l] maps layer l's
+    token rows to positions (None: rows are positions)."""
+    device = layers[0].cosine.device
+    routed = torch.zeros(length, device=device)
+    conflicted = torch.zeros(length, device=device)
+    for conflicts, flagged, position in zip(layers, conflicting, positions, strict=True):
+        where = conflicts.rows if position is None else position.index_select(0, conflicts.rows)  # (S,)
+        layer_routed = torch.zeros(length, device=device).index_add_(0, where, conflicts.has_grad.float())
+        layer_conflicted = torch.zeros(length, device=device).index_add_(0, where, flagged.float())
+        routed += (layer_routed > 0).float()
+        conflicted += (layer_conflicted > 0).float()
+    return torch.where(routed > 0, conflicted / routed.clamp(min=1), float("nan"))
+
+
 def conflict_heatmap(layer_names: list[str], stats: list[LayerStats]) -> Tensor:
     """The (layers, experts) conflict ratios as an RGB image (H, W, 3) uint8: values printed in the
     cells, colours scaled to the data's range."""
@@ -110,7 +142,9 @@ def conflict_heatmap(layer_names: list[str], stats: list[LayerStats]) -> Tensor:
 
     ratios = torch.stack([s.conflicts / s.assignments.clamp(min=1) for s in stats]).cpu().numpy()
     figure, axes = plt.subplots(figsize=(1.5 + 0.8 * ratios.shape[1], 1.0 + 0.5 * ratios.shape[0]), dpi=100)
-    shown = axes.imshow(ratios, vmin=ratios.min(), vmax=max(ratios.max(), ratios.min() + 1e-6), cmap="viridis")
+    shown = axes.imshow(
+        ratios, vmin=ratios.min(), vmax=max(ratios.max(), ratios.min() + 1e-6), cmap="viridis"
+    )
     middle = (ratios.min() + ratios.max()) / 2
     for (row, column), value in np.ndenumerate(ratios):
         colour = "black" if value > middle else "white"

@@ -1,0 +1,208 @@
+"""What STGC shows in TensorBoard besides plain scalars: a custom-scalars layout that groups the
+`stgc/` and `moe/` charts per MoE layer (one chart per quantity, a line per expert), and the conflict
+picture (a sample's image patches and text tokens shaded by how much they conflict).
+
+Metric names, as logged: `stgc/<quantity>/<layer>` and `stgc/<quantity>/<layer>/expert_<e>` by the
+STGC callback (stgc.conflict.statistics.layer_metrics), `moe/<layer>/<quantity>` and
+`moe/<layer>/<quantity>/expert_<e>` by LVLMModule (stgc.moe.routing_stats).
+"""
+
+import io
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+ALL_LAYERS = "all"  # the layer name of the callback's figures over all layers
+# (chart title, regex of its lines); "{layer}" stands for the escaped layer name
+CONFLICT_RATIO = ("conflict ratio: all, text, image tokens", r"stgc/conflict_ratio(_text|_image)?/{layer}")
+COSINE = ("cosine mean and its null level", r"stgc/cosine_(mean|null)/{layer}")
+COSINE_STD = ("cosine std", r"stgc/cosine_std/{layer}")
+CEL = ("conflict elimination loss", r"stgc/cel_loss/{layer}")
+STGC_CHARTS = (
+    CONFLICT_RATIO,
+    ("conflict ratio per expert", r"stgc/expert_conflict_ratio/{layer}/expert_\d+"),
+    COSINE,
+    COSINE_STD,
+    CEL,
+    ("CEL / rest of the router gradient norm", r"stgc/cel_grad_ratio/{layer}"),
+    ("reroute rate of flagged pairs", r"stgc/reroute_rate/{layer}"),
+    ("change of p(t, e): flagged and other pairs", r"stgc/delta_p_(flagged|other)/{layer}"),
+    ("expert drift", r"stgc/expert_drift/{layer}"),
+    ("exact vs output cosine: Pearson r", r"stgc/exact_output_pearson/{layer}"),
+    ("load of the measured assignments per expert", r"stgc/expert_load/{layer}/expert_\d+"),
+)
+MOE_CHARTS = (
+    ("router load per expert", r"moe/{layer}/load/expert_\d+"),
+    ("text-token load per expert", r"moe/{layer}/load_text/expert_\d+"),
+    ("image-token load per expert", r"moe/{layer}/load_image/expert_\d+"),
+    ("router entropy", r"moe/{layer}/entropy"),
+    ("load-balancing loss", r"moe/{layer}/aux_loss"),
+    ("dropped fraction", r"moe/{layer}/dropped_fraction"),
+)
+ALL_LAYER_CHARTS = (  # the callback's figures over all layers
+    CONFLICT_RATIO,
+    COSINE,
+    COSINE_STD,
+    CEL,
+    ("non-finite steps skipped", "stgc/skipped_nonfinite"),
+    ("load-balancing loss, summed over layers", "train/aux_loss"),
+)
+
+
+def custom_scalars_layout(layer_names: list[str], stgc: bool = True) -> dict[str, dict[str, list]]:
+    """The layout `SummaryWriter.add_custom_scalars` takes: a category per MoE layer holding its
+    `moe/` charts and, when `stgc`, its `stgc/` charts after them, then with `stgc` one category over
+    all layers; every chart a multiline chart of the metrics its anchored regex matches.
+
+    TensorBoard merges the layouts of a folder's runs by category title, dropping repeated charts;
+    the layout without STGC being the start of the one with it, a baseline and an STGC run share
+    their charts in the same order, whichever run it reads first."""
+    per_layer = (*MOE_CHARTS, *STGC_CHARTS) if stgc else MOE_CHARTS
+    groups = [(layer, layer, per_layer) for layer in layer_names]
+    groups += [(f"{ALL_LAYERS} layers", ALL_LAYERS, ALL_LAYER_CHARTS)] if stgc else []
+    return {
+        category: {
+            title: ["Multiline", [f"^{pattern.format(layer=re.escape(layer))}$"]] for title, pattern in charts
+        }
+        for category, layer, charts in groups
+    }
+
+
+def write_custom_scalars(writer: SummaryWriter, layer_names: list[str], stgc: bool = True) -> None:
+    """Write the layout of `custom_scalars_layout` to a run (TensorBoard reads a run's first one)."""
+    writer.add_custom_scalars(custom_scalars_layout(layer_names, stgc))
+
+
+# -- the conflict picture -----------------------------------------------------------------------------
+def token_grid(image_share: np.ndarray, grid: tuple[int, int], pool: int, keep_cls: bool) -> np.ndarray:
+    """The (P,) shares of an image's tokens, in the vision tower's order (CLS first when kept, then
+    the pooled patch grid row by row), as the (grid_h / pool, grid_w / pool) grid of the cells they
+    cover: a token covers pool x pool patches, the CLS token none (it is dropped)."""
+    return image_share[int(keep_cls) :].reshape(grid[0] // pool, grid[1] // pool)
+
+
+COLOURMAP = "Reds"  # of the share: 0 white, 1 deep red
+NO_SHARE = (0.8, 0.8, 0.8)  # the text boxes of tokens without a share (not routed, no assignment)
+FONT_SIZE = 10  # points, of the token boxes
+CHAR_WIDTH = 0.6 * FONT_SIZE / 72  # inches: a monospace glyph's advance is about 0.6 of its size
+
+
+def shade(image: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """The (H, W, 3) image in [0, 1] in grey (its own colours cannot pass for shading; see
+    `_stretched_luma`), each cell of the (h, w) `shares` grid (H, W multiples of h, w) blended with
+    its share's colour, as opaque as the share is high (0 and NaN: grey only)."""
+    import matplotlib
+
+    grey = _stretched_luma(image)[..., None]  # (H, W, 1)
+    known = np.nan_to_num(shares)  # (h, w)
+    colours = matplotlib.colormaps[COLOURMAP](known)[..., :3]  # (h, w, 3)
+    opacity = 0.85 * known[..., None]  # (h, w, 1)
+    scale = (image.shape[0] // shares.shape[0], image.shape[1] // shares.shape[1])
+    colours = colours.repeat(scale[0], axis=0).repeat(scale[1], axis=1)  # (H, W, 3)
+    opacity = opacity.repeat(scale[0], axis=0).repeat(scale[1], axis=1)  # (H, W, 1)
+    return (1 - opacity) * grey + opacity * colours
+
+
+def _stretched_luma(image: np.ndarray) -> np.ndarray:
+    """The (H, W) brightness of an (H, W, 3) image, stretched to [0.3, 1] (a yellow shape on white
+    stays visible; the floor keeps the shading's colours readable on dark pixels)."""
+    luma = image @ np.array([0.299, 0.587, 0.114])  # (H, W)
+    return 0.3 + 0.7 * (luma - luma.min()) / max(luma.max() - luma.min(), 1e-6)
+
+
+def conflict_figure(
+    image: np.ndarray, shares: np.ndarray, tokens: list[str], token_shares: np.ndarray, title: str
+) -> np.ndarray:
+    """The picture as an (H, W, 3) uint8 RGB array: a title; the (H, W, 3) input image beside the
+    same image shaded by the (h, w) grid of its tokens' `shares` (see `shade`; hatched where NaN;
+    the value printed in each cell when there are at most 8 x 8), and a colour bar; beneath them the
+    text `tokens` as boxes coloured by `token_shares` (grey and hatched where NaN). Sizes in inches
+    at 100 dpi."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+
+    width, side, line_height = 7.5, 3.0, 0.3  # figure width, each image's side, a text line
+    places = _wrap([len(token) for token in tokens], columns=int((width - 0.4) / CHAR_WIDTH))
+    text_height = line_height * (max((line for line, _ in places), default=0) + 1) + 0.2
+    height = 0.7 + side + 0.2 + text_height  # title and panel titles, images, gap, text
+    figure = plt.figure(figsize=(width, height), dpi=100)
+    figure.suptitle(title, y=1 - 0.08 / height, va="top", fontsize=11)
+    bottom = (text_height + 0.2) / height
+    inputs = figure.add_axes((0.2 / width, bottom, side / width, side / height))
+    inputs.imshow(image, interpolation="nearest")
+    inputs.set_title("input", fontsize=10)
+    picture = figure.add_axes((0.4 / width + side / width, bottom, side / width, side / height))
+    shaded = shade(image, shares)  # (H, W, 3)
+    picture.imshow(shaded, interpolation="nearest")
+    picture.set_title("conflict share of its image tokens", fontsize=10)
+    cell = (image.shape[0] / shares.shape[0], image.shape[1] / shares.shape[1])  # pixels per token
+    labelled = shares.size <= 64  # cells large enough for their value and a border
+    for row in range(1, shares.shape[0]) if labelled else ():
+        picture.axhline(
+            row * cell[0] - 0.5, color="0.7", linewidth=0.5
+        )  # imshow's pixel centres are integers
+    for column in range(1, shares.shape[1]) if labelled else ():
+        picture.axvline(column * cell[1] - 0.5, color="0.7", linewidth=0.5)
+    for (row, column), share in np.ndenumerate(shares):
+        corner = (column * cell[1] - 0.5, row * cell[0] - 0.5)
+        if np.isnan(share):
+            picture.add_patch(
+                Rectangle(corner, cell[1], cell[0], fill=False, hatch="//", linewidth=0, color="0.35")
+            )
+        elif labelled:
+            y, x = int((row + 0.5) * cell[0]), int((column + 0.5) * cell[1])
+            under = shaded[y - 4 : y + 4, max(x - 12, 0) : x + 12].mean()  # the brightness behind the label
+            ink = "white" if under < 0.5 else "black"
+            picture.text(x - 0.5, y - 0.5, f"{share:.2f}", ha="center", va="center", fontsize=8, color=ink)
+    for axes in (inputs, picture):  # a thin frame, no ticks
+        axes.set_xticks([])
+        axes.set_yticks([])
+        for spine in axes.spines.values():
+            spine.set_color("0.7")
+    colour_bar = figure.add_axes(((0.55 + 2 * side) / width, bottom, 0.15 / width, side / height))
+    mappable = plt.cm.ScalarMappable(Normalize(0.0, 1.0), COLOURMAP)
+    figure.colorbar(mappable, cax=colour_bar, label="conflict share")
+    text = figure.add_axes((0.2 / width, 0.1 / height, (width - 0.4) / width, text_height / height))
+    text.set_xlim(0, width - 0.4)
+    text.set_ylim(text_height, 0)  # inches from the top
+    text.set_axis_off()
+    for token, share, (line, column) in zip(tokens, token_shares, places, strict=True):
+        known = not np.isnan(share)
+        text.text(
+            column * CHAR_WIDTH, 0.1 + line * line_height, token, family="monospace", fontsize=FONT_SIZE,
+            va="top", color="white" if share > 0.6 else "black",
+            bbox={
+                "facecolor": mappable.to_rgba(float(share))[:3] if known else NO_SHARE, "hatch": None if known else "//",
+                "edgecolor": (0.6, 0.6, 0.6), "linewidth": 0.5, "boxstyle": "square,pad=0.2",
+            },
+        )  # fmt: skip
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return np.array(Image.open(buffer).convert("RGB"))
+
+
+def _wrap(lengths: list[int], columns: int) -> list[tuple[int, int]]:
+    """The (line, column) of each token when tokens of these lengths, a space apart, fill lines of
+    `columns` characters."""
+    places, line, column = [], 0, 0
+    for length in lengths:
+        if column and column + length > columns:
+            line, column = line + 1, 0
+        places.append((line, column))
+        column += length + 1
+    return places
+
+
+def as_display_image(
+    pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], scale: int
+) -> np.ndarray:
+    """A normalised (3, H, W) model input back as an (H * scale, W * scale, 3) image in [0, 1]."""
+    shift, spread = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]  # (3, 1, 1)
+    image = pixels.detach().float().cpu() * spread + shift  # (3, H, W)
+    image = image.clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, 3)
+    return image.repeat(scale, axis=0).repeat(scale, axis=1)

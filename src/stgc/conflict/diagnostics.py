@@ -1,0 +1,87 @@
+"""What STGC does to routing, measured on logging steps: whether flagged tokens leave their experts
+after the optimizer step, how far experts have drifted apart, the CEL's share of the router gradient,
+and how well the cheap "output" cosine follows the exact one (the paper's Appendix A comparison).
+
+Sums that ranks combine by adding are returned as vectors; the ratios are taken once they are added.
+"""
+
+import torch
+from torch import Tensor
+
+from stgc.conflict.sharding import full_tensor
+
+REROUTE_SUMS = ("flagged", "rerouted", "flagged_delta_p", "other", "other_delta_p")
+PEARSON_SUMS = ("n", "x", "y", "xx", "yy", "xy")
+
+
+def reroute_sums(
+    logits_before: Tensor,
+    logits_after: Tensor,
+    rows: Tensor,
+    experts: Tensor,
+    flagged: Tensor,
+    valid: Tensor,
+    top_k: int,
+) -> Tensor:
+    """(5,) float64 sums over one layer's (token, expert) assignments, the router applied to the same
+    inputs before and after the optimizer step (logits (N, E)): flagged pairs; of them, those whose
+    expert left the token's top-k; their change of p_{t,e}; the other pairs with a gradient; theirs.
+    rows, experts, flagged, valid: (S,)."""
+    p_before = logits_before.softmax(-1)[rows, experts]  # (S,)
+    p_after = logits_after.softmax(-1)[rows, experts]  # (S,)
+    top_after = logits_after.topk(top_k, dim=-1).indices.index_select(0, rows)  # (S, k)
+    rerouted = (top_after != experts[:, None]).all(dim=-1)  # (S,)
+    delta_p = (p_after - p_before).double()
+    flagged, other = flagged.double(), (valid & ~flagged.bool()).double()
+    return torch.stack(
+        [
+            flagged.sum(),
+            (flagged * rerouted).sum(),
+            (flagged * delta_p).sum(),
+            other.sum(),
+            (other * delta_p).sum(),
+        ]
+    )
+
+
+def reroute_metrics(layer: str, sums: Tensor) -> dict[str, Tensor]:
+    """stgc/reroute_rate, stgc/delta_p_flagged and stgc/delta_p_other of one layer from its added sums
+    (the flagged figures only when something was flagged)."""
+    flagged, rerouted, flagged_delta_p, other, other_delta_p = sums
+    metrics = {}
+    if flagged > 0:
+        metrics[f"stgc/reroute_rate/{layer}"] = (rerouted / flagged).float()
+        metrics[f"stgc/delta_p_flagged/{layer}"] = (flagged_delta_p / flagged).float()
+    if other > 0:
+        metrics[f"stgc/delta_p_other/{layer}"] = (other_delta_p / other).float()
+    return metrics
+
+
+@torch.no_grad()
+def expert_drift(expert_weights: list[list[Tensor]]) -> Tensor:
+    """Mean over experts of ‖θ_e − θ̄‖ / ‖θ̄‖, θ_e an expert's weights flattened and θ̄ their mean over
+    the layer's experts: 0 right after upcycling (exact copies)."""
+    num_experts = len(expert_weights)
+    distance_sq = torch.zeros(num_experts, dtype=torch.float64, device=expert_weights[0][0].device)
+    mean_sq = torch.zeros((), dtype=torch.float64, device=distance_sq.device)
+    for weights in zip(*expert_weights, strict=True):  # one weight at a time: memory of two of its copies
+        weights = [full_tensor(w) for w in weights]  # gathered from its shards under FSDP2
+        mean = sum(w.float() for w in weights) / num_experts
+        mean_sq += mean.double().square().sum()
+        for expert, weight in enumerate(weights):
+            distance_sq[expert] += (weight.float() - mean).double().square().sum()
+    return (distance_sq.sqrt() / mean_sq.sqrt().clamp(min=torch.finfo(torch.float64).tiny)).mean()
+
+
+def pearson_sums(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+    """(6,) float64 sums n, Σx, Σy, Σx², Σy², Σxy over the entries where `mask` holds (and both are finite)."""
+    keep = (mask & x.isfinite() & y.isfinite()).double()
+    x, y = torch.nan_to_num(x.double()) * keep, torch.nan_to_num(y.double()) * keep
+    return torch.stack([keep.sum(), x.sum(), y.sum(), x.square().sum(), y.square().sum(), (x * y).sum()])
+
+
+def pearson(sums: Tensor) -> Tensor:
+    """The Pearson correlation of the pairs the sums came from (NaN when either side is constant)."""
+    n, x, y, xx, yy, xy = sums
+    covariance = xy - x * y / n
+    return covariance / ((xx - x * x / n) * (yy - y * y / n)).sqrt()

@@ -1,0 +1,352 @@
+"""What STGC logs about its own mechanism — reroutes, p_{t,e} changes, the CEL's gradient share, expert
+drift, the cosine's null level, the exact-vs-output correlation — and the CEL through a router bias,
+each on a case where the right value is known or computed independently."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from stgc.callback import STGC
+from stgc.conflict import diagnostics
+from stgc.conflict.diagnostics import expert_drift, pearson, pearson_sums, reroute_metrics, reroute_sums
+from stgc.conflict.loss import conflict_elimination_loss
+from stgc.conflict.probes import LayerConflicts
+from stgc.conflict.statistics import LayerStats, layer_metrics
+from support.lightning_models import CausalLMModule, OppositeGroups, upcycled_qwen2
+
+
+def _trainer(callbacks, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    return L.Trainer(callbacks=callbacks, **(defaults | kwargs))
+
+
+# -- the pieces, on constructed values ------------------------------------------------------------
+
+
+def test_reroute_sums_on_hand_made_logits() -> None:
+    """3 tokens, 4 experts, top-2. Flagged: (0, e1) leaves token 0's top-2, (1, e0) stays; (2, e3) is
+    an unflagged pair with a gradient, (2, e2) one without."""
+    before = torch.tensor([[2.0, 1.0, 0.0, -1.0], [2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 1.0, 2.0]])
+    after = torch.tensor([[2.0, -1.0, 0.0, -1.0], [1.5, 1.0, 0.0, -1.0], [0.0, 0.0, 1.0, 2.0]])
+    rows, experts = torch.tensor([0, 1, 2, 2]), torch.tensor([1, 0, 3, 2])
+    flagged = torch.tensor([True, True, False, False])
+    valid = torch.tensor([True, True, True, False])
+    sums = reroute_sums(before, after, rows, experts, flagged, valid, top_k=2)
+    p = lambda logits, t, e: float(logits[t].softmax(-1)[e])  # noqa: E731
+    delta = (p(after, 0, 1) - p(before, 0, 1)) + (p(after, 1, 0) - p(before, 1, 0))
+    torch.testing.assert_close(sums, torch.tensor([2.0, 1.0, delta, 1.0, 0.0], dtype=torch.float64))
+    metrics = reroute_metrics("layer_0", sums)
+    assert float(metrics["stgc/reroute_rate/layer_0"]) == 0.5
+    assert float(metrics["stgc/delta_p_flagged/layer_0"]) == pytest.approx(delta / 2, abs=1e-6)
+    assert float(metrics["stgc/delta_p_other/layer_0"]) == 0.0
+
+
+def test_expert_drift_is_zero_for_copies_and_the_relative_distance_otherwise() -> None:
+    mean = [torch.randn(3, 5), torch.randn(7)]
+    assert float(expert_drift([[w.clone() for w in mean] for _ in range(4)])) == 0.0
+    offset = [torch.randn(3, 5), torch.randn(7)]
+    experts = [[m + d for m, d in zip(mean, offset, strict=True)], [m - d for m, d in zip(mean, offset, strict=True)]]
+    norm = lambda ws: math.sqrt(sum(float(w.double().square().sum()) for w in ws))  # noqa: E731
+    assert float(expert_drift(experts)) == pytest.approx(norm(offset) / norm(mean), rel=1e-6)
+
+
+def test_pearson_from_sums_is_the_correlation_of_the_kept_pairs() -> None:
+    x, y = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    y = 0.6 * x + y
+    mask = torch.rand(50) > 0.3
+    y_with_nan = torch.where(torch.arange(50) == 3, float("nan"), y)
+    keep = mask & (torch.arange(50) != 3)
+    expected = torch.corrcoef(torch.stack([x[keep], y[keep]]))[0, 1]
+    torch.testing.assert_close(pearson(pearson_sums(x, y_with_nan, mask)), expected)
+
+
+def _conflicts(expert: list[int], cosine: list[float]) -> LayerConflicts:
+    n = len(expert)
+    return LayerConflicts(
+        torch.tensor(cosine), torch.arange(n), torch.tensor(expert), torch.ones(n, dtype=torch.bool), None,
+        torch.tensor(True),
+    )  # fmt: skip
+
+
+def test_null_level_is_the_mean_of_one_over_root_n_e_over_assignments() -> None:
+    conflicts = _conflicts([0] * 9 + [1] * 4 + [2], [0.1] * 14)
+    stats = LayerStats.of(conflicts, torch.zeros(14, dtype=torch.bool), torch.tensor(0.0), 4)
+    expected = (9 / 3 + 4 / 2 + 1 / 1) / 14
+    assert float(layer_metrics("l", stats, 4, 1)["stgc/cosine_null/l"]) == pytest.approx(expected)
+    others = LayerStats.of(conflicts, torch.zeros(14, dtype=torch.bool), torch.tensor(0.0), 4, leave_one_out=True)
+    assert float(layer_metrics("l", others, 4, 1)["stgc/cosine_null/l"]) == 0.0
+
+
+def test_cosines_of_unrelated_token_gradients_sit_at_the_null_level() -> None:
+    """64 independent random token gradients in one expert: cos(g_t, Σg) ≈ 1/√64 with no agreement at
+    all, while leaving g_t out gives ≈ 0 (the claim behind logging the null level)."""
+    from stgc.conflict.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
+
+    generator = torch.Generator().manual_seed(0)
+    x, delta = torch.randn(64, 256, generator=generator), torch.randn(64, 128, generator=generator)
+    terms = linear_gradient_terms(x.double(), delta.double())
+    assert float(cosine_from_terms(*terms).mean()) == pytest.approx(1 / 8, abs=0.01)
+    assert abs(float(leave_one_out_cosine(*terms).mean())) < 0.01
+
+
+# -- the CEL through a router bias ----------------------------------------------------------------
+
+
+def test_cel_logits_include_the_router_bias() -> None:
+    """GPT-OSS routers have a bias: STGC's router gradient equals autograd of the CEL on x Wᵀ + b, for
+    the weight and for the bias."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )  # fmt: skip
+    model = GptOssForCausalLM(config)
+    router = model.model.layers[0].mlp.router
+    torch.nn.init.normal_(router.bias, std=1.0)
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_after_backward(self, trainer, pl_module):  # runs before STGC's: the LM's router gradient
+            seen["lm"] = [router.weight.grad.clone(), router.bias.grad.clone()]
+            probe = stgc.probes[0]
+            seen["input"] = probe.routing().router_input.detach().clone()
+            seen["conflicts"] = probe.conflicts()
+            seen["weights"] = [router.weight.detach().clone(), router.bias.detach().clone()]
+
+    stgc = STGC(threshold=0.5, loss_weight=1.0, loss_type="unlikelihood", histogram_every_n_steps=0)
+    module = CausalLMModule(model, lr=0.0)
+    _trainer([Spy(), stgc]).fit(module)
+    assert seen["conflicts"].cosine.numel() > 0
+    weight, bias = (w.requires_grad_() for w in seen["weights"])
+    conflicts = seen["conflicts"]
+    flagged = conflicts.has_grad & (conflicts.cosine < 0.5)
+    logits = torch.nn.functional.linear(seen["input"], weight, bias)
+    loss = conflict_elimination_loss(logits, conflicts.rows, conflicts.expert, "unlikelihood", flagged)
+    expected = torch.autograd.grad(loss, [weight, bias])
+    assert expected[1].abs().sum() > 0
+    for got, lm, cel in zip([router.weight.grad, router.bias.grad], seen["lm"], expected, strict=True):
+        torch.testing.assert_close(got - lm, cel, rtol=1e-5, atol=1e-7)
+
+
+# -- in training ----------------------------------------------------------------------------------
+
+
+class RouterSnapshots(L.Callback):
+    """The router of OppositeGroups before and after the step, and its gradient before STGC's part."""
+
+    def __init__(self) -> None:
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen["before"] = pl_module.moe.router.weight.detach().clone()
+
+    def on_after_backward(self, trainer, pl_module):
+        self.seen["lm_grad"] = pl_module.moe.router.weight.grad.clone()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.seen["total_grad"] = pl_module.moe.router.weight.grad.clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen["after"] = pl_module.moe.router.weight.detach().clone()
+
+
+@pytest.mark.parametrize("loss_type", ["negated_logits", "negated_logits_per_expert", "unlikelihood"])
+def test_logged_reroutes_p_changes_and_gradient_ratio_match_the_routers_before_and_after(loss_type) -> None:
+    """OppositeGroups: 8 copies of one token, top-1 of 2 experts, 2 of them flagged. All 8 are the same
+    token, so each flagged one leaves its expert exactly when the token's argmax changes."""
+    module = OppositeGroups()
+    snapshots = RouterSnapshots()
+    callback = STGC(loss_weight=5.0, loss_type=loss_type, histogram_every_n_steps=0)
+    trainer = _trainer([snapshots, callback])
+    trainer.fit(module)
+    seen, metrics = snapshots.seen, trainer.callback_metrics
+    p_before = (seen["before"] @ module.token).softmax(-1)
+    p_after = (seen["after"] @ module.token).softmax(-1)
+    chosen = int(p_before.argmax())
+    assert float(metrics["stgc/reroute_rate/moe"]) == float(int(p_after.argmax()) != chosen)
+    delta = float(p_after[chosen] - p_before[chosen])
+    assert float(metrics["stgc/delta_p_flagged/moe"]) == pytest.approx(delta, abs=1e-6)
+    assert float(metrics["stgc/delta_p_other/moe"]) == pytest.approx(delta, abs=1e-6)
+    cel_grad = seen["total_grad"] - seen["lm_grad"]
+    expected_ratio = float(cel_grad.norm() / seen["lm_grad"].norm())
+    assert float(metrics["stgc/cel_grad_ratio/moe"]) == pytest.approx(expected_ratio, rel=1e-5)
+
+
+def test_without_the_cel_and_without_a_step_nothing_is_rerouted() -> None:
+    module = OppositeGroups()
+    module.configure_optimizers = lambda: torch.optim.SGD(module.parameters(), lr=0.0)
+    trainer = _trainer([STGC(loss_weight=0.0, histogram_every_n_steps=0)])
+    trainer.fit(module)
+    metrics = trainer.callback_metrics
+    assert float(metrics["stgc/reroute_rate/moe"]) == 0.0
+    assert float(metrics["stgc/delta_p_flagged/moe"]) == 0.0
+    assert "stgc/cel_grad_ratio/moe" not in metrics  # λ = 0: no CEL gradient to compare
+    assert float(metrics["stgc/expert_drift/moe"]) == 0.0  # upcycled copies, no step
+
+
+def test_expert_drift_logged_is_that_of_the_layers_experts() -> None:
+    model = upcycled_qwen2()
+    trainer = _trainer([STGC(histogram_every_n_steps=0)])
+    trainer.fit(CausalLMModule(model, lr=0.0))
+    for index, layer in enumerate(model.model.layers):
+        experts = [[p.detach() for p in expert.parameters()] for expert in layer.mlp.experts]
+        logged = float(trainer.callback_metrics[f"stgc/expert_drift/layer_{index}"])
+        assert logged == pytest.approx(float(expert_drift(experts)), rel=1e-6) and logged > 0
+
+
+def test_diagnostics_run_on_logging_steps_only(monkeypatch) -> None:
+    calls = {"reroute": 0, "drift": 0}
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr("stgc.callback.reroute_sums", counting("reroute", diagnostics.reroute_sums))
+    monkeypatch.setattr("stgc.callback.expert_drift", counting("drift", diagnostics.expert_drift))
+    trainer = _trainer([STGC(histogram_every_n_steps=0)], max_steps=6, log_every_n_steps=3)
+    trainer.fit(CausalLMModule(upcycled_qwen2()))
+    assert calls == {"reroute": 2 * 2, "drift": 2 * 2}  # steps 3 and 6, two MoE layers each
+
+
+def test_exact_output_pearson_is_logged_on_histogram_steps_from_both_cosines() -> None:
+    model = upcycled_qwen2()
+    callback = STGC(gradient="output", histogram_every_n_steps=1)
+    seen = []
+
+    class Spy(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            seen.append([probe.conflicts("output") for probe in callback.probes])
+
+    trainer = _trainer([Spy(), callback])
+    trainer.fit(CausalLMModule(model))
+    for index, conflicts in enumerate(seen[-1]):
+        exact, output = conflicts.cosines["exact"], conflicts.cosines["output"]
+        keep = conflicts.has_grad
+        expected = torch.corrcoef(torch.stack([exact[keep], output[keep]]).double())[0, 1]
+        logged = trainer.callback_metrics[f"stgc/exact_output_pearson/layer_{index}"]
+        assert float(logged) == pytest.approx(float(expected), abs=1e-5)
+        assert torch.equal(conflicts.cosine, output)
+
+
+def test_output_gradient_mode_captures_no_expert_inputs_off_histogram_steps() -> None:
+    """In "output" mode, off histogram steps the probes keep no X and compute no exact terms."""
+    model = upcycled_qwen2()
+    callback = STGC(gradient="output", histogram_every_n_steps=0)
+    pending = []
+
+    class Spy(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            probe = callback.probes[0]
+            pending.append((probe.capture_exact, probe.capture_output, sorted(probe.conflicts("output").cosines)))
+
+    _trainer([Spy(), callback]).fit(CausalLMModule(model))
+    assert pending == [(False, True, ["output"])]
+
+
+def test_unknown_gradient_or_mean_is_refused() -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="gradient='weights'"):
+        STGC(gradient="weights")
+    with pytest.raises(MisconfigurationException, match="mean='none'"):
+        STGC(mean="none")
+
+
+def test_position_share_counts_layers_where_a_position_conflicts() -> None:
+    from stgc.conflict.statistics import position_conflict_share
+
+    # layer 0: rows are positions 0..3, (row, expert) pairs; layer 1 routes rows [0, 1] = positions [2, 3]
+    layer0 = LayerConflicts(
+        torch.zeros(6), torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([0, 0, 1, 1, 1, 1]),
+        torch.tensor([True, True, True, True, True, False]), None, torch.tensor(True),
+    )  # fmt: skip
+    flagged0 = torch.tensor([False, False, True, False, True, False])  # positions 2 and 0 conflict
+    layer1 = LayerConflicts(
+        torch.zeros(2), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([True, True]), None,
+        torch.tensor(True),
+    )  # fmt: skip
+    flagged1 = torch.tensor([True, False])  # position 2 conflicts
+    share = position_conflict_share([layer0, layer1], [flagged0, flagged1], [None, torch.tensor([2, 3])], 5)
+    expected = torch.tensor([1.0, 0.0, 1.0, 0.0, float("nan")])
+    torch.testing.assert_close(share, expected, equal_nan=True)
+
+
+class WithPicture(CausalLMModule):
+    """A module offering the conflict picture's three methods; it records what the callback hands it."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.sample = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(1))
+        self.shares = []
+
+    def conflict_picture_sample(self):
+        return {"input_ids": self.sample}
+
+    def conflict_picture_loss(self, batch):
+        return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    def conflict_picture(self, batch, token_share):
+        self.shares.append(token_share)
+        return torch.zeros(4, 4, 3, dtype=torch.uint8).numpy()
+
+
+def test_conflict_picture_uses_the_fixed_sample_alone_and_leaves_grads_and_rng_alone(tmp_path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from stgc.callback import find_moe_probes
+    from stgc.conflict.statistics import position_conflict_share
+
+    module = WithPicture(upcycled_qwen2())
+    reference = upcycled_qwen2()  # the same weights: the expected share from a plain backward of the sample
+    probes = find_moe_probes(reference)
+    for probe in probes:
+        probe.start(True)
+    ids = module.sample
+    reference(input_ids=ids, labels=ids).loss.backward()
+    layers = [probe.conflicts() for probe in probes]
+    flagged = [c.has_grad & (c.cosine < 0.0) for c in layers]
+    expected = position_conflict_share(layers, flagged, [p.routing().positions for p in probes], 10)
+
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen["grads"] = [p.grad.clone() for p in pl_module.parameters()]
+            seen["rng"] = torch.random.get_rng_state()
+
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = STGC(threshold=0.0, loss_weight=0.0, histogram_every_n_steps=1)
+    trainer = _trainer([callback, Spy()], logger=logger)
+    torch.manual_seed(0)
+    trainer.fit(module)
+    assert len(module.shares) == 1
+    torch.testing.assert_close(module.shares[0], expected, equal_nan=True)
+    plain = WithPicture(upcycled_qwen2())  # the same run without the picture: same grads, same RNG
+    plain_seen = {}
+
+    class PlainSpy(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            plain_seen["grads"] = [p.grad.clone() for p in pl_module.parameters()]
+            plain_seen["rng"] = torch.random.get_rng_state()
+
+    torch.manual_seed(0)
+    _trainer([STGC(threshold=0.0, loss_weight=0.0, histogram_every_n_steps=0), PlainSpy()]).fit(plain)
+    for with_picture, without in zip(seen["grads"], plain_seen["grads"], strict=True):
+        assert torch.equal(with_picture, without)
+    assert torch.equal(seen["rng"], plain_seen["rng"])
