@@ -427,6 +427,8 @@ class STGC(L.Callback):
         backward to the expert weights only (no `.grad` touched, the RNG streams left as they were)."""
         if not all(hasattr(pl_module, name) for name in PICTURE_METHODS):
             return None
+        if isinstance(trainer.strategy, ModelParallelStrategy):  # rank 0 alone cannot run a sharded forward
+            return None
         sample = pl_module.conflict_picture_sample()
         if sample is None:
             return None
