@@ -34,11 +34,12 @@ from stgc.conflict.hf_experts import (
 )
 from stgc.conflict.loss import LOSS_TYPES, conflict_elimination_loss
 from stgc.conflict.probes import GRADIENTS, MEANS, LayerConflicts, LayerProbe, SparseMoEProbe
+from stgc.conflict.sharding import add_to_grad, full_tensor
 from stgc.conflict.statistics import LayerStats, conflict_heatmap, layer_metrics, position_conflict_share
 from stgc.moe import SparseMoE, short_layer_name
 from stgc.precision import autocast_off
 
-SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy)  # FSDP2 (ModelParallelStrategy) is supported
 # what a LightningModule provides for the conflict picture (stgc.module.LVLMModule does)
 PICTURE_METHODS = ("conflict_picture_sample", "conflict_picture_loss", "conflict_picture")
 
@@ -153,14 +154,24 @@ class STGC(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, SHARDED_STRATEGIES):
+        if isinstance(trainer.strategy, REFUSED_STRATEGIES):
             raise MisconfigurationException(
                 f"STGC does not support {type(trainer.strategy).__name__}: it shards the parameters into "
                 "flat buffers, so the per-expert weight gradients STGC reads and the router weight's .grad "
-                "it adds to are not there. Use DDP (configs/trainer/ddp.yaml)."
+                "it adds to are not there. Use DDP or FSDP2 (configs/trainer/ddp.yaml, configs/trainer/fsdp2.yaml)."
             )
         if "16-mixed" == trainer.precision and trainer.precision_plugin.scaler is None:
             raise MisconfigurationException("STGC under precision='16-mixed' needs the plugin's GradScaler")
+        if not isinstance(trainer.strategy, ModelParallelStrategy):  # FSDP2 shards in configure_model, later
+            self._attach(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, ModelParallelStrategy):  # the parameters are DTensors now
+            self._attach(pl_module)
+
+    def _attach(self, pl_module: L.LightningModule) -> None:
+        """Probes on the module's MoE layers, and running counts of their shape."""
         self._transformers_models = outermost_transformers_models(pl_module)
         try:
             self.probes = find_moe_probes(pl_module)
@@ -197,7 +208,10 @@ class STGC(L.Callback):
         gradients = GRADIENTS if histogram else (self.gradient,)  # both: to compare them
         # the conflict picture compares its fixed sample with this micro-batch's experts
         picture = (
-            histogram and trainer.global_rank == 0 and all(hasattr(pl_module, m) for m in PICTURE_METHODS)
+            histogram
+            and trainer.global_rank == 0
+            and not isinstance(trainer.strategy, ModelParallelStrategy)  # a sharded forward needs every rank
+            and all(hasattr(pl_module, m) for m in PICTURE_METHODS)
         )
         for probe in self.probes:
             probe.start(self._active, gradients, "keep" if self._active and picture else "none")
@@ -247,7 +261,7 @@ class STGC(L.Callback):
         parameters = [p for probe in self.probes for p in probe.router_parameters()] if router_grads else []
         grad_ratios = self._grad_ratios(parameters, router_grads) if logging else None
         for parameter, router_grad in zip(parameters, router_grads, strict=True):
-            parameter.grad = router_grad if parameter.grad is None else parameter.grad.add_(router_grad)
+            add_to_grad(parameter, router_grad)  # this rank's shard of it under FSDP2
         num_experts = self.conflict_counts.shape[1]
         stats = [
             LayerStats.of(c, m, loss, num_experts, leave_one_out=self.mean == "others")
@@ -274,14 +288,15 @@ class STGC(L.Callback):
         """The layer's CEL value; when λ > 0 its gradients w.r.t. the router's weight (and bias) alone,
         scaled as the LM loss was (zero when nothing conflicts); and the router logits (N, E), detached."""
         router_input = probe.routing().router_input.detach()  # (N, H)
-        with autocast_off(probe.router_weight), torch.enable_grad():
-            logits = probe.router_logits(router_input)  # (N, E): a tiny product, recomputed router-only
+        with autocast_off(router_input), torch.enable_grad():
+            parameters = [full_tensor(p) for p in probe.router_parameters()]  # gathered under FSDP2
+            logits = probe.router_logits(router_input, *parameters)  # (N, E): tiny, recomputed router-only
             loss = conflict_elimination_loss(
                 logits, conflicts.rows, conflicts.expert, self.loss_type, conflicting
             )
             if self.loss_weight == 0:
                 return loss.detach(), [], logits.detach()
-            grads = torch.autograd.grad(loss * scale, probe.router_parameters())
+            grads = torch.autograd.grad(loss * scale, parameters)
         return loss.detach(), list(grads), logits.detach()
 
     def _agree_across_ranks(
@@ -312,7 +327,11 @@ class STGC(L.Callback):
         for probe in self.probes:
             count = len(probe.router_parameters())
             cel = torch.stack([g.float().norm() for g in router_grads[start : start + count]]).norm()
-            rest = [p.grad.float().norm() for p in parameters[start : start + count] if p.grad is not None]
+            rest = [
+                full_tensor(p.grad).float().norm()
+                for p in parameters[start : start + count]
+                if p.grad is not None
+            ]
             rest_norm = torch.stack(rest).norm() if rest else torch.zeros_like(cel)
             ratios.append(cel / rest_norm)
             start += count
@@ -419,12 +438,10 @@ class STGC(L.Callback):
         by the module (LVLMModule draws its image's patches and its text): the sample's own forward and
         a backward to the expert weights only (no `.grad` touched, the RNG streams left as they were),
         its token gradients compared with the micro-batch's kept sums (LayerProbe.start)."""
-        sample = (
-            pl_module.conflict_picture_sample()
-            if all(hasattr(pl_module, m) for m in PICTURE_METHODS)
-            else None
-        )
-        if sample is None or not self.probes[0].reference:
+        if not self.probes[0].reference:  # nothing kept this step: no picture (rank > 0, FSDP2, no methods)
+            return None
+        sample = pl_module.conflict_picture_sample()
+        if sample is None:
             for probe in self.probes:
                 probe.drop_reference()
             return None

@@ -8,6 +8,8 @@ Sums that ranks combine by adding are returned as vectors; the ratios are taken 
 import torch
 from torch import Tensor
 
+from stgc.conflict.sharding import full_tensor
+
 REROUTE_SUMS = ("flagged", "rerouted", "flagged_delta_p", "other", "other_delta_p")
 PEARSON_SUMS = ("n", "x", "y", "xx", "yy", "xy")
 
@@ -63,6 +65,7 @@ def expert_drift(expert_weights: list[list[Tensor]]) -> Tensor:
     distance_sq = torch.zeros(num_experts, dtype=torch.float64, device=expert_weights[0][0].device)
     mean_sq = torch.zeros((), dtype=torch.float64, device=distance_sq.device)
     for weights in zip(*expert_weights, strict=True):  # one weight at a time: memory of two of its copies
+        weights = [full_tensor(w) for w in weights]  # gathered from its shards under FSDP2
         mean = sum(w.float() for w in weights) / num_experts
         mean_sq += mean.double().square().sum()
         for expert, weight in enumerate(weights):
