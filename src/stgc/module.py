@@ -10,12 +10,14 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from stgc.checkpoint import KeepsRNGState
+from stgc.conflict.recompute import checkpoint_phases
 from stgc.constants import IGNORE_INDEX
 from stgc.data.collate import is_empty, pad_token_id, prompt_batch
 from stgc.model.language_model import build_language_model, load_tokenizer
 from stgc.model.lvlm import LVLM
 from stgc.model.metrics import VQAAccuracy
 from stgc.model.projector import build_projector
+from stgc.model.sharding import fully_shard_lvlm
 from stgc.model.vision import VisionTower
 from stgc.moe import moe_layers, moe_losses, routing_stats, short_layer_name, upcycle
 from stgc.optim import SkipsBadSteps, adamw_warmup_cosine
@@ -29,7 +31,9 @@ ARGMAX_MARGIN = {torch.float32: 1e-4, torch.float16: 0.0078, torch.bfloat16: 0.0
 class LVLMModule(SkipsBadSteps, KeepsRNGState):
     """One module for all stages: `moe` upcycles the LM (stage III); `trainable` picks the groups
     that train (MoE-LLaVA: stage I ["projector"], stage II ["projector", "lm"], stage III
-    ["experts", "routers"]); `init_from` starts from the previous stage's checkpoint."""
+    ["experts", "routers"]); `init_from` starts from the previous stage's checkpoint;
+    `gradient_checkpointing` recomputes the LM's decoder layers (MoE layers included) in backward,
+    trading compute for activation memory."""
 
     def __init__(
         self,
@@ -51,6 +55,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         max_new_tokens: int = 8,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -80,6 +85,10 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
                 upcycle(self.model.language_model, **moe)
             self._load(state_dict, init_from)
         self._freeze_all_but(trainable)
+        if gradient_checkpointing:  # non-reentrant; the probes capture once (conflict/recompute.py)
+            self.model.language_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_phases}
+            )
         self.val_loss = MeanMetric()
         self.val_vqa = VQAAccuracy()
         self.test_loss = MeanMetric()
@@ -111,6 +120,11 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
                 raise ValueError(f"trainable group {group!r} has no parameters (is `moe` set?)")
             for parameter in groups[group]:
                 parameter.requires_grad_(True)
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy (FSDP2): shard the model over the data-parallel mesh."""
+        if self.device_mesh is not None:
+            fully_shard_lvlm(self.model, self.device_mesh["data_parallel"])
 
     # -- steps ----------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]):

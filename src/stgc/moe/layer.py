@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stgc.conflict.recompute import replaying
 from stgc.constants import MODALITIES
 from stgc.precision import autocast_off, to_compute_dtype
 
@@ -44,6 +45,9 @@ class RoutingRecord:
     num_dropped: int
     aux_loss: Tensor
     z_loss: Tensor
+
+
+ROUTING_CONTEXT = ("token_mask", "token_index", "modality", "routed_modality")  # set by routing_context
 
 
 class SparseMoE(nn.Module):
@@ -95,6 +99,10 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Route each (unmasked) token to its top-k experts; masked tokens output zeros."""
+        with replaying(self, ROUTING_CONTEXT):  # a recomputation in backward runs after routing_context
+            return self._route(x)
+
+    def _route(self, x: Tensor) -> Tensor:
         x_flat = x.reshape(-1, x.shape[-1])  # (B*T, H)
         token_index = self._routed_positions(x)  # (N,)
         x_routed = x_flat if self.token_mask is None else x_flat.index_select(0, token_index)  # (N, H)

@@ -18,10 +18,10 @@ def upcycle(
     **moe_kwargs,
 ) -> nn.Module:
     """Replace chosen decoder layers' MLPs in place by SparseMoE layers of copies (MoE-LLaVA init)."""
-    decoder_layers = _decoder_layers(model)
+    blocks = decoder_layers(model)
     hidden_size = model.config.get_text_config().hidden_size
-    for i in _layer_indices(layers, len(decoder_layers)):
-        layer = decoder_layers[i]
+    for i in _layer_indices(layers, len(blocks)):
+        layer = blocks[i]
         if isinstance(layer.mlp, SparseMoE):
             raise ValueError(f"Decoder layer {i} is already a SparseMoE; upcycle a dense model.")
         layer.mlp = SparseMoE(layer.mlp, hidden_size, num_experts, top_k, **moe_kwargs)
@@ -73,7 +73,7 @@ def routing_context(
             layer.token_mask, layer.token_index, layer.modality, layer.routed_modality = None, None, None, None
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The first ModuleList of blocks that each have an `mlp` (e.g. model.model.layers)."""
     root = model.get_decoder() if hasattr(model, "get_decoder") else model
     for module in root.modules():
