@@ -1,5 +1,7 @@
 """`stgc fit` of stage III with STGC under DDP on 2 CPU processes (gloo), through the CLI."""
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,10 +89,8 @@ def test_validation_under_ddp_when_a_rank_has_nothing_to_score(
 ) -> None:
     """One val record (rank 1's share is empty), or rank 1's only record has broken pixel data: every
     rank still runs the evaluation and its all-gathers, and the logged accuracy is rank 0's answers'."""
-    import json
     import shutil
     import subprocess
-    import sys
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -121,3 +121,26 @@ def test_validation_under_ddp_when_a_rank_has_nothing_to_score(
     events = next((tmp_path / "logs").rglob("events.out.tfevents.*")).parent
     accuracy = EventAccumulator(str(events)).Reload().Scalars("val/vqa_acc")
     assert len(accuracy) == 1 and 0.0 <= accuracy[0].value <= 1.0
+
+
+def test_predict_under_ddp_writes_the_same_answers_file_as_one_process(ddp_run, easy_vqa_dir, tmp_path) -> None:
+    """5 test records (an odd count, so the sampler pads one rank): the 2-process answers file is complete,
+    in file order, without the padding's repeat, and equal to a single process's, line for line."""
+    log_root, _ = ddp_run
+    checkpoint = log_root / "easy_vqa" / "stage3_stgc" / "checkpoints" / "last.ckpt"
+    records = json.loads((easy_vqa_dir / "instruct_test.json").read_text())[:5]
+    test_json = tmp_path / "test.json"
+    test_json.write_text(json.dumps(records))
+    answers = {}
+    for processes in (1, 2):
+        path = tmp_path / f"answers{processes}.jsonl"
+        args = stage3_stgc(easy_vqa_dir, tmp_path / f"logs{processes}", 1)
+        args += [
+            "-c", "configs/trainer/ddp.yaml", "--trainer.accelerator=cpu", f"--trainer.devices={processes}",
+            f"--data.init_args.test_json={test_json}", f"--ckpt_path={checkpoint}", f"--answers.path={path}",
+        ]  # fmt: skip
+        run([sys.executable, "-m", "stgc", "predict", *args])
+        answers[processes] = path.read_text().splitlines()
+        assert not list(tmp_path.glob(f"{path.name}.rank*"))  # the shares are merged and removed
+    assert answers[2] == answers[1]
+    assert [json.loads(line)["id"] for line in answers[1]] == [r["id"] for r in records]
