@@ -3,6 +3,7 @@ its architectures (a StableLM built from a tiny config and saved with save_pretr
 open_clip ViT with 14-pixel patches saved as a checkpoint file); only paths and sizes are overridden."""
 
 import json
+import re
 from pathlib import Path
 
 import open_clip
@@ -122,8 +123,8 @@ def test_every_stage_runs_with_the_published_settings(recipe_runs) -> None:
     expected = {  # stage -> (lr, accumulate_grad_batches, trainable groups)
         "stage1": (1e-3, 1, ["projector"]),
         "stage2": (2e-5, 2, ["projector", "lm"]),
-        "stage3": (2e-5, 2, ["experts", "routers"]),
-        "stage3_stgc": (2e-5, 2, ["experts", "routers"]),
+        "stage3": (2e-5, 2, ["experts", "routers", "dense_mlps", "projector"]),
+        "stage3_stgc": (2e-5, 2, ["experts", "routers", "dense_mlps", "projector"]),
     }
     for stage, (lr, accumulate, trainable) in expected.items():
         cli = clis[stage]
@@ -146,7 +147,8 @@ def test_every_stage_runs_with_the_published_settings(recipe_runs) -> None:
 
 def test_each_stage_trains_only_its_parts(recipe_runs, stand_ins) -> None:
     """I: the projector (the LM and tower are the stand-ins' files); II: projector and LM; III: the
-    experts, each trained away from the stage II MLP it copies, and the routers."""
+    experts, each trained away from the stage II MLP it copies, the routers, the MLPs of the layers
+    without experts (1 and 3 of 4) and the projector."""
     logs, _ = recipe_runs
     lm = AutoModelForCausalLM.from_pretrained(stand_ins["lm"]).state_dict()
     clip = torch.load(stand_ins["clip"], weights_only=True)
@@ -158,10 +160,13 @@ def test_each_stage_trains_only_its_parts(recipe_runs, stand_ins) -> None:
     for stage in ("stage3", "stage3_stgc"):
         stage3 = weights(logs, stage)
         moved = differing(stage2, stage3)
-        assert all(".mlp.experts." in k or ".mlp.router." in k for k in moved)
+        dense_mlps = {k for k in stage2 if re.search(r"layers\.[13]\.mlp\.", k)}
+        projector = {k for k in stage2 if k.startswith("model.projector.")}
         routers = {k for k in stage3 if ".mlp.router." in k}
-        assert len(routers) == 2 and routers <= moved  # layers 0 and 2 of 4
-        for k in (k for k in stage3 if ".mlp.experts." in k):  # layers.0.mlp.experts.3.up_proj.weight
+        experts = {k for k in stage3 if ".mlp.experts." in k}
+        assert len(routers) == 2 and dense_mlps and projector  # MoE in layers 0 and 2 of 4
+        assert moved == dense_mlps | projector | routers | experts
+        for k in experts:  # layers.0.mlp.experts.3.up_proj.weight copies layers.0.mlp.up_proj.weight
             dense = k[: k.index(".experts.")] + "." + k.split(".experts.")[1].split(".", 1)[1]
             assert stage3[k].shape == stage2[dense].shape and not torch.equal(stage3[k], stage2[dense]), k
 
