@@ -31,13 +31,11 @@ STAGES = {  # stage -> (its config files, the data its records come from)
 }
 
 
-@pytest.fixture(scope="module")
-def stand_ins(easy_vqa_dir, tmp_path_factory) -> dict[str, Path]:
-    """A tiny LM of the recipe's model_type with its tokenizer, and a tiny open_clip checkpoint."""
-    root = tmp_path_factory.mktemp("stand_ins")
-    tokenizer = AutoTokenizer.from_pretrained(easy_vqa_dir / "tokenizer")
+def save_tiny_lm(model_type: str, tokenizer_dir: Path, path: Path) -> Path:
+    """A randomly initialised tiny causal LM of `model_type` and its tokenizer, saved to `path`."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = AutoConfig.for_model(
-        LM_TYPE,
+        model_type,
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -50,13 +48,20 @@ def stand_ins(easy_vqa_dir, tmp_path_factory) -> dict[str, Path]:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "lm")
-    tokenizer.save_pretrained(root / "lm")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stand_ins(easy_vqa_dir, tmp_path_factory) -> dict[str, Path]:
+    """A tiny LM of the recipe's model_type with its tokenizer, and a tiny open_clip checkpoint."""
+    root = tmp_path_factory.mktemp("stand_ins")
     vit_config = root / f"{TINY_VIT}.json"
     vit_config.write_text(json.dumps(TINY_VIT_CONFIG))
     open_clip.add_model_config(vit_config)
     torch.save(open_clip.create_model(TINY_VIT).state_dict(), root / "clip.pt")
-    return {"lm": root / "lm", "clip": root / "clip.pt"}
+    return {"lm": save_tiny_lm(LM_TYPE, easy_vqa_dir / "tokenizer", root / "lm"), "clip": root / "clip.pt"}
 
 
 def stage_args(
@@ -183,3 +188,17 @@ def test_fsdp2_trainer_file_trains_stage3_as_ddp_does(recipe_runs, stand_ins, ea
     assert sharded.keys() == ddp.keys()
     for key in ddp:
         torch.testing.assert_close(sharded[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "phi"])  # the paper's other LMs: Qwen1.5-1.8B, Phi-2
+def test_stage3_stgc_with_the_other_lms(model_type, stand_ins, easy_vqa_dir, tmp_path) -> None:
+    """Switching the LM is a change of paths: stage III + STGC upcycles and trains their MLPs too."""
+    lm = save_tiny_lm(model_type, easy_vqa_dir / "tokenizer", tmp_path / model_type)
+    args = stage_args("stage3_stgc", "trainer_ddp.yaml", {**stand_ins, "lm": lm}, easy_vqa_dir, tmp_path)
+    cli = stgc(["fit", *args, "--model.init_args.init_from=null"])  # upcycles the pretrained stand-in
+    assert cli.model.model.language_model.config.model_type == model_type
+    assert cli.trainer.global_step == 2 and "stgc/conflict_ratio/all" in cli.trainer.callback_metrics
+    assert (
+        len(weights(tmp_path, "stage3_stgc").keys() & {k for k in cli.model.state_dict() if ".router." in k})
+        == 2
+    )
