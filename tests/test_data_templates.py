@@ -9,6 +9,7 @@ from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data import InstructionDataModule
 from stgc.data.records import Record, RecordError, Turn
 from stgc.data.templates import DEFAULT_SYSTEM_PROMPT, ChatTemplate, InstructionTemplate, PlainTemplate
+from support.chat_templates import CHAT_TEMPLATES, CHATML, LLAMA2, save_chat_tokenizer
 
 N_IMAGE = 4
 RECORD = Record(
@@ -108,44 +109,16 @@ def test_all_labels_masked_after_truncation(easy_vqa_tokenizer):
 
 
 # -- the tokenizer's own chat template ------------------------------------------------------------
-CHATML = (  # Qwen1.5-Chat's template (ChatML), as in its tokenizer_config.json
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-LLAMA2 = (  # Llama-2-Chat's template ([INST]), as in its tokenizer_config.json
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
 TEXT_ONLY = Record("t", None, (Turn("say hi", "hello"), Turn("and again?", " hello there ")), "file.json")
 
 
 @pytest.fixture(scope="module")
 def chat_tokenizers(easy_vqa_dir, tmp_path_factory):
-    """The easy-vqa tokenizer with each chat template (ChatML gets its <|im_*|> special tokens and
-    <|im_end|> as eos), saved to a local directory and loaded back as a user's LM tokenizer would be."""
-    from transformers import AutoTokenizer
-
-    tokenizers = {}
-    for name, template, extra in [("chatml", CHATML, ["<|im_start|>", "<|im_end|>"]), ("llama2", LLAMA2, [])]:
-        tok = AutoTokenizer.from_pretrained(easy_vqa_dir / "tokenizer")
-        tok.add_special_tokens({"additional_special_tokens": extra})
-        if extra:
-            tok.eos_token = "<|im_end|>"
-        tok.chat_template = template
-        path = tmp_path_factory.mktemp(name)
-        tok.save_pretrained(path)
-        tokenizers[name] = AutoTokenizer.from_pretrained(path)
-    return tokenizers
+    """The easy-vqa tokenizer with each chat template, saved locally and loaded back."""
+    return {
+        name: save_chat_tokenizer(easy_vqa_dir / "tokenizer", name, tmp_path_factory.mktemp(name))
+        for name in CHAT_TEMPLATES
+    }
 
 
 def chatml_segments(tok, record: Record, system: str = "You are a helpful assistant.") -> list:

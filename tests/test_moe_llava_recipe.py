@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from stgc.cli import run as stgc
+from support.chat_templates import save_chat_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "moe_llava"
@@ -190,15 +191,26 @@ def test_fsdp2_trainer_file_trains_stage3_as_ddp_does(recipe_runs, stand_ins, ea
         torch.testing.assert_close(sharded[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "phi"])  # the paper's other LMs: Qwen1.5-1.8B, Phi-2
-def test_stage3_stgc_with_the_other_lms(model_type, stand_ins, easy_vqa_dir, tmp_path) -> None:
-    """Switching the LM is a change of paths: stage III + STGC upcycles and trains their MLPs too."""
-    lm = save_tiny_lm(model_type, easy_vqa_dir / "tokenizer", tmp_path / model_type)
+@pytest.mark.parametrize(
+    ("model_type", "template"),
+    [("qwen2", "chat"), ("phi", "vicuna_v1")],  # the paper's other LMs; Qwen with a ChatML chat template
+)
+def test_stage3_stgc_with_the_other_lms(model_type, template, stand_ins, easy_vqa_dir, tmp_path) -> None:
+    """Switching the LM is a change of paths (and of template, for an LM with its own chat format):
+    stage III + STGC upcycles their MLPs, trains and validates."""
+    tokenizer = easy_vqa_dir / "tokenizer"
+    if template == "chat":
+        save_chat_tokenizer(tokenizer, "chatml", tmp_path / "tokenizer")
+        tokenizer = tmp_path / "tokenizer"
+    lm = save_tiny_lm(model_type, tokenizer, tmp_path / model_type)
     args = stage_args("stage3_stgc", "trainer_ddp.yaml", {**stand_ins, "lm": lm}, easy_vqa_dir, tmp_path)
-    cli = stgc(["fit", *args, "--model.init_args.init_from=null"])  # upcycles the pretrained stand-in
+    cli = stgc(["fit", *args, "--model.init_args.init_from=null", f"--data.init_args.template={template}"])
     assert cli.model.model.language_model.config.model_type == model_type
-    assert cli.trainer.global_step == 2 and "stgc/conflict_ratio/all" in cli.trainer.callback_metrics
     assert (
-        len(weights(tmp_path, "stage3_stgc").keys() & {k for k in cli.model.state_dict() if ".router." in k})
-        == 2
+        type(cli.datamodule.template).__name__
+        == {"chat": "ChatTemplate", "vicuna_v1": "InstructionTemplate"}[template]
     )
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 2 and {"stgc/conflict_ratio/all", "val/vqa_acc"} <= set(metrics)
+    routers = [k for k in weights(tmp_path, "stage3_stgc") if ".mlp.router." in k]
+    assert len(routers) == 2
