@@ -233,8 +233,9 @@ def test_chat_template_errors(chat_tokenizers, easy_vqa_tokenizer):
     ]
     for template, message in cases:
         tok.chat_template = template
-        with pytest.raises(ValueError, match=f"file.json: record 'r1': .*{re.escape(message)}"):
+        with pytest.raises(ValueError, match=f"file.json: record 'r1': .*{re.escape(message)}") as err:
             ChatTemplate(tok, N_IMAGE, system_prompt="Be brief.").encode(RECORD, max_length=500)
+        assert not isinstance(err.value, RecordError)  # the template is at fault: never skipped
     tok.chat_template = CHATML
 
 

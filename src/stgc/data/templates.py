@@ -158,17 +158,16 @@ class ChatTemplate(Template):
                 messages, tokenize=False, add_generation_prompt=generation_prompt
             )
         except TemplateError as err:
-            raise ValueError(
-                f"{record.source}: record {record.id!r}: the chat template refused it: {err}"
-            ) from err
+            raise template_error(record, f"the chat template refused it: {err}") from err
 
     def extension(self, record: Record, before: str, after: str) -> str:
         """What `after` adds to `before`; a ValueError if the template rewrote `before`."""
         if not after.startswith(before):
-            raise ValueError(
-                f"{record.source}: record {record.id!r}: the chat template is not prefix-stable (adding a "
-                f"turn changed the text before it: {before[-40:]!r} -> {after[len(before) - 40 : len(before)]!r}); "
-                "answer spans cannot be located, use template: vicuna_v1"
+            raise template_error(
+                record,
+                "the chat template is not prefix-stable (adding a turn changed the text before it: "
+                f"{before[-40:]!r} -> {after[len(before) - 40 : len(before)]!r}); answer spans cannot "
+                "be located, use template: vicuna_v1",
             )
         return after[len(before) :]
 
@@ -187,9 +186,10 @@ class ChatTemplate(Template):
             written = self.extension(record, with_question, with_answer)  # the answer and what ends it
             end = written.rfind(eos)
             if end < 0:
-                raise ValueError(
-                    f"{record.source}: record {record.id!r}: the chat template writes no eos_token {eos!r} "
-                    f"after the answer ({written!r}); set the tokenizer's eos_token to its end-of-turn token"
+                raise template_error(
+                    record,
+                    f"the chat template writes no eos_token {eos!r} after the answer ({written!r}); "
+                    "set the tokenizer's eos_token to its end-of-turn token",
                 )
             segments += [
                 *self.prompt(untrained),
@@ -198,8 +198,15 @@ class ChatTemplate(Template):
             prompts += untrained
             untrained, rendered = written[end + len(eos) :], with_answer
         if prompts.count(IMAGE_PLACEHOLDER) != (1 if record.image else 0):
-            raise ValueError(
-                f"{record.source}: record {record.id!r}: the chat template's prompts hold "
-                f"{prompts.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholders, expected {int(bool(record.image))}"
+            raise template_error(
+                record,
+                f"the chat template's prompts hold {prompts.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} "
+                f"placeholders, expected {int(bool(record.image))}",
             )
         return segments
+
+
+def template_error(record: Record, detail: str) -> ValueError:
+    """An error naming the record, as RecordError does, but never skipped as a bad record: the
+    template, not the record, is at fault, so the run stops."""
+    return ValueError(str(record.error("chat_template", detail)))
