@@ -24,11 +24,12 @@ from stgc.conflict.hf_experts import (
 )
 from stgc.conflict.loss import LOSS_TYPES, conflict_elimination_loss
 from stgc.conflict.probes import LayerConflicts, LayerProbe, SparseMoEProbe
+from stgc.conflict.sharding import add_to_grad, full_weight
 from stgc.conflict.statistics import LayerStats, conflict_heatmap, layer_metrics
 from stgc.moe import SparseMoE, short_layer_name
 from stgc.precision import autocast_off
 
-SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy)  # FSDP2 (ModelParallelStrategy) is supported
 
 
 def find_moe_probes(module: torch.nn.Module) -> list[LayerProbe]:
@@ -111,14 +112,24 @@ class STGC(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if isinstance(trainer.strategy, SHARDED_STRATEGIES):
+        if isinstance(trainer.strategy, REFUSED_STRATEGIES):
             raise MisconfigurationException(
                 f"STGC does not support {type(trainer.strategy).__name__}: it shards the parameters into "
                 "flat buffers, so the per-expert weight gradients STGC reads and the router weight's .grad "
-                "it adds to are not there. Use DDP (configs/trainer/ddp.yaml)."
+                "it adds to are not there. Use DDP or FSDP2 (configs/trainer/ddp.yaml, configs/trainer/fsdp2.yaml)."
             )
         if "16-mixed" == trainer.precision and trainer.precision_plugin.scaler is None:
             raise MisconfigurationException("STGC under precision='16-mixed' needs the plugin's GradScaler")
+        if not isinstance(trainer.strategy, ModelParallelStrategy):  # FSDP2 shards in configure_model, later
+            self._attach(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, ModelParallelStrategy):  # the parameters are DTensors now
+            self._attach(pl_module)
+
+    def _attach(self, pl_module: L.LightningModule) -> None:
+        """Probes on the module's MoE layers, and running counts of their shape."""
         self._transformers_models = outermost_transformers_models(pl_module)
         try:
             self.probes = find_moe_probes(pl_module)
@@ -185,8 +196,7 @@ class STGC(L.Callback):
             self.skipped_nonfinite += 1
             return
         for probe, router_grad in zip(self.probes, router_grads, strict=False):  # none when λ = 0
-            weight = probe.router_weight
-            weight.grad = router_grad if weight.grad is None else weight.grad.add_(router_grad)
+            add_to_grad(probe.router_weight, router_grad)
         num_experts = self.conflict_counts.shape[1]
         stats = [
             LayerStats.of(c, m, loss, num_experts)
@@ -210,9 +220,9 @@ class STGC(L.Callback):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's CEL value and, when λ > 0, its gradient w.r.t. the router weight alone (scaled
         as the LM loss was); 0 and a zero gradient when nothing conflicts."""
-        weight = probe.router_weight  # (E, H)
         router_input = probe.routing().router_input.detach()  # (N, H)
-        with autocast_off(weight), torch.enable_grad():
+        with autocast_off(router_input), torch.enable_grad():
+            weight = full_weight(probe.router_weight)  # (E, H), gathered under FSDP2
             logits = router_input.float() @ weight.float().T  # (N, E): a tiny product, recomputed router-only
             loss = conflict_elimination_loss(logits, conflicts.rows, conflicts.expert, self.loss_type, conflicting)
             if self.loss_weight == 0:

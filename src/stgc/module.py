@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from stgc.checkpoint import KeepsRNGState
-from stgc.conflict.recompute import checkpoint_phases
+from stgc.conflict.recompute import enable_gradient_checkpointing
 from stgc.constants import IGNORE_INDEX
 from stgc.data.collate import is_empty, pad_token_id, prompt_batch
 from stgc.model.language_model import build_language_model, load_tokenizer
@@ -87,10 +87,8 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
                 upcycle(self.model.language_model, **moe)
             self._load(state_dict, init_from)
         self._freeze_all_but(trainable)
-        if gradient_checkpointing:  # non-reentrant; the probes capture once (conflict/recompute.py)
-            self.model.language_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_phases}
-            )
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model.language_model)
         self.val_loss = MeanMetric()
         self.val_vqa = VQAAccuracy()
         self.test_loss = MeanMetric()

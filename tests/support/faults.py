@@ -48,3 +48,15 @@ class StallingCheckpointIO(AtomicCheckpointIO):
         f.write(os.urandom(4096))  # a torn file, as a kill mid-write leaves it
         f.flush()
         _stall(self.marker)
+
+
+class StopAfterEpoch(L.Callback):
+    """Ends the fit cleanly after epoch `epoch` (and its checkpoint): a run stopped, to be resumed, on
+    every rank at once."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True

@@ -11,7 +11,7 @@ from pathlib import Path
 from support.tiny import TINY_LM
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = os.environ | {"PYTHONPATH": str(ROOT / "tests"), "HF_HUB_OFFLINE": "1"}
+ENV = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), "HF_HUB_OFFLINE": "1"}
 
 
 def stage3_stgc(data_dir: Path, log_root: Path, epochs: int, *extra: str) -> list[str]:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class RecordRanks(L.Callback):
@@ -37,8 +38,16 @@ class RecordRanks(L.Callback):
                 "train_ids": dict(self.train_ids),
                 "val_ids": dict(self.val_ids),
                 "step_counts": self.step_counts,
-                "state_dict": pl_module.state_dict(),
+                "state_dict": full_state_dict(pl_module),
                 "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             },
             self.out_dir / f"rank{trainer.global_rank}.pt",
         )
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's whole weights, gathered from the shards under FSDP2 (a collective on every rank)."""
+    return {
+        name: value.full_tensor() if isinstance(value, DTensor) else value
+        for name, value in module.state_dict().items()
+    }

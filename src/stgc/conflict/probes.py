@@ -4,7 +4,8 @@ them into exact token-gradient cosine terms during backward (docs/design.md §3)
 A probe keeps X by reference in forward, takes Δ from a tensor hook on the linear's output, and
 takes G = ΔᵀX from a hook on the weight itself, which fires with this micro-batch's gradient
 before it is accumulated into `.grad` (and before DDP averages it). So the terms cost one extra
-product X·Gᵀ per expert linear, and nothing is kept once the weight hook has run.
+product X·Gᵀ per expert linear, and nothing is kept once the weight hook has run. Under FSDP2
+the weight is a shard and G is formed from X and Δ (one more product, docs/design.md §7).
 
 Notation: N routed tokens of the layer, E experts, n_e rows processed by expert e.
 """
@@ -16,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from stgc.conflict.cosine import cosine_from_terms, linear_gradient_terms
+from stgc.conflict.recompute import RECOMPUTE, current_frame
+from stgc.conflict.sharding import is_sharded
 
 
 @dataclass
@@ -48,6 +51,7 @@ class LayerProbe(ABC):
         self.num_experts = num_experts
         self.capturing = False
         self.handles: list = []
+        self.sites: list[WeightSite] = []  # its expert weights
         self._terms: dict[int, list[Tensor]] = {}  # expert -> [⟨g_i,G⟩ (n_e,), ‖g_i‖² (n_e,), ‖G‖² ()]
 
     @abstractmethod
@@ -102,7 +106,12 @@ class LayerProbe(ABC):
 
 class WeightSite:
     """One expert weight — an nn.Linear's (d_out, d_in), or a fused (E, d_out, d_in) one shared by all
-    experts (transposed: (E, d_in, d_out)) — and the X/Δ captured for it in this micro-batch."""
+    experts (transposed: (E, d_in, d_out)) — and the X/Δ captured for it in this micro-batch.
+
+    A weight sharded by FSDP2 (a DTensor) never receives this rank's unsharded gradient, so its terms
+    come from X and Δ alone, as soon as Δ arrives (G = ΔᵀX: one more product). Under activation
+    checkpointing X is taken in the recomputation, not in the first forward (conflict/recompute.py).
+    """
 
     def __init__(
         self,
@@ -120,32 +129,51 @@ class WeightSite:
         self.has_bias = has_bias
         self.expert = expert  # None: fused, indexed by the captured expert
         self.transposed = transposed
+        self.sharded = is_sharded(weight)
+        probe.sites.append(self)
         self._pending: list[list] = []  # [expert, X (n, d_in), Δ (n, d_out) or None]
-        probe.handles.append(weight.register_hook(self._on_weight_grad))
+        if not self.sharded:
+            probe.handles.append(weight.register_hook(self._on_weight_grad))
 
     def capture(self, expert: int, inputs: Tensor, outputs: Tensor) -> None:
         """Keep X by reference and ask autograd for Δ = ∂loss/∂outputs."""
-        entry = [expert, inputs.detach().reshape(-1, inputs.shape[-1]), None]
-        self._pending.append(entry)
+        inputs = inputs.detach().reshape(-1, inputs.shape[-1])  # (n, d_in)
+        frame = current_frame()
+        if frame is not None and frame.phase == RECOMPUTE:  # X for the first forward's entry, no new one
+            frame.store[self].pop(0)[1] = inputs
+            return
+        entry = [expert, inputs if frame is None else None, None]
+        if frame is not None:  # a checkpointed layer: its recomputation brings X
+            frame.store.setdefault(self, []).append(entry)
+        if not self.sharded:
+            self._pending.append(entry)
 
         def keep_output_grad(grad: Tensor) -> None:
             entry[2] = grad.reshape(-1, grad.shape[-1])
+            if self.sharded:
+                self._add_terms(entry, grad_weight=None)
 
         outputs.register_hook(keep_output_grad)
 
     def _on_weight_grad(self, grad: Tensor) -> None:
         """Fires with this micro-batch's weight gradient: G for each captured expert is at hand."""
-        for expert, inputs, output_grads in self._pending:
-            if output_grads is None:  # the output did not reach the loss
-                continue
-            grad_weight = grad if self.expert is not None else grad[expert]
-            if self.transposed:
-                grad_weight = grad_weight.T  # (d_in, d_out) -> (d_out, d_in)
-            terms = linear_gradient_terms(
-                inputs, output_grads, grad_weight=grad_weight, has_bias=self.has_bias
-            )
-            self.probe.add_terms(expert, *terms)
+        for entry in self._pending:
+            grad_weight = grad if self.expert is not None else grad[entry[0]]
+            self._add_terms(entry, grad_weight.T if self.transposed else grad_weight)  # (d_out, d_in)
         self._pending.clear()
+
+    def _add_terms(self, entry: list, grad_weight: Tensor | None) -> None:
+        """The entry's cosine terms, added to its expert's; G = ΔᵀX is formed when `grad_weight` is None."""
+        expert, inputs, output_grads = entry
+        if output_grads is None:  # the output did not reach the loss
+            return
+        if inputs is None:
+            raise RuntimeError(
+                f"STGC: the recomputation of a checkpointed layer did not reach {self.probe.name}'s "
+                f"expert {expert}, so its inputs are missing"
+            )
+        terms = linear_gradient_terms(inputs, output_grads, grad_weight=grad_weight, has_bias=self.has_bias)
+        self.probe.add_terms(expert, *terms)
 
 
 class SparseMoEProbe(LayerProbe):

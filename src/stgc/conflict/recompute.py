@@ -15,6 +15,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import PreTrainedModel
+
 FIRST = "first"  # the checkpointed layer's forward: its activations are not kept
 RECOMPUTE = "recompute"  # the same forward re-run inside backward
 
@@ -72,3 +74,11 @@ def replaying(obj: object, names: Sequence[str]) -> Iterator[None]:
     finally:
         for name, value in zip(names, now, strict=True):
             setattr(obj, name, value)
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute `model`'s decoder layers in backward (transformers' checkpointing, non-reentrant),
+    with the phases marked for the probes."""
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_phases}
+    )
