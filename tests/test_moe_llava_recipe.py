@@ -177,15 +177,18 @@ def test_each_stage_trains_only_its_parts(recipe_runs, stand_ins) -> None:
             assert stage3[k].shape == stage2[dense].shape and not torch.equal(stage3[k], stage2[dense]), k
 
 
-def test_fsdp2_trainer_file_trains_stage3_as_ddp_does(recipe_runs, stand_ins, easy_vqa_dir, tmp_path) -> None:
-    """Stage III under the recipe's FSDP2 file (one process here: the sizes) writes one checkpoint
-    file, whose weights are the DDP run's. (STGC refuses ModelParallelStrategy until it supports it.)"""
+def test_fsdp2_trainer_file_trains_stage3_stgc_as_ddp_does(
+    recipe_runs, stand_ins, easy_vqa_dir, tmp_path
+) -> None:
+    """Stage III + STGC under the recipe's FSDP2 file (one process here: the sizes) writes one
+    checkpoint file, whose weights are the DDP run's."""
     logs, _ = recipe_runs
-    args = stage_args("stage3", "trainer_fsdp2.yaml", stand_ins, easy_vqa_dir, tmp_path, inputs=logs)
+    args = stage_args("stage3_stgc", "trainer_fsdp2.yaml", stand_ins, easy_vqa_dir, tmp_path, inputs=logs)
     cli = stgc(["fit", *args, "--trainer.strategy.init_args.data_parallel_size=1"])
     assert type(cli.trainer.strategy).__name__ == "ModelParallelStrategy"
-    assert checkpoint(tmp_path, "stage3").is_file()
-    sharded, ddp = weights(tmp_path, "stage3"), weights(logs, "stage3")
+    assert "stgc/conflict_ratio/all" in cli.trainer.callback_metrics
+    assert checkpoint(tmp_path, "stage3_stgc").is_file()
+    sharded, ddp = weights(tmp_path, "stage3_stgc"), weights(logs, "stage3_stgc")
     assert sharded.keys() == ddp.keys()
     for key in ddp:
         torch.testing.assert_close(sharded[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
