@@ -108,6 +108,15 @@ def test_trainable_groups_freeze_everything_else(tiny_module) -> None:
         tiny_module(trainable=["experts"])
 
 
+def test_dense_mlps_are_the_mlps_of_the_layers_without_experts(tiny_module) -> None:
+    module = tiny_module(moe={"num_experts": 4, "top_k": 2}, trainable=["dense_mlps"])  # MoE in layer 0 of 2
+    layers = module.model.language_model.model.layers
+    groups = parameter_groups(module.model)
+    assert {id(p) for p in groups["dense_mlps"]} == {id(p) for p in layers[1].mlp.parameters()}
+    trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("language_model.model.layers.1.mlp.") for n in trained)
+
+
 def _save(module: LVLMModule, path) -> str:
     trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0, enable_progress_bar=False)
     trainer.strategy.connect(module)

@@ -27,9 +27,11 @@ from stgc.model.projector import build_projector
 from stgc.model.sharding import fully_shard_lvlm
 from stgc.model.vision import VisionTower
 from stgc.moe import moe_layers, moe_losses, routing_stats, short_layer_name, upcycle
+from stgc.moe.layer import SparseMoE
+from stgc.moe.upcycle import decoder_layers
 from stgc.optim import SkipsBadSteps, adamw_warmup_cosine
 
-PARAMETER_GROUPS = ("vision_tower", "projector", "lm", "experts", "routers")
+PARAMETER_GROUPS = ("vision_tower", "projector", "lm", "experts", "routers", "dense_mlps")
 # Teacher-forced and KV-cached greedy decoding round differently: an argmax that wins by less than
 # one unit in the last place of a logit near 10 (bf16: 2^-4, fp16: 2^-7) is left to generation.
 ARGMAX_MARGIN = {torch.float32: 1e-4, torch.float16: 0.0078, torch.bfloat16: 0.0625, torch.float64: 0.0}
@@ -38,7 +40,7 @@ ARGMAX_MARGIN = {torch.float32: 1e-4, torch.float16: 0.0078, torch.bfloat16: 0.0
 class LVLMModule(SkipsBadSteps, KeepsRNGState):
     """One module for all stages: `moe` upcycles the LM (stage III); `trainable` picks the groups
     that train (MoE-LLaVA: stage I ["projector"], stage II ["projector", "lm"], stage III
-    ["experts", "routers"]); `init_from` starts from the previous stage's checkpoint;
+    ["experts", "routers", "dense_mlps"]); `init_from` starts from the previous stage's checkpoint;
     `gradient_checkpointing` recomputes the LM's decoder layers (MoE layers included) in backward,
     trading compute for activation memory."""
 
@@ -383,6 +385,13 @@ def parameter_groups(model: LVLM) -> dict[str, list[nn.Parameter]]:
         "lm": list(model.language_model.parameters()),
         "experts": [p for layer in layers for p in layer.experts.parameters()],
         "routers": [p for layer in layers for p in layer.router.parameters()],
+        # the MLPs of the decoder layers without experts (MoE-LLaVA's stage III trains them too)
+        "dense_mlps": [
+            p
+            for block in decoder_layers(model.language_model)
+            if not isinstance(block.mlp, SparseMoE)
+            for p in block.mlp.parameters()
+        ],
     }
 
 

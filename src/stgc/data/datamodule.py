@@ -15,7 +15,7 @@ from stgc.data.collate import LlavaCollator, pad_token_id
 from stgc.data.dataset import ImageTransform, LlavaDataset
 from stgc.data.records import Record, load_records
 from stgc.data.sampler import EvalShardSampler, LengthGroupedSampler
-from stgc.data.templates import DEFAULT_SYSTEM_PROMPT, InstructionTemplate, PlainTemplate, Template
+from stgc.data.templates import ChatTemplate, InstructionTemplate, PlainTemplate, Template
 
 
 def as_files(value: str | Sequence[str | None] | None) -> list[str | None] | None:
@@ -289,12 +289,24 @@ class PretrainDataModule(LlavaDataModule):
 
 
 class InstructionDataModule(LlavaDataModule):
-    """Stages II/III: multi-turn conversations, loss on answers; eval has one sample per answer."""
+    """Stages II/III: multi-turn conversations, loss on answers; eval has one sample per answer.
 
-    def __init__(self, *, system_prompt: str = DEFAULT_SYSTEM_PROMPT, **kwargs: Any) -> None:
+    `template` is the conversation format: "vicuna_v1" (USER: / ASSISTANT:, LLaVA-1.5's and
+    MoE-LLaVA's) or "chat" (the tokenizer's own chat template). `system_prompt`: for vicuna_v1,
+    None is Vicuna's sentence and "" none; for chat, a non-empty one is sent as the system message,
+    else the chat template's own default (if any) applies.
+    """
+
+    TEMPLATES = {"vicuna_v1": InstructionTemplate, "chat": ChatTemplate}
+
+    def __init__(
+        self, *, template: str = "vicuna_v1", system_prompt: str | None = None, **kwargs: Any
+    ) -> None:
+        if template not in self.TEMPLATES:
+            raise ValueError(f"template={template!r}; choose from {sorted(self.TEMPLATES)}")
         super().__init__(**kwargs)
         self.system_prompt = system_prompt
 
     def make_template(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> Template:
-        """Vicuna-v1 instruction template with this module's system prompt."""
-        return InstructionTemplate(tokenizer, num_image_tokens, self.system_prompt)
+        """The chosen conversation template with this module's system prompt (if set)."""
+        return self.TEMPLATES[self.hparams.template](tokenizer, num_image_tokens, self.system_prompt)

@@ -2,11 +2,13 @@
 
 Each text segment is tokenized on its own (add_special_tokens=False) and the ids are concatenated,
 so label boundaries are exact for any tokenizer. The image placeholder becomes num_image_tokens
-IMAGE_TOKEN_ID positions, where the model splices the projected patch embeddings.
+IMAGE_TOKEN_ID positions, where the model splices the projected patch embeddings. Every trained
+answer ends with the tokenizer's eos token, where generation stops.
 """
 
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from stgc.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
@@ -32,7 +34,7 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
-    prompt_length: int | None = None  # ids[:prompt_length] end with the evaluated answer's " ASSISTANT:"
+    prompt_length: int | None = None  # ids[:prompt_length] end where the evaluated answer starts
 
 
 class Template:
@@ -98,7 +100,8 @@ class PlainTemplate(Template):
 
 
 class InstructionTemplate(Template):
-    """Stages II/III (Vicuna v1, as LLaVA-1.5): "<system> USER: q ASSISTANT: a</s>USER: ..."."""
+    """Stages II/III (Vicuna v1, as LLaVA-1.5 and MoE-LLaVA): "<system> USER: q ASSISTANT: a</s>USER: ...";
+    system_prompt None is Vicuna's (DEFAULT_SYSTEM_PROMPT)."""
 
     expands_turns = True
 
@@ -106,10 +109,10 @@ class InstructionTemplate(Template):
         self,
         tokenizer: PreTrainedTokenizerBase,
         num_image_tokens: int,
-        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        system_prompt: str | None = None,
     ) -> None:
         super().__init__(tokenizer, num_image_tokens)
-        self.system_prompt = system_prompt
+        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
 
     def segments(self, record: Record, turn: int | None) -> list[Segment]:
         """All turns with every answer trained, or turns 0..turn with only answer `turn` trained."""
@@ -120,3 +123,90 @@ class InstructionTemplate(Template):
             segments += self.prompt(f"{prefix}{t.question} ASSISTANT:")
             segments += self.answer(f" {t.answer}", train=turn is None or i == turn)
         return segments
+
+
+class ChatTemplate(Template):
+    """Stages II/III in the LM's own format: the tokenizer's chat template (`apply_chat_template`).
+
+    The conversation is rendered as text prefix by prefix: through question i with the template's
+    generation prompt, then through answer i. The text between the two is answer i as the template
+    writes it; it is trained up to and including the tokenizer's eos_token (which must be the
+    template's end of turn, e.g. ChatML's <|im_end|>: generation stops there), and what follows the
+    eos (ChatML's newline) opens the next prompt; the text after the last eos is dropped. Each piece
+    is then tokenized alone, as in the other templates. A template that rewrites earlier text when
+    turns are added (not prefix-stable) is refused. Without `system_prompt` no system message is
+    given, so the template's own default (if any) applies.
+    """
+
+    expands_turns = True
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int, system_prompt: str | None = None
+    ) -> None:
+        super().__init__(tokenizer, num_image_tokens)
+        if not tokenizer.chat_template:
+            raise ValueError(
+                f"tokenizer {tokenizer.name_or_path!r} has no chat_template; use template: vicuna_v1 "
+                "or set one in its tokenizer_config.json"
+            )
+        self.system_prompt = system_prompt
+
+    def render(self, record: Record, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        """The chat template's text of `messages`, a ValueError naming the record if it refuses them."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except TemplateError as err:
+            raise template_error(record, f"the chat template refused it: {err}") from err
+
+    def extension(self, record: Record, before: str, after: str) -> str:
+        """What `after` adds to `before`; a ValueError if the template rewrote `before`."""
+        if not after.startswith(before):
+            raise template_error(
+                record,
+                "the chat template is not prefix-stable (adding a turn changed the text before it: "
+                f"{before[-40:]!r} -> {after[len(before) - 40 : len(before)]!r}); answer spans cannot "
+                "be located, use template: vicuna_v1",
+            )
+        return after[len(before) :]
+
+    def segments(self, record: Record, turn: int | None) -> list[Segment]:
+        """All turns with every answer trained, or turns 0..turn with only answer `turn` trained."""
+        turns = record.turns if turn is None else record.turns[: turn + 1]
+        eos = self.tokenizer.eos_token
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        rendered, untrained, prompts, segments = "", "", "", []
+        for i, t in enumerate(turns):
+            messages.append({"role": "user", "content": t.question})
+            with_question = self.render(record, messages, generation_prompt=True)
+            messages.append({"role": "assistant", "content": t.answer})
+            with_answer = self.render(record, messages, generation_prompt=False)
+            untrained += self.extension(record, rendered, with_question)
+            written = self.extension(record, with_question, with_answer)  # the answer and what ends it
+            end = written.rfind(eos)
+            if end < 0:
+                raise template_error(
+                    record,
+                    f"the chat template writes no eos_token {eos!r} after the answer ({written!r}); "
+                    "set the tokenizer's eos_token to its end-of-turn token",
+                )
+            segments += [
+                *self.prompt(untrained),
+                *self.answer(written[:end], train=turn is None or i == turn),
+            ]
+            prompts += untrained
+            untrained, rendered = written[end + len(eos) :], with_answer
+        if prompts.count(IMAGE_PLACEHOLDER) != (1 if record.image else 0):
+            raise template_error(
+                record,
+                f"the chat template's prompts hold {prompts.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} "
+                f"placeholders, expected {int(bool(record.image))}",
+            )
+        return segments
+
+
+def template_error(record: Record, detail: str) -> ValueError:
+    """An error naming the record, as RecordError does, but never skipped as a bad record: the
+    template, not the record, is at fault, so the run stops."""
+    return ValueError(str(record.error("chat_template", detail)))
