@@ -1,5 +1,7 @@
-"""Peak memory per process: FSDP2 on 2 processes against DDP, and activation checkpointing on and
-off; and STGC's step time with checkpointing against its floor.
+"""What do FSDP2 and activation checkpointing save? Peak memory per process, and STGC's checkpointed step.
+
+FSDP2 on 2 processes against DDP, activation checkpointing on and off; and STGC's step time with
+checkpointing against its floor.
 
 Memory: stage III with STGC (experts and routers train with AdamW) of an LVLM with a 4-expert
 top-2 MoE in every other layer, trained for a few steps by Lightning on 2 processes (CPU: gloo),

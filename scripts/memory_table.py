@@ -1,5 +1,7 @@
-"""Memory per GPU for the paper's MoE-LLaVA models in stage III, DDP and FSDP2, with and without
-activation checkpointing, computed from parameter counts (for the README's memory table).
+"""How much GPU memory does the paper's stage III need? A table computed from parameter counts.
+
+For the MoE-LLaVA models in stage III, DDP and FSDP2, with and without activation checkpointing (the
+memory table of docs/gpus.md).
 
 Each LM is built on the meta device from its transformers config (no download, no memory) and
 upcycled as MoE-LLaVA does (4 experts, top-2, every other layer); parameters are counted exactly.
