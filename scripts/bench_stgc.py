@@ -15,6 +15,7 @@ callback of stage3_moe_stgc.yaml, as users run it:
   * the cosine computation's time over growing token counts (should grow linearly).
 
     python scripts/bench_stgc.py [--quick] [--out results/bench_stgc.json]
+    python scripts/bench_stgc.py --shapes default --reps 8 --steps-only   # the step-time ratios alone
 
 Run from the repository root (it reads configs/). The last line prints the step-time and
 peak-memory ratios.
@@ -404,6 +405,13 @@ def print_table(results: dict, header: bool = True) -> None:
         print(f"conflict terms vs tokens ({shape}): {line}")
 
 
+def print_step_ratios(shape: str, times: dict[str, list[float]]) -> None:
+    """Each variant's step time over the plain step's (medians of the paired ratios)."""
+    plain = statistics.median(times["plain"])
+    line = ", ".join(f"{v} {median_ratio(times[v], times['plain']):.3f}" for v in times if v != "plain")
+    print(f"{shape}: plain {1e3 * plain:.1f} ms; {line}")
+
+
 def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per fit
     warnings.filterwarnings("ignore", category=PossibleUserWarning)  # "few dataloader workers"
@@ -420,6 +428,9 @@ def main() -> None:
         "--shapes", nargs="+", choices=SHAPES, default=list(SHAPES), help="ignored with --quick"
     )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20, quick 6)")
+    parser.add_argument(
+        "--steps-only", action="store_true", help="only the variants' step-time ratios (a few minutes)"
+    )
     args = parser.parse_args()
     args.batch_size, args.text_tokens = (8, 64) if args.quick else (32, 150)
     args.memory_reps = 1 if args.quick else 2
@@ -428,6 +439,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prepare(Path(model_args("default")["tokenizer"]).parent)  # the model's tokenizer (idempotent)
     shapes = ["default"] if args.quick else args.shapes
+    if args.steps_only:
+        for shape in shapes:
+            print_step_ratios(shape, step_times(shape, (args.batch_size, args.text_tokens), args.reps, device))
+        return
     results = {}
     for shape in shapes:
         results[shape] = bench_shape(shape, args, device)
