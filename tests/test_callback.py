@@ -16,24 +16,11 @@ from support.lightning_models import (
     CausalLMModule,
     ForeignMoEModule,
     OppositeGroups,
+    cpu_trainer,
     tiny_olmoe,
     token_batches,
     upcycled_qwen2,
 )
-
-
-def _trainer(callbacks, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    return L.Trainer(callbacks=callbacks, **(defaults | kwargs))
-
 
 # -- exactness inside real models -----------------------------------------------------------------
 
@@ -181,7 +168,7 @@ def test_minority_with_opposite_gradients_is_flagged_and_routed_away() -> None:
             original(trainer, pl_module)
 
         callback.on_after_backward = spy
-        _trainer([callback], max_steps=1).fit(module)
+        cpu_trainer([callback], max_steps=1).fit(module)
         runs[loss_weight] = (module, seen["conflicts"], chosen)
 
     (baseline, conflicts, chosen), (treated, _, _) = runs[0.0], runs[1.0]
@@ -202,7 +189,7 @@ def test_minority_with_opposite_gradients_is_flagged_and_routed_away() -> None:
 def test_foreign_transformers_moe_trains_with_stgc_and_logs_statistics() -> None:
     module = ForeignMoEModule()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    trainer = _trainer([STGC(loss_weight=0.1, histogram_every_n_steps=0)])
+    trainer = cpu_trainer([STGC(loss_weight=0.1, histogram_every_n_steps=0)])
     trainer.fit(module)
     metrics = trainer.callback_metrics
     for key in (
@@ -234,7 +221,7 @@ def test_modality_split_is_logged_for_our_moe() -> None:
                 return self.model(input_ids=ids, labels=ids).loss
 
     module = WithModality(module.model)
-    trainer = _trainer([STGC(histogram_every_n_steps=0)])
+    trainer = cpu_trainer([STGC(histogram_every_n_steps=0)])
     trainer.fit(module)
     assert "stgc/conflict_ratio_image/layer_0" in trainer.callback_metrics
     assert "stgc/conflict_ratio_text/layer_1" in trainer.callback_metrics
@@ -254,7 +241,7 @@ def test_no_moe_layer_is_a_clear_error_at_fit_start() -> None:
         )
     )
     with pytest.raises(MisconfigurationException, match="found no MoE layer in CausalLMModule"):
-        _trainer([STGC()]).fit(CausalLMModule(dense))
+        cpu_trainer([STGC()]).fit(CausalLMModule(dense))
 
 
 def test_sharded_strategies_are_refused_by_name() -> None:
@@ -298,14 +285,14 @@ def test_accumulating_two_identical_micro_batches_equals_one_batch() -> None:
     # τ = 0: at the default −0.1 this tiny random model may flag no token, and the CEL would be idle
     single = STGC(loss_weight=1.0, threshold=0.0, histogram_every_n_steps=0)
     accumulated = STGC(loss_weight=1.0, threshold=0.0, histogram_every_n_steps=0)
-    _trainer([single], max_steps=1).fit(one_batch)
-    _trainer([accumulated], max_steps=1, accumulate_grad_batches=2).fit(twice)
+    cpu_trainer([single], max_steps=1).fit(one_batch)
+    cpu_trainer([accumulated], max_steps=1, accumulate_grad_batches=2).fit(twice)
     assert (single.measured_micro_batches, accumulated.measured_micro_batches) == (1, 2)
     for a, b in zip(one_batch.parameters(), twice.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     baseline = CausalLMModule(upcycled_qwen2())
     baseline.train_dataloader = one_batch.train_dataloader
-    _trainer([STGC(loss_weight=0.0, histogram_every_n_steps=0)], max_steps=1).fit(baseline)
+    cpu_trainer([STGC(loss_weight=0.0, histogram_every_n_steps=0)], max_steps=1).fit(baseline)
     assert any(
         not torch.equal(a, b)
         for a, b in zip(_router_weights(baseline), _router_weights(one_batch), strict=True)
@@ -314,11 +301,11 @@ def test_accumulating_two_identical_micro_batches_equals_one_batch() -> None:
 
 def test_resume_restores_running_statistics(tmp_path) -> None:
     first = STGC(histogram_every_n_steps=0)
-    trainer = _trainer([first], max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer = cpu_trainer([first], max_steps=2, enable_checkpointing=True, default_root_dir=tmp_path)
     trainer.fit(CausalLMModule(upcycled_qwen2()))
     checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
     resumed = STGC(histogram_every_n_steps=0)
-    _trainer([resumed], max_steps=4, default_root_dir=tmp_path).fit(
+    cpu_trainer([resumed], max_steps=4, default_root_dir=tmp_path).fit(
         CausalLMModule(upcycled_qwen2()), ckpt_path=checkpoint
     )
     assert resumed.measured_micro_batches == 4
@@ -328,7 +315,7 @@ def test_resume_restores_running_statistics(tmp_path) -> None:
 
 def test_every_n_steps_and_start_step() -> None:
     callback = STGC(start_step=1, every_n_steps=2, histogram_every_n_steps=0)
-    _trainer([callback], max_steps=4).fit(CausalLMModule(upcycled_qwen2()))
+    cpu_trainer([callback], max_steps=4).fit(CausalLMModule(upcycled_qwen2()))
     assert callback.measured_micro_batches == 2  # steps 1 and 3
 
 
@@ -350,7 +337,7 @@ def test_non_finite_step_is_skipped_and_counted() -> None:
         return finite, router_grads
 
     callback._agree_across_ranks = spy
-    _trainer([callback], max_steps=3).fit(module)
+    cpu_trainer([callback], max_steps=3).fit(module)
     assert decisions == [True, True, False]  # the NaN step adds nothing to the routers
     assert callback.skipped_nonfinite == 1
     assert callback.measured_micro_batches == 2
@@ -358,7 +345,7 @@ def test_non_finite_step_is_skipped_and_counted() -> None:
 
 def test_bf16_mixed_precision_gives_finite_conflicts() -> None:
     callback = STGC(loss_weight=0.1, histogram_every_n_steps=0)
-    trainer = _trainer([callback], precision="bf16-mixed")
+    trainer = cpu_trainer([callback], precision="bf16-mixed")
     trainer.fit(CausalLMModule(upcycled_qwen2()))
     assert callback.skipped_nonfinite == 0 and callback.measured_micro_batches == 2
     assert torch.isfinite(trainer.callback_metrics["stgc/cosine_mean/all"])
@@ -369,7 +356,7 @@ def test_histograms_and_heatmap_reach_tensorboard(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="stgc")
-    _trainer([STGC(histogram_every_n_steps=1)], logger=logger).fit(CausalLMModule(upcycled_qwen2()))
+    cpu_trainer([STGC(histogram_every_n_steps=1)], logger=logger).fit(CausalLMModule(upcycled_qwen2()))
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "images": 0}).Reload()
     assert {"stgc/cosine/layer_0", "stgc/cosine/layer_1"} <= set(events.Tags()["histograms"])
     assert "stgc/conflict_ratio_heatmap" in events.Tags()["images"]
@@ -429,6 +416,6 @@ def test_transformers_models_use_stgc_experts_only_while_stgc_captures() -> None
             self.seen.append(pl_module.model.get_experts_implementation()[""])
 
     record = Record()
-    _trainer([STGC(every_n_steps=2, histogram_every_n_steps=0), record], max_steps=3).fit(module)
+    cpu_trainer([STGC(every_n_steps=2, histogram_every_n_steps=0), record], max_steps=3).fit(module)
     assert own != "stgc"
     assert record.seen == ["stgc", own, own, own, "stgc", own]

@@ -3,6 +3,7 @@ drift, the cosine's null level, the exact-vs-output correlation — and the CEL 
 each on a case where the right value is known or computed independently."""
 
 import math
+from functools import partial
 
 import lightning as L
 import pytest
@@ -14,20 +15,9 @@ from stgc.conflict.diagnostics import expert_drift, pearson, pearson_sums, rerou
 from stgc.conflict.loss import conflict_elimination_loss
 from stgc.conflict.probes import LayerConflicts
 from stgc.conflict.statistics import LayerStats, layer_metrics
-from support.lightning_models import CausalLMModule, OppositeGroups, upcycled_qwen2
+from support.lightning_models import CausalLMModule, OppositeGroups, cpu_trainer, upcycled_qwen2
 
-
-def _trainer(callbacks, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    return L.Trainer(callbacks=callbacks, **(defaults | kwargs))
+_trainer = partial(cpu_trainer, max_steps=1)
 
 
 # -- the pieces, on constructed values ------------------------------------------------------------

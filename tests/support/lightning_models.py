@@ -15,6 +15,20 @@ from stgc.moe import SparseMoE, moe_losses, upcycle
 VOCAB = 64
 
 
+def cpu_trainer(callbacks: list, **kwargs) -> L.Trainer:
+    """A CPU Trainer for callback tests: no logger, checkpoints, progress bar or summary; logs every step."""
+    defaults = dict(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    return L.Trainer(callbacks=callbacks, **(defaults | kwargs))
+
+
 def token_batches(num_samples: int = 16, length: int = 12, seed: int = 0) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (num_samples, length), generator=generator)
