@@ -7,6 +7,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: fail fast ins
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_distributed_leftovers():
+    """An in-process fit under a distributed strategy leaves its process group (and the TCP store listening
+    on MASTER_PORT) and its MASTER_PORT/RANK variables behind; a later test's subprocesses would inherit
+    the port and fail with EADDRINUSE. Tear both down after every test module (after its own module-scoped fixtures)."""
+    environ = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 @pytest.fixture(scope="session")
 def easy_vqa_dir(tmp_path_factory: pytest.TempPathFactory):
     """easy-VQA prepared once per session (images, LLaVA JSON files, trained tokenizer)."""
