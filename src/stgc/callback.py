@@ -34,6 +34,7 @@ from stgc.conflict.hf_experts import (
 )
 from stgc.conflict.loss import LOSS_TYPES, conflict_elimination_loss
 from stgc.conflict.probes import GRADIENTS, MEANS, LayerConflicts, LayerProbe, SparseMoEProbe
+from stgc.conflict.selection import SELECTIONS, random_like
 from stgc.conflict.sharding import add_to_grad, full_tensor
 from stgc.conflict.statistics import LayerStats, conflict_heatmap, layer_metrics, position_conflict_share
 from stgc.moe import SparseMoE, short_layer_name
@@ -64,7 +65,7 @@ class PendingReroute:
     router_inputs: list[torch.Tensor]  # per layer (N, H), detached
     logits: list[torch.Tensor]  # per layer (N, E) before the step
     layers: list[LayerConflicts]
-    conflicting: list[torch.Tensor]  # per layer (S,)
+    penalised: list[torch.Tensor]  # per layer (S,): the assignments the CEL applied to
 
 
 class STGC(L.Callback):
@@ -81,6 +82,9 @@ class STGC(L.Callback):
             expert's output, routing weight included: the paper's cheaper approximation).
         mean: compare g_t with the sum over "all" the expert's tokens (the paper's ḡ_e, which holds
             g_t itself: null level ≈ 1/√n_e) or over the "others" (leave-one-out: null level 0).
+        selection: the CEL applies to the conflicting assignments ("gradient": STGC) or, as a control,
+            to as many assignments drawn at random in each layer and micro-batch ("random"); the logged
+            conflict statistics are the gradient's either way.
         start_step: first optimizer step at which STGC runs.
         every_n_steps: run on every n-th optimizer step (conflicts cost ~1/3 of the experts' time).
         log_every_n_steps: scalar logging period (default: the trainer's).
@@ -94,6 +98,7 @@ class STGC(L.Callback):
         loss_type: str = "negated_logits",
         gradient: str = "exact",
         mean: str = "all",
+        selection: str = "gradient",
         start_step: int = 0,
         every_n_steps: int = 1,
         log_every_n_steps: int | None = None,
@@ -109,6 +114,8 @@ class STGC(L.Callback):
             raise MisconfigurationException(
                 f"STGC gradient={gradient!r} must be one of {GRADIENTS} and mean={mean!r} one of {MEANS}"
             )
+        if selection not in SELECTIONS:
+            raise MisconfigurationException(f"STGC selection={selection!r} must be one of {SELECTIONS}")
         if start_step < 0 or every_n_steps < 1:
             raise MisconfigurationException(
                 f"STGC start_step={start_step} must be >= 0 and every_n_steps={every_n_steps} >= 1"
@@ -124,6 +131,7 @@ class STGC(L.Callback):
         self.loss_type = loss_type
         self.gradient = gradient
         self.mean = mean
+        self.selection = selection
         self.start_step = start_step
         self.every_n_steps = every_n_steps
         self.log_every_n_steps = log_every_n_steps
@@ -147,6 +155,7 @@ class STGC(L.Callback):
             loss_type=self.loss_type,
             gradient=self.gradient,
             mean=self.mean,
+            selection=self.selection,
         )
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -247,8 +256,9 @@ class STGC(L.Callback):
             return
         layers = [probe.conflicts(self.gradient, self.mean) for probe in self.probes]
         conflicting = [c.has_grad & (c.cosine < self.threshold) for c in layers]  # (S,) per layer
+        penalised = self._penalised(trainer, layers, conflicting)
         scale = self._loss_scale(trainer)
-        cel = [self._cel(p, c, m, scale) for p, c, m in zip(self.probes, layers, conflicting, strict=True)]
+        cel = [self._cel(p, c, m, scale) for p, c, m in zip(self.probes, layers, penalised, strict=True)]
         cel_losses = [loss for loss, _, _ in cel]
         router_grads = [grad for _, grads, _ in cel for grad in grads]  # none when λ = 0
         finite = torch.stack([c.finite for c in layers] + [g.isfinite().all() for g in router_grads]).all()
@@ -272,9 +282,21 @@ class STGC(L.Callback):
             self._log_scalars(trainer, pl_module, stats, grad_ratios)
             router_inputs = [probe.routing().router_input.detach() for probe in self.probes]
             logits = [logits for _, _, logits in cel]
-            self._pending = PendingReroute(trainer.global_step, router_inputs, logits, layers, conflicting)
+            self._pending = PendingReroute(trainer.global_step, router_inputs, logits, layers, penalised)
         if self._histogram_step(trainer.global_step):
             self._log_histograms(trainer, pl_module, layers, stats)
+
+    def _penalised(
+        self, trainer: L.Trainer, layers: list[LayerConflicts], conflicting: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The assignments the CEL applies to: the conflicting ones, or as many random ones."""
+        if self.selection == "gradient":
+            return conflicting
+        # seeded from the run's seed, the rank and the micro-batch count (checkpointed): a resumed run
+        # draws what it would have drawn, and the training's own RNG streams are left as they were
+        seed = (torch.initial_seed() + 1_000_003 * trainer.global_rank + self.measured_micro_batches) % 2**63
+        generator = torch.Generator(conflicting[0].device).manual_seed(seed)
+        return [random_like(m, c.has_grad, generator) for c, m in zip(layers, conflicting, strict=True)]
 
     def _loss_scale(self, trainer: L.Trainer) -> float:
         """What the LM loss was multiplied by before backward: λ, 1 / accumulation, fp16's loss scale."""
@@ -379,7 +401,7 @@ class STGC(L.Callback):
             pending.router_inputs,
             pending.logits,
             pending.layers,
-            pending.conflicting,
+            pending.penalised,
             strict=True,
         ):
             with torch.no_grad(), autocast_off(probe.router_weight):
