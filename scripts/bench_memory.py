@@ -204,7 +204,9 @@ def main() -> None:
     shapes = QUICK if args.quick else SHAPES
     steps, reps = (2, 4) if args.quick else (2, 6)
     memory = {}
-    print(f"{'shape':12} {'strategy':8} {'ckpt':>4} {'peak MiB':>9} {'states MiB':>10} {'params':>11} {'trained':>11}")
+    print(
+        f"{'shape':12} {'strategy':8} {'ckpt':>4} {'peak MiB':>9} {'states MiB':>10} {'params':>11} {'trained':>11}"
+    )
     for shape in shapes:
         for strategy in ("ddp", "fsdp2"):
             for checkpointing in (False, True):

@@ -441,7 +441,9 @@ def main() -> None:
     shapes = ["default"] if args.quick else args.shapes
     if args.steps_only:
         for shape in shapes:
-            print_step_ratios(shape, step_times(shape, (args.batch_size, args.text_tokens), args.reps, device))
+            print_step_ratios(
+                shape, step_times(shape, (args.batch_size, args.text_tokens), args.reps, device)
+            )
         return
     results = {}
     for shape in shapes:

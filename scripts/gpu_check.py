@@ -156,7 +156,9 @@ def experts_share(module: LVLMModule, batch: dict, precision: str) -> float:
     def keep(expert, args, output) -> None:
         captured.append((expert, args[0].detach(), output))
 
-    hooks = [e.register_forward_hook(keep) for layer in moe_layers(module.model).values() for e in layer.experts]
+    hooks = [
+        e.register_forward_hook(keep) for layer in moe_layers(module.model).values() for e in layer.experts
+    ]
     with torch.autocast(device.type, dtype=dtype):
         loss = module(batch).loss
     outputs = [o for _, _, o in captured]
@@ -215,7 +217,9 @@ def cosine_error(module: LVLMModule, batch: dict, precision: str) -> float:
         hook.remove()
     deltas = torch.autograd.grad(loss, outputs)
     low = [linear_gradient_terms(x.detach(), d) for x, d in zip(inputs, deltas, strict=True)]
-    high = [linear_gradient_terms(x.detach().double(), d.double()) for x, d in zip(inputs, deltas, strict=True)]
+    high = [
+        linear_gradient_terms(x.detach().double(), d.double()) for x, d in zip(inputs, deltas, strict=True)
+    ]
 
     def cosine(terms):
         return cosine_from_terms(*(sum(t[i] for t in terms) for i in range(3)))

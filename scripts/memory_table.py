@@ -89,7 +89,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"stage III, {args.gpus} GPUs, {args.tokens} tokens per GPU per micro-batch, bf16-mixed, AdamW")
-    print("| LM (MoE 4×top-2, every other layer) | parameters | trained | DDP | DDP + ckpt | FSDP2 | FSDP2 + ckpt |")
+    print(
+        "| LM (MoE 4×top-2, every other layer) | parameters | trained | DDP | DDP + ckpt | FSDP2 | FSDP2 + ckpt |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, config in LMS.items():
         sizes = counts(config)

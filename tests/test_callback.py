@@ -26,7 +26,15 @@ from support.lightning_models import (
 
 
 def _brute_force_cosines(
-    expert_fn, expert_params, inputs, output_grads, topk_index, topk_weight, expert, gradient="exact", mean="all"
+    expert_fn,
+    expert_params,
+    inputs,
+    output_grads,
+    topk_index,
+    topk_weight,
+    expert,
+    gradient="exact",
+    mean="all",
 ):
     """Per-token gradients of one expert (support.brute_force), and their cosine to the sum of all of
     them (mean="all") or of the others (mean="others")."""

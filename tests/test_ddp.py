@@ -84,9 +84,7 @@ def test_only_rank_zero_writes_logs_and_checkpoints(ddp_run) -> None:
 
 
 @pytest.mark.parametrize("val_records", ["one", "good_and_broken"])
-def test_validation_under_ddp_when_a_rank_has_nothing_to_score(
-    val_records, easy_vqa_dir, tmp_path
-) -> None:
+def test_validation_under_ddp_when_a_rank_has_nothing_to_score(val_records, easy_vqa_dir, tmp_path) -> None:
     """One val record (rank 1's share is empty), or rank 1's only record has broken pixel data: every
     rank still runs the evaluation and its all-gathers, and the logged accuracy is rank 0's answers'."""
     import shutil
@@ -123,7 +121,9 @@ def test_validation_under_ddp_when_a_rank_has_nothing_to_score(
     assert len(accuracy) == 1 and 0.0 <= accuracy[0].value <= 1.0
 
 
-def test_predict_under_ddp_writes_the_same_answers_file_as_one_process(ddp_run, easy_vqa_dir, tmp_path) -> None:
+def test_predict_under_ddp_writes_the_same_answers_file_as_one_process(
+    ddp_run, easy_vqa_dir, tmp_path
+) -> None:
     """5 test records (an odd count, so the sampler pads one rank): the 2-process answers file is complete,
     in file order, without the padding's repeat, and equal to a single process's, line for line."""
     log_root, _ = ddp_run

@@ -12,7 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_reports_syncs_ratios_and_cosine_error(easy_vqa_dir, tmp_path) -> None:
     out = tmp_path / "gpu_check.json"
-    command = [sys.executable, "scripts/gpu_check.py", "--tiny", "--data", str(easy_vqa_dir), "--out", str(out)]
+    command = [
+        sys.executable,
+        "scripts/gpu_check.py",
+        "--tiny",
+        "--data",
+        str(easy_vqa_dir),
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(out.read_text())["bf16-mixed"]

@@ -92,12 +92,9 @@ def test_logged_conflicts_are_the_gradients_whatever_the_selection() -> None:
 
 
 def test_random_draws_follow_the_seed() -> None:
-    first, second, other = (_fit(seed, selection="random")[0] for seed in (0, 0, 1))
-    for a, b, c in zip(first.steps[0]["penalised"], second.steps[0]["penalised"], other.steps[0]["penalised"]):
-        assert torch.equal(a, b)
-    assert any(
-        not torch.equal(a, c) for a, c in zip(first.steps[0]["penalised"], other.steps[0]["penalised"])
-    )
+    first, second, other = (_fit(seed, selection="random")[0].steps[0]["penalised"] for seed in (0, 0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not all(torch.equal(a, c) for a, c in zip(first, other, strict=True))
 
 
 def test_unknown_selection_is_refused() -> None:

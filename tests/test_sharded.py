@@ -55,7 +55,9 @@ def assert_same_cosines(ranks: list[dict], reference: list[dict]) -> None:
     for micro_batch, (layers, expected_layers) in enumerate(zip(seen, expected, strict=True)):
         for layer, (got, want) in enumerate(zip(layers, expected_layers, strict=True)):
             where = f"micro-batch {micro_batch}, layer {layer}"
-            assert torch.equal(got["rows"], want["rows"]) and torch.equal(got["expert"], want["expert"]), where
+            assert torch.equal(got["rows"], want["rows"]) and torch.equal(got["expert"], want["expert"]), (
+                where
+            )
             torch.testing.assert_close(got["cosine"], want["cosine"], rtol=0, atol=1e-6, msg=where)
             flags = [c["has_grad"] & (c["cosine"] < THRESHOLD) for c in (got, want)]
             assert torch.equal(*flags), where
@@ -64,9 +66,7 @@ def assert_same_cosines(ranks: list[dict], reference: list[dict]) -> None:
     assert reference[0]["conflict_counts"].sum() > 0  # the comparison covers conflicting tokens
 
 
-@pytest.mark.parametrize(
-    "flags", [(), ("--checkpointing",)], ids=["fsdp2", "fsdp2_with_checkpointing"]
-)
+@pytest.mark.parametrize("flags", [(), ("--checkpointing",)], ids=["fsdp2", "fsdp2_with_checkpointing"])
 def test_fsdp2_cosines_and_conflict_masks_equal_one_process_on_the_same_global_batch(runs, flags) -> None:
     """Each rank's cosines are against its own micro-batch's expert gradients, as under DDP: one
     process that accumulates the two halves of each global batch sees the same ones."""

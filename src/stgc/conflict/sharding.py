@@ -29,5 +29,3 @@ def add_to_grad(parameter: nn.Parameter, grad: Tensor) -> None:
         parameter.grad = grad
     else:
         parameter.grad.add_(grad)
-
-

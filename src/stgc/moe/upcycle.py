@@ -70,7 +70,12 @@ def routing_context(
         yield
     finally:
         for layer in layers:
-            layer.token_mask, layer.token_index, layer.modality, layer.routed_modality = None, None, None, None
+            layer.token_mask, layer.token_index, layer.modality, layer.routed_modality = (
+                None,
+                None,
+                None,
+                None,
+            )
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
