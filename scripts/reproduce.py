@@ -194,8 +194,8 @@ def bits(run: dict) -> list[bool]:
 
 def table(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -> str:
     """Markdown: per arm, seeds, test accuracy (mean over seeds) overall and per family, the paired
-    difference to the baseline with its 95% interval; conflict ratio and expert drift at the end, the
-reroute rate of the CEL's pairs over the run; the image/text split of the experts' loads."""
+        difference to the baseline with its 95% interval; conflict ratio and expert drift at the end, the
+    reroute rate of the CEL's pairs over the run; the image/text split of the experts' loads."""
     families = list(dense["test"])[1:]
     rows = [
         "| arm | seeds | test acc | " + " | ".join(families)
