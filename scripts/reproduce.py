@@ -89,9 +89,8 @@ def run_args(arm: Arm, seed: int, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def curves(events_dir: Path) -> dict[str, list[tuple[int, float]]]:
+def curves(events: EventAccumulator) -> dict[str, list[tuple[int, float]]]:
     """Per CURVES quantity, its value at each logging step, averaged over the MoE layers."""
-    events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0}).Reload()
     tags = events.Tags()["scalars"]
     result = {}
     for name in CURVES:
@@ -104,11 +103,10 @@ def curves(events_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return result
 
 
-def modality_split(events_dir: Path) -> float:
+def modality_split(events: EventAccumulator) -> float:
     """How differently the experts serve image and text tokens at the end: the total variation
     distance between the two modalities' expert loads (0: the same mix of experts; 1: disjoint),
     from each MoE layer's last logged loads, averaged over the layers."""
-    events = EventAccumulator(str(events_dir), size_guidance={"scalars": 0}).Reload()
     loads: dict[tuple[str, str], list[float]] = {}
     for tag in sorted(events.Tags()["scalars"]):
         parts = tag.split("/")  # moe/<layer>/load_<modality>/expert_<e>
@@ -139,6 +137,7 @@ def train_and_answer(arm: Arm, seed: int, args: argparse.Namespace) -> dict:
 def record(arm: Arm, seed: int, trainer, wall_s: float, folder: Path, answers: Path) -> dict:
     """A run's JSON: its setting, budget, val metrics, test accuracies, per-question correctness."""
     scored = answers_correct(answers)
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
     val = {k: round(float(v), 5) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     return {
         "arm": asdict(arm) | {"name": arm.name},
@@ -147,11 +146,11 @@ def record(arm: Arm, seed: int, trainer, wall_s: float, folder: Path, answers: P
         "wall_s": round(wall_s, 1),
         "val": val,
         "test": accuracies(scored),
-        "curves": curves(folder),
-        "modality_split": modality_split(folder),
+        "curves": curves(events),
+        "modality_split": modality_split(events),
         "questions": scored["key"],
         "types": scored["type"],
-        "correct": "".join("1" if c else "0" for c in scored["correct"]),
+        "correct": as_bits(scored["correct"]),
     }
 
 
@@ -165,7 +164,7 @@ def dense_record(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     scored = answers_correct(answers)
     return {"test": accuracies(scored), "questions": scored["key"],
-            "correct": "".join("1" if c else "0" for c in scored["correct"])}  # fmt: skip
+            "correct": as_bits(scored["correct"])}  # fmt: skip
 
 
 # -- the study --------------------------------------------------------------------------------
@@ -188,7 +187,13 @@ def choose(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: (-r["val"]["val/vqa_acc"], r["val"]["val/loss"]))
 
 
+def as_bits(correct: list[bool]) -> str:
+    """Per-question correctness as a run's JSON keeps it: one "1" or "0" per question."""
+    return "".join("1" if c else "0" for c in correct)
+
+
 def bits(run: dict) -> list[bool]:
+    """A run's per-question correctness back from its JSON."""
     return [c == "1" for c in run["correct"]]
 
 

@@ -70,12 +70,7 @@ def routing_context(
         yield
     finally:
         for layer in layers:
-            layer.token_mask, layer.token_index, layer.modality, layer.routed_modality = (
-                None,
-                None,
-                None,
-                None,
-            )
+            layer.token_mask = layer.token_index = layer.modality = layer.routed_modality = None
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
