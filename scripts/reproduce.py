@@ -24,6 +24,7 @@ and checked). Writes results/<pipeline>/{results.md,*.png} and the README's Resu
 import argparse
 import hashlib
 import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -280,6 +281,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="stage III epochs of every arm (MoE-LLaVA: 1)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--loss-weights", type=float, nargs="+", default=[0.01, 0.1])
+    parser.add_argument(
+        "--loss-types", nargs="+", default=list(LOSS_TYPES), choices=LOSS_TYPES, help="the forms screened"
+    )
     parser.add_argument("--threshold", type=float, default=-0.1)
     parser.add_argument(
         "--parts",
@@ -314,7 +318,12 @@ def main() -> None:
             f"== {arm.name} seed {seed} (study elapsed {(time.perf_counter() - start) / 60:.1f} min)",
             flush=True,
         )
-        result = train_and_answer(arm, seed, args) | {"stage2": digest, "epochs": args.epochs}
+        stale = Path(args.log_root) / args.pipeline / f"{arm.name}_seed{seed}"
+        if stale.is_dir():  # an interrupted run: its events would mix into the rerun's curves
+            shutil.rmtree(stale)
+        result = train_and_answer(arm, seed, args) | {
+            "stage2": digest, "epochs": args.epochs, "threads": torch.get_num_threads()
+        }  # fmt: skip
         path.write_text(json.dumps(result) + "\n")
         return result
 
@@ -323,15 +332,18 @@ def main() -> None:
         dense_path.write_text(json.dumps(dense_record(args) | {"stage2": digest}) + "\n")
     dense = json.loads(dense_path.read_text())
     seeds = range(args.seeds)
-    baseline = [execute(Arm(), seed) for seed in (seeds if "main" in args.parts else [0])]
-    screened = [execute(Arm(w, form), 0) for form in LOSS_TYPES for w in args.loss_weights]
+    baseline = [execute(Arm(), 0)]
+    screened = [execute(Arm(w, form), 0) for form in args.loss_types for w in args.loss_weights]
     chosen = Arm(**{k: v for k, v in choose(screened)["arm"].items() if k != "name"})
     print(f"chosen on val: {chosen.name}", flush=True)
     arms = {"baseline": baseline} | {run["arm"]["name"]: [run] for run in screened}
     if "main" in args.parts:  # before the variants: the comparison that needs its seeds comes first
-        arms[chosen.name] = [execute(chosen, seed) for seed in seeds]
         control = replace(chosen, selection="random")
-        arms[control.name] = [execute(control, seed) for seed in seeds]
+        arms |= {chosen.name: [], control.name: []}
+        for seed in seeds:  # seed by seed: an unfinished study still has paired runs
+            for arm in (Arm(), chosen, control):
+                if (arm, seed) != (Arm(), 0):  # the baseline's seed 0 ran first, for the screen
+                    arms[arm.name].append(execute(arm, seed))
     if "screen" in args.parts:
         for variant in (replace(chosen, gradient="output"), replace(chosen, mean="others")):
             arms[variant.name] = [execute(variant, 0)]
