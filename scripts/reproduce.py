@@ -11,14 +11,17 @@ the same stage II checkpoint for --epochs epochs, then answers the test question
 Per arm: test accuracy overall and per question family; its paired difference to the baseline
 (same seeds, same questions) with a 95% bootstrap interval over questions (stgc.study); curves
 of conflict ratio, cosine against its null level, reroute rate and expert drift; how differently
-the experts serve image and text tokens at the end.
+the experts serve image and text tokens, and the question families, at the end.
 
-    python scripts/reproduce.py --pipeline easy_vqa     # hours on 2 CPU cores: see results/README.md
+    python scripts/reproduce.py --pipeline easy_vqa     # hours on 2 CPU cores: see the README
+    python scripts/reproduce.py --pipeline mix --parts main --loss-types unlikelihood --loss-weights 0.1
+                                # the mix: easy-vqa's chosen setting, no screen (seeds: --seeds 0 1 2)
     python scripts/reproduce.py --quick                 # a tiny slice, to keep the script working
 
 Resumable run by run: a finished run's results/<pipeline>/runs/<run>.json is kept and not run again
 (the stage II model is retrained bit-identically when missing; its weights' digest is recorded
-and checked). Writes results/<pipeline>/{results.md,*.png} and the README's Results section.
+and checked). Writes results/<pipeline>/{results.md,summary.md,curves.png}; --readme puts every
+pipeline's summary.md into the README's Results section.
 """
 
 import argparse
@@ -32,16 +35,18 @@ from pathlib import Path
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import Subset
 
 from stgc.cli import run as stgc
 from stgc.conflict.loss import LOSS_TYPES
 from stgc.easy_vqa.pipeline import PIPELINES, chain, fit_stage, last_checkpoint, source, stage_args
 from stgc.easy_vqa.prepare import prepare
-from stgc.study import accuracies, answers_correct, paired_bootstrap
+from stgc.study import accuracies, answers_correct, expert_load_by_family, paired_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS_MARKERS = ("<!-- results: written by scripts/reproduce.py -->", "<!-- results: end -->")
+LOAD_RECORDS = 2048  # test conversations, evenly strided, whose routing gives the expert load per family
 CURVES = ("conflict_ratio", "cosine_mean", "cosine_null", "reroute_rate", "expert_drift")
 QUICK = [  # a tiny slice and budget: checks that the study runs end to end
     "--data.init_args.limit_records=48",
@@ -121,18 +126,44 @@ def modality_split(events: EventAccumulator) -> float:
     return statistics.fmean(distances) if distances else float("nan")
 
 
+def test_sample_loads(fit) -> dict[str, dict[str, list]]:
+    """The fitted model's expert load per MoE layer and question family (stgc.study) over
+    LOAD_RECORDS test conversations, evenly strided over the test file(s)."""
+    datamodule = fit.datamodule
+    datamodule.setup("test")
+    dataset = datamodule.datasets["test"]
+    sample = Subset(dataset, range(0, len(dataset), max(1, len(dataset) // LOAD_RECORDS)))
+    return expert_load_by_family(
+        fit.model, datamodule.loader(sample, batch_size=datamodule.hparams.eval_batch_size)
+    )
+
+
+def family_split(loads: dict[str, dict[str, list]]) -> float:
+    """How differently the experts serve the question families: the total variation distance between
+    two families' expert loads (0: the same mix of experts; 1: disjoint), averaged over the pairs of
+    families and the MoE layers."""
+    distances = [
+        0.5 * sum(abs(a - b) for a, b in zip(per_type[s], per_type[t], strict=True))
+        for per_type in loads.values()
+        for i, s in enumerate(per_type)
+        for t in list(per_type)[i + 1 :]
+    ]
+    return statistics.fmean(distances) if distances else float("nan")
+
+
 def train_and_answer(arm: Arm, seed: int, args: argparse.Namespace) -> dict:
     """Fit one arm for one seed, then answer the test questions from its last checkpoint."""
     start = time.perf_counter()
     fit = stgc(["fit", *run_args(arm, seed, args)])
     wall_s = time.perf_counter() - start
+    loads = test_sample_loads(fit)
     folder = Path(fit.trainer.log_dir)
     answers = folder / "test_answers.jsonl"
     stgc(
         ["predict", *run_args(arm, seed, args), f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}",
          f"--answers.path={answers}"]
     )  # fmt: skip
-    return record(arm, seed, fit.trainer, wall_s, folder, answers)
+    return record(arm, seed, fit.trainer, wall_s, folder, answers) | {"expert_load": loads}
 
 
 def record(arm: Arm, seed: int, trainer, wall_s: float, folder: Path, answers: Path) -> dict:
@@ -198,37 +229,51 @@ def bits(run: dict) -> list[bool]:
     return [c == "1" for c in run["correct"]]
 
 
-def table(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -> str:
-    """Markdown: per arm, seeds, test accuracy (mean over seeds) overall and per family, the paired
-        difference to the baseline with its 95% interval; conflict ratio and expert drift at the end, the
-    reroute rate of the CEL's pairs over the run; the image/text split of the experts' loads."""
+DIAGNOSTICS = ("conflict ratio", "reroute rate", "expert drift", "image/text split", "family split")
+DELTA = "Δ vs baseline [95% CI]"
+
+
+def table_rows(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -> list[dict[str, str]]:
+    """Per arm (after the dense model), its cells by column: seeds, test accuracy (mean over seeds)
+    overall and per family, the paired difference to the baseline with its 95% interval; conflict
+    ratio and expert drift at the end, the reroute rate of the CEL's pairs over the run; the
+    image/text and family splits of the experts' loads at the end."""
     families = list(dense["test"])[1:]
-    rows = [
-        "| arm | seeds | test acc | " + " | ".join(families)
-        + " | Δ vs baseline [95% CI] | conflict ratio | reroute rate | expert drift | image/text split |",
-        "|" + " --- |" * (9 + len(families)),
-        f"| dense (stage II) | – | {dense['test']['overall']:.4f} | "
-        + " | ".join(f"{dense['test'][f]:.4f}" for f in families) + " | – | – | – | – | – |",
-    ]  # fmt: skip
+    rows = [{"arm": "dense (stage II)", "seeds": "–", "test acc": f"{dense['test']['overall']:.4f}"}
+            | {f: f"{dense['test'][f]:.4f}" for f in families}]  # fmt: skip
     by_seed = {r["seed"]: r for r in baseline}
+    mean = statistics.fmean
     for label, runs in arms.items():
-        mean = lambda values: statistics.fmean(values)  # noqa: E731
-        cells = [str(len(runs)), f"{mean(r['test']['overall'] for r in runs):.4f}"]
-        cells += [f"{mean(r['test'][f] for r in runs):.4f}" for f in families]
-        if label == "baseline":
-            cells.append("–")
-        else:
+        row = {
+            "arm": label,
+            "seeds": str(len(runs)),
+            "test acc": f"{mean(r['test']['overall'] for r in runs):.4f}",
+        }
+        row |= {f: f"{mean(r['test'][f] for r in runs):.4f}" for f in families}
+        if label != "baseline":
             paired = [r for r in runs if r["seed"] in by_seed]
             ci = paired_bootstrap([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
-            cells.append(f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]")
-        for name, at in (("conflict_ratio", "end"), ("reroute_rate", "run"), ("expert_drift", "end")):
+            row[DELTA] = f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+        for column, at in (("conflict ratio", "end"), ("reroute rate", "run"), ("expert drift", "end")):
             # the reroute rate over the run: at its end the learning rate, hence every step, is ~0
+            name = column.replace(" ", "_")
             values = [r["curves"][name][-1][1] if at == "end" else mean(v for _, v in r["curves"][name])
                       for r in runs if r["curves"].get(name)]  # fmt: skip
-            cells.append(f"{mean(values):.4f}" if values else "–")
-        cells.append(f"{mean(r['modality_split'] for r in runs):.3f}")
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+            if values:
+                row[column] = f"{mean(values):.4f}"
+        row["image/text split"] = f"{mean(r['modality_split'] for r in runs):.3f}"
+        splits = [family_split(r["expert_load"]) for r in runs if "expert_load" in r]  # older runs lack it
+        if splits:
+            row["family split"] = f"{mean(splits):.3f} (n={len(splits)})"
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, str]], columns: list[str]) -> str:
+    """A markdown table of `columns`; "–" where a row has no such cell."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(row.get(column, "–") for column in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def plots(arms: dict[str, list[dict]], out: Path) -> None:
@@ -263,12 +308,14 @@ def plots(arms: dict[str, list[dict]], out: Path) -> None:
     plt.close(figure)
 
 
-def write_readme(sections: dict[str, str]) -> None:
-    """Replace the README's Results section body (between RESULTS_MARKERS) with the study's summary."""
+def write_readme(results: Path) -> None:
+    """Replace the README's Results section body (between RESULTS_MARKERS) with each pipeline's
+    summary.md under `results`, in PIPELINES order."""
     text = README.read_text()
     start, end = (text.index(marker) for marker in RESULTS_MARKERS)
-    body = "\n\n".join(sections.values())
-    README.write_text(text[: start + len(RESULTS_MARKERS[0])] + "\n" + body + "\n" + text[end:])
+    summaries = [results / name / "summary.md" for name in PIPELINES]
+    body = "\n".join(path.read_text() for path in summaries if path.is_file())
+    README.write_text(text[: start + len(RESULTS_MARKERS[0])] + "\n" + body + text[end:])
 
 
 def main() -> None:
@@ -279,7 +326,7 @@ def main() -> None:
         "--stage2", default=None, help="default: the pipeline's stage II last.ckpt under --log-root"
     )
     parser.add_argument("--epochs", type=int, default=1, help="stage III epochs of every arm (MoE-LLaVA: 1)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="of the main comparison")
     parser.add_argument("--loss-weights", type=float, nargs="+", default=[0.01, 0.1])
     parser.add_argument(
         "--loss-types", nargs="+", default=list(LOSS_TYPES), choices=LOSS_TYPES, help="the forms screened"
@@ -297,7 +344,7 @@ def main() -> None:
     parser.add_argument("--readme", action="store_true", help="write the README's Results section")
     args, args.extra = parser.parse_known_args()
     if args.quick:
-        args.seeds, args.loss_weights, args.epochs = 2, [0.1], 1
+        args.seeds, args.loss_weights, args.epochs = [0, 1], [0.1], 1
         args.out, args.log_root = f"{args.out}/quick", f"{args.log_root}/quick"
         args.extra += QUICK
     args.stage2 = args.stage2 or str(last_checkpoint(args.log_root, source("stage3"), pipeline=args.pipeline))
@@ -331,30 +378,40 @@ def main() -> None:
     if not dense_path.is_file():
         dense_path.write_text(json.dumps(dense_record(args) | {"stage2": digest}) + "\n")
     dense = json.loads(dense_path.read_text())
-    seeds = range(args.seeds)
     baseline = [execute(Arm(), 0)]
     screened = [execute(Arm(w, form), 0) for form in args.loss_types for w in args.loss_weights]
     chosen = Arm(**{k: v for k, v in choose(screened)["arm"].items() if k != "name"})
     print(f"chosen on val: {chosen.name}", flush=True)
     arms = {"baseline": baseline} | {run["arm"]["name"]: [run] for run in screened}
+    control = replace(chosen, selection="random")
     if "main" in args.parts:  # before the variants: the comparison that needs its seeds comes first
-        control = replace(chosen, selection="random")
         arms |= {chosen.name: [], control.name: []}
-        for seed in seeds:  # seed by seed: an unfinished study still has paired runs
+        for seed in args.seeds:  # seed by seed: an unfinished study still has paired runs
             for arm in (Arm(), chosen, control):
                 if (arm, seed) != (Arm(), 0):  # the baseline's seed 0 ran first, for the screen
                     arms[arm.name].append(execute(arm, seed))
     if "screen" in args.parts:
         for variant in (replace(chosen, gradient="output"), replace(chosen, mean="others")):
             arms[variant.name] = [execute(variant, 0)]
-    markdown = table(arms, dense, baseline)
-    (out / "results.md").write_text(markdown + "\n")
+    rows = table_rows(arms, dense, baseline)
+    full = markdown(rows, ["arm", "seeds", "test acc", *list(dense["test"])[1:], DELTA, *DIAGNOSTICS])
+    (out / "results.md").write_text(full + "\n")
     plots(arms, out)
-    print(markdown)
-    wall_h = sum(r["wall_s"] for runs in arms.values() for r in runs) / 3600
+    print(full)
+    runs = [r for runs in arms.values() for r in runs]
+    wall_h = sum(r["wall_s"] for r in runs) / 3600
     print(f"study: {wall_h:.2f} h of stage III training; outputs in {out}/")
+    main_rows = [
+        row for row in rows if row["arm"] in ("dense (stage II)", "baseline", chosen.name, control.name)
+    ]
+    (out / "summary.md").write_text(
+        f"**{args.pipeline}**: {len(runs)} stage III runs of {runs[0]['steps']} steps "
+        f"({wall_h:.1f} h of training, summed over runs); chosen on val: `{chosen.name}`; "
+        f"per family and diagnostics: [results/{args.pipeline}/results.md](results/{args.pipeline}/results.md)\n\n"
+        + markdown(main_rows, ["arm", "seeds", "test acc", DELTA]) + "\n"
+    )  # fmt: skip
     if args.readme:
-        write_readme({args.pipeline: f"{args.pipeline}: chosen {chosen.name}\n\n{markdown}"})
+        write_readme(Path(args.out))
 
 
 if __name__ == "__main__":

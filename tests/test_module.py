@@ -1,7 +1,6 @@
 """The LVLM and its LightningModule: splice, parameter groups, upcycling from a checkpoint, round trip."""
 
 import contextlib
-import json
 
 import lightning as L
 import pytest
@@ -11,6 +10,7 @@ from stgc.constants import IMAGE_TOKEN_ID
 from stgc.model.metrics import VQAAccuracy, normalize_answer
 from stgc.module import LVLMModule, parameter_groups
 from stgc.moe import moe_layers
+from support.conversations import multi_turn_easy_vqa
 from support.tiny import TINY_LM
 
 
@@ -243,26 +243,6 @@ def test_non_finite_loss_and_empty_batch_skip_their_steps_and_training_goes_on(e
     assert module.skipped_steps == 2 and trainer.callback_metrics["train/skipped_steps"] == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert trainer.optimizers[0].state[next(p for p in module.parameters() if p.requires_grad)]["step"] == 3
-
-
-def multi_turn_easy_vqa(easy_vqa_dir, path, images: int):
-    """The first `images` images of easy-vqa train, each image's questions as one conversation."""
-    conversations = {}
-    for record in json.loads((easy_vqa_dir / "instruct_train.json").read_text()):
-        if record["image"] not in conversations:
-            if len(conversations) == images:
-                break
-            conversations[record["image"]] = {
-                "id": record["image"],
-                "image": record["image"],
-                "conversations": [],
-            }
-        turns = record["conversations"]
-        if conversations[record["image"]]["conversations"]:  # the image placeholder in the first turn only
-            turns = [turns[0] | {"value": turns[0]["value"].replace("<image>\n", "")}, turns[1]]
-        conversations[record["image"]]["conversations"] += turns
-    path.write_text(json.dumps(list(conversations.values())))
-    return path
 
 
 def test_teacher_forced_scoring_gives_exactly_the_generated_answers(easy_vqa_dir, tmp_path) -> None:

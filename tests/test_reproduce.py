@@ -39,7 +39,12 @@ def test_quick_study_writes_runs_table_and_plots(tmp_path, monkeypatch) -> None:
         assert len(run["correct"]) == len(run["questions"]) == len(baseline["questions"]) > 0
         assert run["questions"] == baseline["questions"], "paired: the same questions in the same order"
         assert 0.0 <= run["test"]["overall"] <= 1.0 and "val/vqa_acc" in run["val"]
+        for per_family in run["expert_load"].values():  # per MoE layer: a load per question family
+            assert set(per_family) <= set(run["test"]) and len(per_family) > 1
+            assert all(abs(sum(load) - 1) < 1e-5 for load in per_family.values())
     table = (out / "results.md").read_text()
-    assert "| dense (stage II) |" in table and "| baseline | 2 |" in table
+    assert "| dense (stage II) |" in table and "| baseline | 2 |" in table and "family split" in table
+    widths = {line.count("|") for line in table.splitlines()}
+    assert len(widths) == 1, "every row, the separator included, has as many columns as the header"
     assert f"| {chosen}_selection_random | 2 |" in table
     assert (out / "curves.png").stat().st_size > 0

@@ -17,7 +17,7 @@ from stgc.callback import STGC
 from stgc.checkpoint import KeepsRNGState
 from stgc.conflict.recompute import enable_gradient_checkpointing
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
-from stgc.data.collate import is_empty, pad_token_id, prompt_batch
+from stgc.data.collate import answer_spans, is_empty, pad_token_id, prompt_batch
 from stgc.data.datamodule import LlavaDataModule
 from stgc.data.dataset import LlavaDataset
 from stgc.model.language_model import build_language_model, load_tokenizer
@@ -208,9 +208,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         targets = batch["labels"][:, 1:].cpu()  # (B, L-1)
         reproduced, prompts, images = [], [], []  # token ids, or the prompt to generate from
         for row, sample_answers in enumerate(batch["answers"]):
-            positions = (targets[row] != IGNORE_INDEX).nonzero().squeeze(1)  # (T,) trained positions
-            breaks = (positions[1:] - positions[:-1] != 1).nonzero().squeeze(1) + 1
-            spans = positions.tensor_split(breaks.tolist())  # a run per answer: its tokens and eos
+            spans = answer_spans(targets[row])  # a run per answer: its tokens and eos
             for span in spans[: len(sample_answers)]:  # a run past them is an answer cut by max_length
                 fits = len(span) <= self.hparams.max_new_tokens  # generation would reach its eos
                 if fits and torch.equal(predicted[row, span], targets[row, span]) and clear[row, span].all():

@@ -29,6 +29,14 @@ def prompt_batch(prompts: list[torch.Tensor], pad_id: int) -> dict[str, torch.Te
     }
 
 
+def answer_spans(targets: torch.Tensor) -> list[torch.Tensor]:
+    """The runs of trained positions in one row of next-token targets (labels[row, 1:], (L-1,)): one
+    per answer (its tokens and end token), in order; position p's hidden state predicts target p."""
+    positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (T,) trained positions
+    breaks = (positions[1:] - positions[:-1] != 1).nonzero().squeeze(1) + 1
+    return list(positions.tensor_split(breaks.tolist()))
+
+
 def is_empty(batch: dict[str, Any]) -> bool:
     """Whether every sample of the batch was a skipped bad record."""
     return "input_ids" not in batch
