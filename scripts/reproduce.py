@@ -342,6 +342,9 @@ def main() -> None:
     parser.add_argument("--out", default="results")
     parser.add_argument("--log-root", default="logs/study")
     parser.add_argument("--readme", action="store_true", help="write the README's Results section")
+    parser.add_argument(
+        "--report-only", action="store_true", help="train nothing: the outputs from the runs in --out alone"
+    )
     args, args.extra = parser.parse_known_args()
     if args.quick:
         args.seeds, args.loss_weights, args.epochs = [0, 1], [0.1], 1
@@ -350,8 +353,16 @@ def main() -> None:
     args.stage2 = args.stage2 or str(last_checkpoint(args.log_root, source("stage3"), pipeline=args.pipeline))
     out = Path(args.out) / args.pipeline
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    prepare(Path("data/easy_vqa"))  # the models need its tokenizer before any DataModule runs (idempotent)
-    digest = ensure_stage2(args)
+    dense_path = out / "dense.json"
+    if args.report_only:  # the digest the runs must share: the dense record's
+        if not dense_path.is_file():
+            raise SystemExit(f"--report-only: {dense_path} is missing; run the study first")
+        digest = json.loads(dense_path.read_text())["stage2"]
+    else:
+        prepare(
+            Path("data/easy_vqa")
+        )  # the models need its tokenizer before any DataModule runs (idempotent)
+        digest = ensure_stage2(args)
     start = time.perf_counter()
 
     def execute(arm: Arm, seed: int) -> dict:
@@ -361,6 +372,8 @@ def main() -> None:
             if result["stage2"] != digest:
                 raise SystemExit(f"{path} was trained from another stage II model ({result['stage2']})")
             return result
+        if args.report_only:
+            raise SystemExit(f"--report-only: {path} is missing; run the study without it first")
         print(
             f"== {arm.name} seed {seed} (study elapsed {(time.perf_counter() - start) / 60:.1f} min)",
             flush=True,
@@ -374,7 +387,6 @@ def main() -> None:
         path.write_text(json.dumps(result) + "\n")
         return result
 
-    dense_path = out / "dense.json"
     if not dense_path.is_file():
         dense_path.write_text(json.dumps(dense_record(args) | {"stage2": digest}) + "\n")
     dense = json.loads(dense_path.read_text())
@@ -404,11 +416,20 @@ def main() -> None:
     main_rows = [
         row for row in rows if row["arm"] in ("dense (stage II)", "baseline", chosen.name, control.name)
     ]
+    gradient_vs_random = ""
+    if arms.get(control.name):  # does choosing by the gradient matter: the chosen arm minus the control
+        by_seed = {r["seed"]: r for r in arms[control.name]}
+        paired = [r for r in arms[chosen.name] if r["seed"] in by_seed]
+        ci = paired_bootstrap([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
+        gradient_vs_random = (
+            f"\n`{chosen.name}` minus its random control, paired over {len(paired)} seeds: "
+            f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}].\n"
+        )
     (out / "summary.md").write_text(
         f"**{args.pipeline}**: {len(runs)} stage III runs of {runs[0]['steps']} steps "
         f"({wall_h:.1f} h of training, summed over runs); chosen on val: `{chosen.name}`; "
         f"per family and diagnostics: [results/{args.pipeline}/results.md](results/{args.pipeline}/results.md)\n\n"
-        + markdown(main_rows, ["arm", "seeds", "test acc", DELTA]) + "\n"
+        + markdown(main_rows, ["arm", "seeds", "test acc", DELTA]) + "\n" + gradient_vs_random
     )  # fmt: skip
     if args.readme:
         write_readme(Path(args.out))

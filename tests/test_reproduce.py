@@ -5,6 +5,8 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+
 from stgc.conflict.loss import LOSS_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +50,14 @@ def test_quick_study_writes_runs_table_and_plots(tmp_path, monkeypatch) -> None:
     assert len(widths) == 1, "every row, the separator included, has as many columns as the header"
     assert f"| {chosen}_selection_random | 2 |" in table
     assert (out / "curves.png").stat().st_size > 0
+    summary = (out / "summary.md").read_text()
+    assert f"| {chosen} | 2 |" in summary and "minus its random control, paired over 2 seeds" in summary
+
+    # --report-only: the same outputs from the runs alone; a missing run is named, not trained
+    (out / "results.md").unlink()
+    monkeypatch.setattr(sys, "argv", [*argv, "--report-only"])
+    runpy.run_path(str(ROOT / "scripts" / "reproduce.py"), run_name="__main__")
+    assert (out / "results.md").read_text() == table
+    (out / "runs" / "baseline_seed1.json").unlink()
+    with pytest.raises(SystemExit, match="baseline_seed1.json is missing"):
+        runpy.run_path(str(ROOT / "scripts" / "reproduce.py"), run_name="__main__")
