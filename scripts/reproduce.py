@@ -276,9 +276,9 @@ def markdown(rows: list[dict[str, str]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plots(arms: dict[str, list[dict]], out: Path) -> None:
-    """Curves per arm (mean and range over seeds): conflict ratio, cosine vs its null level, reroute
-    rate, expert drift."""
+def plots(arms: dict[str, list[dict]], out: Path, window: int = 5) -> None:
+    """Curves per arm (mean and range over seeds, each a moving average over `window` logging steps):
+    conflict ratio, cosine vs its null level, reroute rate, expert drift."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,6 +287,7 @@ def plots(arms: dict[str, list[dict]], out: Path) -> None:
 
     figure, axes = plt.subplots(1, 4, figsize=(18, 4))
     titles = ("conflict ratio", "mean cosine (dashed: null level)", "reroute rate", "expert drift")
+    smooth = lambda rows: np.array([np.convolve(row, np.ones(window) / window, "valid") for row in rows])  # noqa: E731
     for axis, name, title in zip(axes, ("conflict_ratio", "cosine_mean", "reroute_rate", "expert_drift"),
                                  titles, strict=True):  # fmt: skip
         for label, runs in arms.items():
@@ -294,14 +295,14 @@ def plots(arms: dict[str, list[dict]], out: Path) -> None:
             if not series:
                 continue
             length = min(len(s) for s in series)
-            steps = np.array([s for s, _ in series[0][:length]])
-            values = np.array([[v for _, v in s[:length]] for s in series])
+            steps = np.array([s for s, _ in series[0][:length]])[window - 1 :]
+            values = smooth([[v for _, v in s[:length]] for s in series])
             (line,) = axis.plot(steps, values.mean(0), label=f"{label} (n={len(series)})")
             axis.fill_between(steps, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
             if name == "cosine_mean" and runs[0]["curves"].get("cosine_null"):
-                null = np.array([[v for _, v in r["curves"]["cosine_null"][:length]] for r in runs])
+                null = smooth([[v for _, v in r["curves"]["cosine_null"][:length]] for r in runs])
                 axis.plot(steps, null.mean(0), "--", color=line.get_color())
-        axis.set(title=title, xlabel="step")
+        axis.set(title=title, xlabel=f"step (moving average of {window} logging steps)")
     axes[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "curves.png", dpi=100)
@@ -408,7 +409,7 @@ def main() -> None:
     rows = table_rows(arms, dense, baseline)
     full = markdown(rows, ["arm", "seeds", "test acc", *list(dense["test"])[1:], DELTA, *DIAGNOSTICS])
     (out / "results.md").write_text(full + "\n")
-    plots(arms, out)
+    plots({name: arms[name] for name in ("baseline", chosen.name, control.name) if arms.get(name)}, out)
     print(full)
     runs = [r for runs in arms.values() for r in runs]
     wall_h = sum(r["wall_s"] for r in runs) / 3600
