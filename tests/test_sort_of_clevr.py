@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from stgc.data.records import load_records
-from stgc.sort_of_clevr.prepare import HALF_SIZE, PALETTE, QUESTION_TYPES, SPLITS, prepare
+from stgc.sort_of_clevr.prepare import HALF_SIZE, PALETTE, QUESTION_TYPES, SPLITS, prepare, subtype_of
 
 QUESTIONS = {  # question pattern -> subtype, written out here independently of the generator's templates
     r"what is the shape of the (\w+) object\?": "shape",
@@ -90,6 +90,7 @@ def test_answers_match_a_brute_force_over_the_scene(soc_dir):
             subtype, colour = parse_question(question["value"].removeprefix("<image>\n"))
             assert reply["value"] == brute_force(scenes[record["image"]], subtype, colour)
             assert reply["type"] == FAMILY[subtype]
+            assert subtype_of(record["id"]) == subtype
             seen[subtype, reply["value"]] += 1
     assert {a for s, a in seen if s == "count"} == {"1", "2", "3", "4", "5", "6"}
     assert {a for s, a in seen if s in ("shape", "closest", "furthest")} == {"square", "circle"}
@@ -158,6 +159,7 @@ def test_text_only_records_describe_the_same_scene_without_the_image(soc_dir):
             assert asked == question["value"].removeprefix("<image>\n")
             assert reply == {"from": "gpt", "value": original_reply["value"], "type": "text_only"}
             assert reply["value"] == brute_force(stated, *parse_question(asked))
+            assert subtype_of(record["id"]) == parse_question(asked)[0]
             families[original["image"], original_reply["type"]] += 1
         assert set(families.values()) == {1} and len(families) == 3 * SPLITS[split]
 

@@ -180,6 +180,13 @@ def image_records(
     return pretrain, instruct, text
 
 
+def subtype_of(record_id: str) -> str:
+    """The subtype a question record asks, from its id ('<split>_<n>_q<k>', its text-only copy with
+    '_text'): an image's k-th question asks subtype k // QUESTIONS_PER_SUBTYPE (image_records)."""
+    k = int(record_id.split("_q")[1].removesuffix("_text"))
+    return list(SUBTYPES)[k // QUESTIONS_PER_SUBTYPE]
+
+
 def split_seed(seed: int, split: str) -> list[int]:
     """The RNG seed of one split, from its name: splits draw independent scenes."""
     return [seed, *split.encode()]
