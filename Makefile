@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data data-mix train train-mix test lint bench clean
+.PHONY: install data data-mix train train-mix study study-mix test lint bench clean
 
 install: $(STAMP)
 
@@ -28,9 +28,21 @@ data-mix: data
 train-mix: data-mix
 	$(PY) scripts/train_easy_vqa.py --pipeline mix
 
+# The STGC study (scripts/reproduce.py; resumable run by run; hours on 2 cores, see the README's Results).
+study: data
+	$(PY) scripts/reproduce.py --pipeline easy_vqa --readme
+
+# On the mix: the main comparison at the setting easy-vqa's screen chose (no screen of its own).
+study-mix: data-mix
+	$(PY) scripts/reproduce.py --pipeline mix --parts main --loss-types unlikelihood --loss-weights 0.1 --readme
+
 test: install
 	$(PY) -m ruff check src tests scripts examples
 	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check src tests scripts examples
+	$(PY) -m ruff format --check src tests scripts examples
 
 bench: install
 	$(PY) scripts/bench_moe.py
