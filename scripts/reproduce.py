@@ -423,12 +423,14 @@ def main() -> None:
         paired = [r for r in arms[chosen.name] if r["seed"] in by_seed]
         ci = paired_bootstrap([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
         gradient_vs_random = (
-            f"\n`{chosen.name}` minus its random control, paired over {len(paired)} seeds: "
+            f"\n`{chosen.name}` minus its random control, paired over {len(paired)} seed(s): "
             f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}].\n"
         )
+    setting = (f"chosen on val: `{chosen.name}`" if len(screened) > 1
+               else f"one setting, not screened on this pipeline: `{chosen.name}`")  # fmt: skip
     (out / "summary.md").write_text(
-        f"**{args.pipeline}**: {len(runs)} stage III runs of {runs[0]['steps']} steps "
-        f"({wall_h:.1f} h of training, summed over runs); chosen on val: `{chosen.name}`; "
+        f"**{args.pipeline}**: {len(runs)} stage III runs of {runs[0]['steps']:,} steps "
+        f"({wall_h:.1f} h of training, summed over runs); {setting}; "
         f"per family and diagnostics: [results/{args.pipeline}/results.md](results/{args.pipeline}/results.md)\n\n"
         + markdown(main_rows, ["arm", "seeds", "test acc", DELTA]) + "\n" + gradient_vs_random
     )  # fmt: skip

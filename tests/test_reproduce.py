@@ -51,7 +51,7 @@ def test_quick_study_writes_runs_table_and_plots(tmp_path, monkeypatch) -> None:
     assert f"| {chosen}_selection_random | 2 |" in table
     assert (out / "curves.png").stat().st_size > 0
     summary = (out / "summary.md").read_text()
-    assert f"| {chosen} | 2 |" in summary and "minus its random control, paired over 2 seeds" in summary
+    assert f"| {chosen} | 2 |" in summary and "minus its random control, paired over 2 seed(s)" in summary
 
     # --report-only: the same outputs from the runs alone; a missing run is named, not trained
     (out / "results.md").unlink()

@@ -72,8 +72,9 @@ class STGC(L.Callback):
     """Solving Token Gradient Conflict (Yang et al., ICLR 2025) for any LightningModule with MoE layers.
 
     Args:
-        threshold: a token conflicts in an expert when cos(g_t, ḡ_e) < threshold (default and
-            loss_weight chosen on easy-vqa by scripts/reproduce.py; see the README).
+        threshold: a token conflicts in an expert when cos(g_t, ḡ_e) < threshold. The defaults
+            (τ, λ, form) are the paper's form at the first study's values; the study of
+            scripts/reproduce.py found no setting better than the baseline (see the README's Results).
         loss_weight: λ of the CEL; 0 only measures (how a baseline records the same statistics).
         loss_type: "negated_logits" (the reviewers' reading of the paper's Eq. 8; can raise a second
             choice's score), "negated_logits_per_expert" or "unlikelihood" (both always lower the
