@@ -287,7 +287,11 @@ def plots(arms: dict[str, list[dict]], out: Path, window: int = 5) -> None:
 
     figure, axes = plt.subplots(1, 4, figsize=(18, 4))
     titles = ("conflict ratio", "mean cosine (dashed: null level)", "reroute rate", "expert drift")
-    smooth = lambda rows: np.array([np.convolve(row, np.ones(window) / window, "valid") for row in rows])  # noqa: E731
+
+    def smooth(rows: list[list[float]]) -> np.ndarray:  # (runs, steps - window + 1); all of a short run
+        width = min(window, len(rows[0]))
+        return np.array([np.convolve(row, np.ones(width) / width, "valid") for row in rows])
+
     for axis, name, title in zip(axes, ("conflict_ratio", "cosine_mean", "reroute_rate", "expert_drift"),
                                  titles, strict=True):  # fmt: skip
         for label, runs in arms.items():
@@ -295,7 +299,7 @@ def plots(arms: dict[str, list[dict]], out: Path, window: int = 5) -> None:
             if not series:
                 continue
             length = min(len(s) for s in series)
-            steps = np.array([s for s, _ in series[0][:length]])[window - 1 :]
+            steps = np.array([s for s, _ in series[0][:length]])[min(window, length) - 1 :]
             values = smooth([[v for _, v in s[:length]] for s in series])
             (line,) = axis.plot(steps, values.mean(0), label=f"{label} (n={len(series)})")
             axis.fill_between(steps, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
