@@ -34,7 +34,7 @@ study: data
 
 # On the mix: the main comparison at the setting easy-vqa's screen chose (no screen of its own).
 study-mix: data-mix
-	$(PY) scripts/reproduce.py --pipeline mix --parts main --loss-types unlikelihood --loss-weights 0.1 --readme
+	$(PY) scripts/reproduce.py --pipeline mix --parts dense main --loss-types unlikelihood --loss-weights 0.1 --readme
 
 test: install
 	$(PY) -m ruff check src tests scripts examples

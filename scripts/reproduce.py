@@ -14,14 +14,16 @@ of conflict ratio, cosine against its null level, reroute rate and expert drift;
 the experts serve image and text tokens, and the question families, at the end.
 
     python scripts/reproduce.py --pipeline easy_vqa     # hours on 2 CPU cores: see the README
-    python scripts/reproduce.py --pipeline mix --parts main --loss-types unlikelihood --loss-weights 0.1
+    python scripts/reproduce.py --pipeline mix --parts dense main --loss-types unlikelihood --loss-weights 0.1
                                 # the mix: easy-vqa's chosen setting, no screen (seeds: --seeds 0 1 2)
     python scripts/reproduce.py --quick                 # a tiny slice, to keep the script working
 
-Resumable run by run: a finished run's results/<pipeline>/runs/<run>.json is kept and not run again
-(the stage II model is retrained bit-identically when missing; its weights' digest is recorded
-and checked). Writes results/<pipeline>/{results.md,summary.md,curves.png}; --readme puts every
-pipeline's summary.md into the README's Results section.
+Resumable run by run: a finished run's results/<pipeline>/runs/<run>.json is kept and not run again.
+The stage II model every arm starts from is kept as results/<pipeline>/stage2.ckpt (trained when
+missing: retraining is bit-identical on one machine only); its weights' digest is recorded in every
+run and checked. Writes results/<pipeline>/{results.md,summary.md,curves.png}; --readme puts every
+pipeline's summary.md into the README's Results section. Two processes can share a study once its
+stage2.ckpt is kept: `--parts dense main --seeds 0` beside `--parts main --seeds 1`, one thread each.
 """
 
 import argparse
@@ -201,12 +203,25 @@ def dense_record(args: argparse.Namespace) -> dict:
 
 # -- the study --------------------------------------------------------------------------------
 def ensure_stage2(args: argparse.Namespace) -> str:
-    """Train the stages up to stage II once when its checkpoint is missing; the digest of its weights."""
-    if not Path(args.stage2).is_file():
-        previous = None
-        for stage in chain(source("stage3"), pipeline=args.pipeline):
-            fit_stage(stage, args.log_root, previous, args.extra, pipeline=args.pipeline)
-            previous = stage
+    """The study's stage II model: --stage2, else the one kept as <out>/<pipeline>/stage2.ckpt (its
+    checkpoint without the optimizer's state), else trained through the stages up to stage II under
+    --log-root and then kept there. Kept, because a retrained stage II is bit-identical on one
+    machine only, and a study resumed elsewhere must start every arm from the same weights. Sets
+    args.stage2; returns the digest of the weights."""
+    if args.stage2 is None:
+        kept = Path(args.out) / args.pipeline / "stage2.ckpt"
+        if not kept.is_file():
+            trained = last_checkpoint(args.log_root, source("stage3"), pipeline=args.pipeline)
+            if not trained.is_file():
+                previous = None
+                for stage in chain(source("stage3"), pipeline=args.pipeline):
+                    fit_stage(stage, args.log_root, previous, args.extra, pipeline=args.pipeline)
+                    previous = stage
+            checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
+            torch.save(
+                {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "lr_schedulers")}, kept
+            )
+        args.stage2 = str(kept)
     state = torch.load(args.stage2, map_location="cpu", weights_only=True)["state_dict"]
     digest = hashlib.sha256()
     for key in sorted(state):
@@ -328,7 +343,7 @@ def main() -> None:
     parser.add_argument("--pipeline", default="easy_vqa", choices=list(PIPELINES))
     parser.add_argument("--quick", action="store_true", help="tiny slice and budget: checks the script works")
     parser.add_argument(
-        "--stage2", default=None, help="default: the pipeline's stage II last.ckpt under --log-root"
+        "--stage2", default=None, help="default: <out>/<pipeline>/stage2.ckpt, trained when missing"
     )
     parser.add_argument("--epochs", type=int, default=1, help="stage III epochs of every arm (MoE-LLaVA: 1)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="of the main comparison")
@@ -340,9 +355,10 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         nargs="+",
-        default=["main", "screen"],
-        choices=["main", "screen"],
-        help="screen: the λ sweep and variants; main: seeds of baseline, chosen, control",
+        default=["dense", "main", "screen"],
+        choices=["dense", "main", "screen"],
+        help="dense: the stage II model's answers; screen: the λ sweep and variants; main: seeds of "
+        "baseline, chosen, control",
     )
     parser.add_argument("--out", default="results")
     parser.add_argument("--log-root", default="logs/study")
@@ -355,7 +371,6 @@ def main() -> None:
         args.seeds, args.loss_weights, args.epochs = [0, 1], [0.1], 1
         args.out, args.log_root = f"{args.out}/quick", f"{args.log_root}/quick"
         args.extra += QUICK
-    args.stage2 = args.stage2 or str(last_checkpoint(args.log_root, source("stage3"), pipeline=args.pipeline))
     out = Path(args.out) / args.pipeline
     (out / "runs").mkdir(parents=True, exist_ok=True)
     dense_path = out / "dense.json"
@@ -392,24 +407,34 @@ def main() -> None:
         path.write_text(json.dumps(result) + "\n")
         return result
 
-    if not dense_path.is_file():
+    if "dense" in args.parts and not dense_path.is_file():
         dense_path.write_text(json.dumps(dense_record(args) | {"stage2": digest}) + "\n")
-    dense = json.loads(dense_path.read_text())
-    baseline = [execute(Arm(), 0)]
-    screened = [execute(Arm(w, form), 0) for form in args.loss_types for w in args.loss_weights]
-    chosen = Arm(**{k: v for k, v in choose(screened)["arm"].items() if k != "name"})
-    print(f"chosen on val: {chosen.name}", flush=True)
+    settings = [Arm(w, form) for form in args.loss_types for w in args.loss_weights]
+    # the screen (seed 0), with the baseline's seed 0 first as its reference; one setting: no screen
+    baseline = [execute(Arm(), 0)] if len(settings) > 1 else []
+    screened = [execute(arm, 0) for arm in settings] if baseline else []
+    chosen = (
+        Arm(**{k: v for k, v in choose(screened)["arm"].items() if k != "name"}) if screened else settings[0]
+    )
+    print(f"chosen on val: {chosen.name}" if screened else f"one setting: {chosen.name}", flush=True)
     arms = {"baseline": baseline} | {run["arm"]["name"]: [run] for run in screened}
     control = replace(chosen, selection="random")
     if "main" in args.parts:  # before the variants: the comparison that needs its seeds comes first
-        arms |= {chosen.name: [], control.name: []}
+        arms |= {
+            chosen.name: [r for r in arms.get(chosen.name, []) if r["seed"] in args.seeds],
+            control.name: [],
+        }
         for seed in args.seeds:  # seed by seed: an unfinished study still has paired runs
             for arm in (Arm(), chosen, control):
-                if (arm, seed) != (Arm(), 0):  # the baseline's seed 0 ran first, for the screen
+                if all(r["seed"] != seed for r in arms[arm.name]):
                     arms[arm.name].append(execute(arm, seed))
-    if "screen" in args.parts:
+    if "screen" in args.parts and screened:
         for variant in (replace(chosen, gradient="output"), replace(chosen, mean="others")):
             arms[variant.name] = [execute(variant, 0)]
+    if not dense_path.is_file():
+        print(f"{dense_path} is missing (--parts without dense): no table yet")
+        return
+    dense = json.loads(dense_path.read_text())
     rows = table_rows(arms, dense, baseline)
     full = markdown(rows, ["arm", "seeds", "test acc", *list(dense["test"])[1:], DELTA, *DIAGNOSTICS])
     (out / "results.md").write_text(full + "\n")
@@ -430,7 +455,7 @@ def main() -> None:
             f"\n`{chosen.name}` minus its random control, paired over {len(paired)} seed(s): "
             f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}].\n"
         )
-    setting = (f"chosen on val: `{chosen.name}`" if len(screened) > 1
+    setting = (f"chosen on val: `{chosen.name}`" if screened
                else f"one setting, not screened on this pipeline: `{chosen.name}`")  # fmt: skip
     (out / "summary.md").write_text(
         f"**{args.pipeline}**: {len(runs)} stage III runs of {runs[0]['steps']:,} steps "

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from stgc.conflict.loss import LOSS_TYPES
 
@@ -50,6 +51,10 @@ def test_quick_study_writes_runs_table_and_plots(tmp_path, monkeypatch) -> None:
     assert len(widths) == 1, "every row, the separator included, has as many columns as the header"
     assert f"| {chosen}_selection_random | 2 |" in table
     assert (out / "curves.png").stat().st_size > 0
+    kept = torch.load(
+        out / "stage2.ckpt", map_location="cpu", weights_only=True
+    )  # what every arm started from
+    assert "optimizer_states" not in kept and kept["state_dict"] and kept["global_step"] > 0
     summary = (out / "summary.md").read_text()
     assert f"| {chosen} | 2 |" in summary and "minus its random control, paired over 2 seed(s)" in summary
 
