@@ -48,7 +48,12 @@ from stgc.study import accuracies, answers_correct, expert_load_by_family, paire
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS_MARKERS = ("<!-- results: written by scripts/reproduce.py -->", "<!-- results: end -->")
-LOAD_RECORDS = 2048  # test conversations, evenly strided, whose routing gives the expert load per family
+LOAD_RECORDS = (
+    2048  # test conversations, drawn at random (seed 0), whose routing gives the expert load per family
+)
+# how a run's expert loads were sampled: an evenly strided sample, as before, aliased with Sort-of-CLEVR's
+# 12 questions per image (it met one subtype only); --refresh-loads redoes older runs from their checkpoints
+LOAD_SAMPLE = f"random{LOAD_RECORDS}"
 CURVES = ("conflict_ratio", "cosine_mean", "cosine_null", "reroute_rate", "expert_drift")
 QUICK = [  # a tiny slice and budget: checks that the study runs end to end
     "--data.init_args.limit_records=48",
@@ -128,15 +133,16 @@ def modality_split(events: EventAccumulator) -> float:
     return statistics.fmean(distances) if distances else float("nan")
 
 
-def test_sample_loads(fit) -> dict[str, dict[str, list]]:
-    """The fitted model's expert load per MoE layer and question family (stgc.study) over
-    LOAD_RECORDS test conversations, evenly strided over the test file(s)."""
-    datamodule = fit.datamodule
+def test_sample_loads(cli) -> dict[str, dict[str, list]]:
+    """The trained model's expert load per MoE layer and question family (stgc.study) over
+    LOAD_RECORDS test conversations drawn at random (the same ones for every run)."""
+    datamodule = cli.datamodule
     datamodule.setup("test")
     dataset = datamodule.datasets["test"]
-    sample = Subset(dataset, range(0, len(dataset), max(1, len(dataset) // LOAD_RECORDS)))
+    drawn = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:LOAD_RECORDS]
+    sample = Subset(dataset, sorted(drawn.tolist()))
     return expert_load_by_family(
-        fit.model, datamodule.loader(sample, batch_size=datamodule.hparams.eval_batch_size)
+        cli.model, datamodule.loader(sample, batch_size=datamodule.hparams.eval_batch_size)
     )
 
 
@@ -165,7 +171,10 @@ def train_and_answer(arm: Arm, seed: int, args: argparse.Namespace) -> dict:
         ["predict", *run_args(arm, seed, args), f"--ckpt_path={folder / 'checkpoints' / 'last.ckpt'}",
          f"--answers.path={answers}"]
     )  # fmt: skip
-    return record(arm, seed, fit.trainer, wall_s, folder, answers) | {"expert_load": loads}
+    return record(arm, seed, fit.trainer, wall_s, folder, answers) | {
+        "expert_load": loads,
+        "load_sample": LOAD_SAMPLE,
+    }
 
 
 def record(arm: Arm, seed: int, trainer, wall_s: float, folder: Path, answers: Path) -> dict:
@@ -364,6 +373,11 @@ def main() -> None:
     parser.add_argument("--log-root", default="logs/study")
     parser.add_argument("--readme", action="store_true", help="write the README's Results section")
     parser.add_argument(
+        "--refresh-loads",
+        action="store_true",
+        help="redo the expert loads of finished runs sampled otherwise, from their checkpoints under --log-root",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="train nothing: the outputs from the runs in --out alone"
     )
     args, args.extra = parser.parse_known_args()
@@ -391,6 +405,14 @@ def main() -> None:
             result = json.loads(path.read_text())
             if result["stage2"] != digest:
                 raise SystemExit(f"{path} was trained from another stage II model ({result['stage2']})")
+            checkpoint = (
+                Path(args.log_root) / args.pipeline / f"{arm.name}_seed{seed}" / "checkpoints" / "last.ckpt"
+            )
+            if args.refresh_loads and result.get("load_sample") != LOAD_SAMPLE and checkpoint.is_file():
+                cli = stgc(["validate", *run_args(arm, seed, args), f"--ckpt_path={checkpoint}",
+                            "--trainer.limit_val_batches=1"])  # fmt: skip
+                result |= {"expert_load": test_sample_loads(cli), "load_sample": LOAD_SAMPLE}
+                path.write_text(json.dumps(result) + "\n")
             return result
         if args.report_only:
             raise SystemExit(f"--report-only: {path} is missing; run the study without it first")

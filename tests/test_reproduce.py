@@ -58,6 +58,17 @@ def test_quick_study_writes_runs_table_and_plots(tmp_path, monkeypatch) -> None:
     summary = (out / "summary.md").read_text()
     assert f"| {chosen} | 2 |" in summary and "minus its random control, paired over 2 seed(s)" in summary
 
+    # --refresh-loads: a run whose loads were sampled otherwise gets them again from its checkpoint
+    stale = out / "runs" / "baseline_seed0.json"
+    stale.write_text(json.dumps(baseline | {"expert_load": {}, "load_sample": "strided"}) + "\n")
+    monkeypatch.setattr(sys, "argv", [*argv, "--refresh-loads"])
+    runpy.run_path(str(ROOT / "scripts" / "reproduce.py"), run_name="__main__")
+    refreshed = json.loads(stale.read_text())
+    assert (
+        refreshed["expert_load"] == baseline["expert_load"]
+        and refreshed["load_sample"] == baseline["load_sample"]
+    )
+
     # --report-only: the same outputs from the runs alone; a missing run is named, not trained
     (out / "results.md").unlink()
     monkeypatch.setattr(sys, "argv", [*argv, "--report-only"])
