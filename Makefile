@@ -20,7 +20,7 @@ data: install
 train: data
 	$(PY) scripts/train_easy_vqa.py
 
-# The mixed pipeline: easy-vqa + Sort-of-CLEVR + its text-only family, one tokenizer for both (hours on 2 cores).
+# The mixed pipeline: easy-vqa + Sort-of-CLEVR + its text-only family, one tokenizer for both (about 80 minutes at one thread).
 data-mix: data
 	$(PY) scripts/prepare_sort_of_clevr.py --out data/sort_of_clevr
 	$(PY) scripts/prepare_mix.py data/easy_vqa data/sort_of_clevr --out data/mix/tokenizer

@@ -274,8 +274,8 @@ def table_rows(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -
             "test acc": f"{mean(r['test']['overall'] for r in runs):.4f}",
         }
         row |= {f: f"{mean(r['test'][f] for r in runs):.4f}" for f in families}
-        if label != "baseline":
-            paired = [r for r in runs if r["seed"] in by_seed]
+        paired = [r for r in runs if r["seed"] in by_seed]
+        if label != "baseline" and paired:  # no baseline run of its seeds yet: no difference
             ci = paired_bootstrap([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
             row[DELTA] = f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
         for column, at in (("conflict ratio", "end"), ("reroute rate", "run"), ("expert drift", "end")):
@@ -469,9 +469,9 @@ def main() -> None:
         row for row in rows if row["arm"] in ("dense (stage II)", "baseline", chosen.name, control.name)
     ]
     gradient_vs_random = ""
-    if arms.get(control.name):  # does choosing by the gradient matter: the chosen arm minus the control
-        by_seed = {r["seed"]: r for r in arms[control.name]}
-        paired = [r for r in arms[chosen.name] if r["seed"] in by_seed]
+    by_seed = {r["seed"]: r for r in arms.get(control.name, [])}
+    paired = [r for r in arms.get(chosen.name, []) if r["seed"] in by_seed]
+    if paired:  # does choosing by the gradient matter: the chosen arm minus the control
         ci = paired_bootstrap([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
         gradient_vs_random = (
             f"\n`{chosen.name}` minus its random control, paired over {len(paired)} seed(s): "

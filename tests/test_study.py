@@ -1,6 +1,7 @@
 """stgc.study: the paired bootstrap and the expert load per question family, against brute force."""
 
 import numpy as np
+import pytest
 import torch
 
 from stgc.constants import IGNORE_INDEX
@@ -23,6 +24,8 @@ def test_paired_bootstrap_difference_is_the_mean_over_seeds_and_questions() -> N
     assert 0.02 < result["low"] and result["high"] < 0.18  # 0.1 apart, ~0.016 standard error
     same = paired_bootstrap(baseline.tolist(), baseline.tolist())
     assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    with pytest.raises(ValueError, match="at least one seed"):
+        paired_bootstrap([], [])
 
 
 def test_expert_load_by_family_counts_the_slots_of_each_answers_producing_tokens(

@@ -54,6 +54,8 @@ def paired_bootstrap(
     base, other = np.asarray(baseline, dtype=float), np.asarray(arm, dtype=float)  # (seeds, questions)
     if base.shape != other.shape:
         raise ValueError(f"paired runs need the same seeds and questions: {base.shape} vs {other.shape}")
+    if base.size == 0:
+        raise ValueError("paired_bootstrap needs at least one seed and one question of each")
     difference = (other - base).mean(axis=0)  # (questions,) per question, averaged over the seeds
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, difference.size, size=(resamples, difference.size))
