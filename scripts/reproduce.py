@@ -23,7 +23,8 @@ The stage II model every arm starts from is kept as results/<pipeline>/stage2.ck
 missing: retraining is bit-identical on one machine only); its weights' digest is recorded in every
 run and checked. Writes results/<pipeline>/{results.md,summary.md,curves.png}; --readme puts every
 pipeline's summary.md into the README's Results section. Two processes can share a study once its
-stage2.ckpt is kept: `--parts dense main --seeds 0` beside `--parts main --seeds 1`, one thread each.
+stage2.ckpt is kept: `--parts dense main --seeds 0` beside `--parts main --seeds 1`, one thread each,
+or within one seed `--arms baseline chosen` beside `--arms control`.
 """
 
 import argparse
@@ -253,8 +254,20 @@ def bits(run: dict) -> list[bool]:
     return [c == "1" for c in run["correct"]]
 
 
+MAIN_ARMS = ("baseline", "chosen", "control")
 DIAGNOSTICS = ("conflict ratio", "reroute rate", "expert drift", "image/text split", "family split")
 DELTA = "Δ vs baseline [95% CI]"
+
+
+def paired_difference(reference: list[dict], runs: list[dict]) -> tuple[str, int] | None:
+    """`runs` minus `reference` on the seeds both have, as "+d [low, high]" (95% bootstrap interval)
+    with the number of paired seeds; None when no seed is paired."""
+    by_seed = {r["seed"]: r for r in reference}
+    paired = [r for r in runs if r["seed"] in by_seed]
+    if not paired:
+        return None
+    ci = paired_bootstrap([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
+    return f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]", len(paired)
 
 
 def table_rows(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -> list[dict[str, str]]:
@@ -265,7 +278,6 @@ def table_rows(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -
     families = list(dense["test"])[1:]
     rows = [{"arm": "dense (stage II)", "seeds": "–", "test acc": f"{dense['test']['overall']:.4f}"}
             | {f: f"{dense['test'][f]:.4f}" for f in families}]  # fmt: skip
-    by_seed = {r["seed"]: r for r in baseline}
     mean = statistics.fmean
     for label, runs in arms.items():
         row = {
@@ -274,10 +286,9 @@ def table_rows(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -
             "test acc": f"{mean(r['test']['overall'] for r in runs):.4f}",
         }
         row |= {f: f"{mean(r['test'][f] for r in runs):.4f}" for f in families}
-        paired = [r for r in runs if r["seed"] in by_seed]
-        if label != "baseline" and paired:  # no baseline run of its seeds yet: no difference
-            ci = paired_bootstrap([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
-            row[DELTA] = f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]"
+        difference = paired_difference(baseline, runs) if label != "baseline" else None
+        if difference:  # None: no baseline run of its seeds yet
+            row[DELTA] = difference[0]
         for column, at in (("conflict ratio", "end"), ("reroute rate", "run"), ("expert drift", "end")):
             # the reroute rate over the run: at its end the learning rate, hence every step, is ~0
             name = column.replace(" ", "_")
@@ -369,6 +380,13 @@ def main() -> None:
         help="dense: the stage II model's answers; screen: the λ sweep and variants; main: seeds of "
         "baseline, chosen, control",
     )
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(MAIN_ARMS),
+        choices=MAIN_ARMS,
+        help="of the main comparison, the ones this process trains: two processes can share a seed",
+    )
     parser.add_argument("--out", default="results")
     parser.add_argument("--log-root", default="logs/study")
     parser.add_argument("--readme", action="store_true", help="write the README's Results section")
@@ -393,21 +411,19 @@ def main() -> None:
             raise SystemExit(f"--report-only: {dense_path} is missing; run the study first")
         digest = json.loads(dense_path.read_text())["stage2"]
     else:
-        prepare(
-            Path("data/easy_vqa")
-        )  # the models need its tokenizer before any DataModule runs (idempotent)
+        # the models need its tokenizer before any DataModule runs (idempotent)
+        prepare(Path("data/easy_vqa"))
         digest = ensure_stage2(args)
     start = time.perf_counter()
 
     def execute(arm: Arm, seed: int) -> dict:
         path = out / "runs" / f"{arm.name}_seed{seed}.json"
+        run_dir = Path(args.log_root) / args.pipeline / f"{arm.name}_seed{seed}"
         if path.is_file():
             result = json.loads(path.read_text())
             if result["stage2"] != digest:
                 raise SystemExit(f"{path} was trained from another stage II model ({result['stage2']})")
-            checkpoint = (
-                Path(args.log_root) / args.pipeline / f"{arm.name}_seed{seed}" / "checkpoints" / "last.ckpt"
-            )
+            checkpoint = run_dir / "checkpoints" / "last.ckpt"
             if args.refresh_loads and result.get("load_sample") != LOAD_SAMPLE and checkpoint.is_file():
                 cli = stgc(["validate", *run_args(arm, seed, args), f"--ckpt_path={checkpoint}",
                             "--trainer.limit_val_batches=1"])  # fmt: skip
@@ -420,9 +436,8 @@ def main() -> None:
             f"== {arm.name} seed {seed} (study elapsed {(time.perf_counter() - start) / 60:.1f} min)",
             flush=True,
         )
-        stale = Path(args.log_root) / args.pipeline / f"{arm.name}_seed{seed}"
-        if stale.is_dir():  # an interrupted run: its events would mix into the rerun's curves
-            shutil.rmtree(stale)
+        if run_dir.is_dir():  # an interrupted run: its events would mix into the rerun's curves
+            shutil.rmtree(run_dir)
         result = train_and_answer(arm, seed, args) | {
             "stage2": digest, "epochs": args.epochs, "threads": torch.get_num_threads()
         }  # fmt: skip
@@ -446,8 +461,9 @@ def main() -> None:
             chosen.name: [r for r in arms.get(chosen.name, []) if r["seed"] in args.seeds],
             control.name: [],
         }
+        by_role = dict(zip(MAIN_ARMS, (Arm(), chosen, control), strict=True))
         for seed in args.seeds:  # seed by seed: an unfinished study still has paired runs
-            for arm in (Arm(), chosen, control):
+            for arm in (by_role[role] for role in args.arms):
                 if all(r["seed"] != seed for r in arms[arm.name]):
                     arms[arm.name].append(execute(arm, seed))
     if "screen" in args.parts and screened:
@@ -469,14 +485,9 @@ def main() -> None:
         row for row in rows if row["arm"] in ("dense (stage II)", "baseline", chosen.name, control.name)
     ]
     gradient_vs_random = ""
-    by_seed = {r["seed"]: r for r in arms.get(control.name, [])}
-    paired = [r for r in arms.get(chosen.name, []) if r["seed"] in by_seed]
-    if paired:  # does choosing by the gradient matter: the chosen arm minus the control
-        ci = paired_bootstrap([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
-        gradient_vs_random = (
-            f"\n`{chosen.name}` minus its random control, paired over {len(paired)} seed(s): "
-            f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}].\n"
-        )
+    difference = paired_difference(arms.get(control.name, []), arms.get(chosen.name, []))
+    if difference:  # does choosing by the gradient matter: the chosen arm minus the control
+        gradient_vs_random = f"\n`{chosen.name}` minus its random control, paired over {difference[1]} seed(s): {difference[0]}.\n"
     setting = (f"chosen on val: `{chosen.name}`" if screened
                else f"one setting, not screened on this pipeline: `{chosen.name}`")  # fmt: skip
     (out / "summary.md").write_text(

@@ -77,3 +77,9 @@ def test_quick_study_writes_runs_table_and_plots(tmp_path, monkeypatch) -> None:
     (out / "runs" / "baseline_seed1.json").unlink()
     with pytest.raises(SystemExit, match="baseline_seed1.json is missing"):
         runpy.run_path(str(ROOT / "scripts" / "reproduce.py"), run_name="__main__")
+
+    # --arms: a process trains (here: reads) only its share of the main comparison's arms
+    monkeypatch.setattr(sys, "argv", [*argv, "--report-only", "--arms", "chosen", "control"])
+    runpy.run_path(str(ROOT / "scripts" / "reproduce.py"), run_name="__main__")
+    table = (out / "results.md").read_text()
+    assert "| baseline | 1 |" in table and f"| {chosen}_selection_random | 2 |" in table
