@@ -1,4 +1,5 @@
-"""Shared steps of preparing a bundled dataset: atomic JSON writes and the tokenizer trained on its text."""
+"""Shared steps of preparing a bundled dataset: atomic JSON writes, the tokenizer trained on its text,
+and the FORMAT stamp that marks a complete build."""
 
 import json
 from collections.abc import Iterable
@@ -45,3 +46,23 @@ def train_tokenizer(texts: list[str], out_dir: Path) -> int:
     tokenizer.train_from_iterator(texts, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS).save_pretrained(out_dir)
     return tokenizer.get_vocab_size()
+
+
+def is_built(out_dir: Path, stamp: str, outputs: list[Path]) -> bool:
+    """Whether out_dir holds a complete build: its FORMAT file reads `stamp`, and every output and the
+    tokenizer are present."""
+    format_file = out_dir / "FORMAT"
+    tokenizer = [out_dir / "tokenizer" / name for name in ("tokenizer.json", "tokenizer_config.json")]
+    return (
+        format_file.is_file()
+        and format_file.read_text().strip() == stamp
+        and all(path.is_file() for path in [*outputs, *tokenizer])
+    )
+
+
+def seal(out_dir: Path, stamp: str, records: list[dict]) -> int:
+    """Train out_dir/tokenizer on the records' text, then stamp the build (last: only a complete build
+    is marked current); return the tokenizer's vocab size."""
+    vocab_size = train_tokenizer(conversation_texts(records), out_dir / "tokenizer")
+    (out_dir / "FORMAT").write_text(stamp + "\n")
+    return vocab_size

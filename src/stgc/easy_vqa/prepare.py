@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from stgc.constants import IMAGE_PLACEHOLDER
-from stgc.data.preparation import conversation_texts, train_tokenizer, write_json
+from stgc.data.preparation import is_built, seal, write_json
 
 SPLITS = ("train", "test")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -170,12 +170,7 @@ def prepare(out_dir: str | Path) -> Path:
     images_dir = out_dir / "images"
     copied = sum(copy_images(split, images_dir) for split in SPLITS)
     kinds = ("pretrain", "instruct", "instruct_text")
-    json_paths = [out_dir / f"{kind}_{split}.json" for split in SPLITS for kind in kinds]
-    tokenizer_dir = out_dir / "tokenizer"
-    outputs = [*json_paths, tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer_config.json"]
-    format_file = out_dir / "FORMAT"
-    current = format_file.is_file() and format_file.read_text().strip() == FORMAT
-    if current and all(p.is_file() for p in outputs):
+    if is_built(out_dir, FORMAT, [out_dir / f"{kind}_{split}.json" for split in SPLITS for kind in kinds]):
         print(f"easy-VQA in {out_dir}: complete ({copied} images copied, {time.perf_counter() - start:.1f}s)")
         return out_dir
 
@@ -191,8 +186,7 @@ def prepare(out_dir: str | Path) -> Path:
             f"{split}: {len(pretrain)} images ({n_open} of unknown shape), {len(instruct)} questions, "
             f"{len(text)} text-only"
         )
-    vocab_size = train_tokenizer(conversation_texts(records), tokenizer_dir)
-    format_file.write_text(FORMAT + "\n")  # last: only a complete build is marked current
+    vocab_size = seal(out_dir, FORMAT, records)
     print(
         f"easy-VQA in {out_dir}: {'; '.join(summary)}; {copied} images copied; "
         f"tokenizer vocab {vocab_size} ({time.perf_counter() - start:.1f}s)"

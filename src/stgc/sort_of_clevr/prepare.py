@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from stgc.constants import IMAGE_PLACEHOLDER
-from stgc.data.preparation import conversation_texts, train_tokenizer, write_json
+from stgc.data.preparation import is_built, seal, write_json
 
 FORMAT = "1"
 SPLITS = {"train": 4000, "val": 500, "test": 1000}  # images per split
@@ -212,16 +212,8 @@ def prepare(out_dir: str | Path, seed: int = 0, splits: dict[str, int] = SPLITS)
     """Generate Sort-of-CLEVR under out_dir, once: it is rebuilt unless all files are present in
     this FORMAT (the same seed and sizes always write the same bytes)."""
     start, out_dir = time.perf_counter(), Path(out_dir)
-    tokenizer_dir = out_dir / "tokenizer"
-    outputs = [out_dir / f"{kind}_{split}.json" for split in splits for kind in KINDS]
-    outputs += [tokenizer_dir / "tokenizer.json", tokenizer_dir / "tokenizer_config.json"]
-    format_file = out_dir / "FORMAT"
     stamp = f"{FORMAT} seed={seed} " + " ".join(f"{split}={n}" for split, n in splits.items())
-    if (
-        format_file.is_file()
-        and format_file.read_text().strip() == stamp
-        and all(p.is_file() for p in outputs)
-    ):
+    if is_built(out_dir, stamp, [out_dir / f"{kind}_{split}.json" for split in splits for kind in KINDS]):
         print(f"Sort-of-CLEVR in {out_dir}: complete ({time.perf_counter() - start:.1f}s)")
         return out_dir
     records, summary = [], []
@@ -234,8 +226,7 @@ def prepare(out_dir: str | Path, seed: int = 0, splits: dict[str, int] = SPLITS)
             f"{split}: {n_images} images, {len(files['instruct'])} questions, "
             f"{len(files['instruct_text'])} text-only"
         )
-    vocab_size = train_tokenizer(conversation_texts(records), tokenizer_dir)
-    format_file.write_text(stamp + "\n")  # last: only a complete build is marked current
+    vocab_size = seal(out_dir, stamp, records)
     print(
         f"Sort-of-CLEVR in {out_dir}: {'; '.join(summary)}; tokenizer vocab {vocab_size} "
         f"({time.perf_counter() - start:.1f}s)"
