@@ -472,8 +472,12 @@ def main() -> None:
     if not dense_path.is_file():
         print(f"{dense_path} is missing (--parts without dense): no table yet")
         return
+    arms = {name: runs for name, runs in arms.items() if runs}
+    if not arms:
+        print(f"no stage III runs in {out}/runs yet (--parts {' '.join(args.parts)}): no table yet")
+        return
     dense = json.loads(dense_path.read_text())
-    rows = table_rows(arms, dense, baseline)
+    rows = table_rows(arms, dense, arms.get("baseline", []))
     full = markdown(rows, ["arm", "seeds", "test acc", *list(dense["test"])[1:], DELTA, *DIAGNOSTICS])
     (out / "results.md").write_text(full + "\n")
     plots({name: arms[name] for name in ("baseline", chosen.name, control.name) if arms.get(name)}, out)

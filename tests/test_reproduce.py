@@ -83,3 +83,10 @@ def test_quick_study_writes_runs_table_and_plots(tmp_path, monkeypatch) -> None:
     runpy.run_path(str(ROOT / "scripts" / "reproduce.py"), run_name="__main__")
     table = (out / "results.md").read_text()
     assert "| baseline | 1 |" in table and f"| {chosen}_selection_random | 2 |" in table
+
+    # one setting and no main comparison: no run to tabulate is said, not a crash
+    monkeypatch.setattr(
+        sys, "argv", [*argv, "--report-only", "--parts", "dense", "--loss-types", "unlikelihood"]
+    )
+    runpy.run_path(str(ROOT / "scripts" / "reproduce.py"), run_name="__main__")
+    assert (out / "results.md").read_text() == table, "left as it was"
