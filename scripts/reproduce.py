@@ -255,7 +255,12 @@ def bits(run: dict) -> list[bool]:
 
 
 MAIN_ARMS = ("baseline", "chosen", "control")
-DIAGNOSTICS = ("conflict ratio", "reroute rate", "expert drift", "image/text split", "family split")
+CURVE_COLUMNS = (  # column, curve, the last fraction of the run's logged steps it averages (0: the last step)
+    ("conflict ratio (last third)", "conflict_ratio", 1 / 3),  # it swings from one batch to the next
+    ("reroute rate", "reroute_rate", 1.0),  # at the end the learning rate, hence every step, is ~0
+    ("expert drift", "expert_drift", 0.0),
+)
+DIAGNOSTICS = (*(column for column, _, _ in CURVE_COLUMNS), "image/text split", "family split")
 DELTA = "Δ vs baseline [95% CI]"
 
 
@@ -270,11 +275,18 @@ def paired_difference(reference: list[dict], runs: list[dict]) -> tuple[str, int
     return f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]", len(paired)
 
 
+def late_mean(curve: list[list[float]], tail: float) -> float:
+    """The mean of a curve's values over its last `tail` fraction of (step, value) points, at least one."""
+    values = [v for _, v in curve]
+    return statistics.fmean(values[-max(1, round(tail * len(values))) :])
+
+
 def table_rows(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -> list[dict[str, str]]:
     """Per arm (after the dense model), its cells by column: seeds, test accuracy (mean over seeds)
-    overall and per family, the paired difference to the baseline with its 95% interval; conflict
-    ratio and expert drift at the end, the reroute rate of the CEL's pairs over the run; the
-    image/text and family splits of the experts' loads at the end."""
+    overall and per family, the paired difference to the baseline with its 95% interval; the
+    conflict ratio over the run's last third, the reroute rate of the CEL's pairs over the run, the
+    expert drift at the end (CURVE_COLUMNS); the image/text and family splits of the experts' loads
+    at the end."""
     families = list(dense["test"])[1:]
     rows = [{"arm": "dense (stage II)", "seeds": "–", "test acc": f"{dense['test']['overall']:.4f}"}
             | {f: f"{dense['test'][f]:.4f}" for f in families}]  # fmt: skip
@@ -289,11 +301,8 @@ def table_rows(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -
         difference = paired_difference(baseline, runs) if label != "baseline" else None
         if difference:  # None: no baseline run of its seeds yet
             row[DELTA] = difference[0]
-        for column, at in (("conflict ratio", "end"), ("reroute rate", "run"), ("expert drift", "end")):
-            # the reroute rate over the run: at its end the learning rate, hence every step, is ~0
-            name = column.replace(" ", "_")
-            values = [r["curves"][name][-1][1] if at == "end" else mean(v for _, v in r["curves"][name])
-                      for r in runs if r["curves"].get(name)]  # fmt: skip
+        for column, name, tail in CURVE_COLUMNS:
+            values = [late_mean(r["curves"][name], tail) for r in runs if r["curves"].get(name)]
             if values:
                 row[column] = f"{mean(values):.4f}"
         row["image/text split"] = f"{mean(r['modality_split'] for r in runs):.3f}"
