@@ -50,6 +50,14 @@ def test_quick_study_writes_runs_table_and_plots(tmp_path, monkeypatch) -> None:
     widths = {line.count("|") for line in table.splitlines()}
     assert len(widths) == 1, "every row, the separator included, has as many columns as the header"
     assert f"| {chosen}_selection_random | 2 |" in table
+    header = [cell.strip() for cell in table.splitlines()[0].split("|")]
+    row = next(line for line in table.splitlines() if line.startswith("| baseline |"))
+    late = []  # per baseline seed, the conflict ratio over the last third of its logged steps
+    for seed in (0, 1):
+        values = [v for _, v in runs[f"baseline_seed{seed}"]["curves"]["conflict_ratio"]]
+        late.append(sum(values[-max(1, round(len(values) / 3)) :]) / max(1, round(len(values) / 3)))
+    cell = row.split("|")[header.index("conflict ratio (last third)")]
+    assert float(cell) == pytest.approx(sum(late) / 2, abs=5e-5)
     assert (out / "curves.png").stat().st_size > 0
     kept = torch.load(
         out / "stage2.ckpt", map_location="cpu", weights_only=True
