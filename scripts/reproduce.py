@@ -281,7 +281,7 @@ def late_mean(curve: list[list[float]], tail: float) -> float:
     return statistics.fmean(values[-max(1, round(tail * len(values))) :])
 
 
-def table_rows(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -> list[dict[str, str]]:
+def table_rows(arms: dict[str, list[dict]], dense: dict) -> list[dict[str, str]]:
     """Per arm (after the dense model), its cells by column: seeds, test accuracy (mean over seeds)
     overall and per family, the paired difference to the baseline with its 95% interval; the
     conflict ratio over the run's last third, the reroute rate of the CEL's pairs over the run, the
@@ -291,6 +291,7 @@ def table_rows(arms: dict[str, list[dict]], dense: dict, baseline: list[dict]) -
     rows = [{"arm": "dense (stage II)", "seeds": "–", "test acc": f"{dense['test']['overall']:.4f}"}
             | {f: f"{dense['test'][f]:.4f}" for f in families}]  # fmt: skip
     mean = statistics.fmean
+    baseline = arms.get("baseline", [])
     for label, runs in arms.items():
         row = {
             "arm": label,
@@ -486,7 +487,7 @@ def main() -> None:
         print(f"no stage III runs in {out}/runs yet (--parts {' '.join(args.parts)}): no table yet")
         return
     dense = json.loads(dense_path.read_text())
-    rows = table_rows(arms, dense, arms.get("baseline", []))
+    rows = table_rows(arms, dense)
     full = markdown(rows, ["arm", "seeds", "test acc", *list(dense["test"])[1:], DELTA, *DIAGNOSTICS])
     (out / "results.md").write_text(full + "\n")
     plots({name: arms[name] for name in ("baseline", chosen.name, control.name) if arms.get(name)}, out)
