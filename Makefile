@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data data-mix train train-mix study study-mix test lint bench clean
+.PHONY: install data data-mix train train-mix study study-mix planted test lint bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ study: data
 # On the mix: the main comparison at the setting easy-vqa's screen chose (no screen of its own).
 study-mix: data-mix
 	$(PY) scripts/reproduce.py --pipeline mix --parts dense main --loss-types unlikelihood --loss-weights 0.1 --readme
+
+# Planted conflict, the ground truth (scripts/planted.py; resumable; about 5 h on 2 cores, docs/planted.md).
+planted: install
+	$(PY) scripts/planted.py --parts screen map control
+	$(PY) scripts/planted.py --parts map control --loss-type unlikelihood --loss-weight 1.0 --readme
 
 test: install
 	$(PY) -m ruff check src tests scripts examples

@@ -9,7 +9,8 @@ the same stage II checkpoint for --epochs epochs, then answers the test question
      assignments as the gradient flags: STGC(selection="random")) over --seeds seeds;
   5. variants (seed 0): the chosen setting with gradient="output", and with mean="others".
 Per arm: test accuracy overall and per question family; its paired difference to the baseline
-(same seeds, same questions) with a 95% bootstrap interval over questions (stgc.study); curves
+(same seeds, same questions) with a seed-level 95% interval (stgc.study.paired_interval: Student's t
+over the per-seed differences; a bootstrap over questions for one seed); curves
 of conflict ratio, cosine against its null level, reroute rate and expert drift; how differently
 the experts serve image and text tokens, and the question families, at the end.
 
@@ -44,7 +45,7 @@ from stgc.cli import run as stgc
 from stgc.conflict.loss import LOSS_TYPES
 from stgc.easy_vqa.pipeline import PIPELINES, chain, fit_stage, last_checkpoint, source, stage_args
 from stgc.easy_vqa.prepare import prepare
-from stgc.study import accuracies, answers_correct, expert_load_by_family, paired_bootstrap
+from stgc.study import accuracies, answers_correct, expert_load_by_family, paired_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -89,12 +90,14 @@ class Arm:
 
 # -- one run --------------------------------------------------------------------------------------
 def run_args(arm: Arm, seed: int, args: argparse.Namespace) -> list[str]:
-    """`stgc fit`/`predict` arguments of one stage III run (its version: <arm>_seed<seed>)."""
+    """`stgc fit`/`predict` arguments of one stage III run (its version: <arm>_seed<seed>). The seed
+    sets the router initialisation and the data order; the val split stays the data's own (seed 0)."""
     callback = {"threshold": args.threshold, "histogram_every_n_steps": 0, **asdict(arm)}
     return [
         *stage_args("stage3", args.log_root, pipeline=args.pipeline),
         f"--trainer.logger.init_args.version={arm.name}_seed{seed}",
         f"--seed_everything={seed}",
+        f"--data.init_args.order_seed={seed}",
         f"--model.init_args.init_from={args.stage2}",
         f"--trainer.max_epochs={args.epochs}",
         "--trainer.callbacks+=stgc.STGC",
@@ -260,19 +263,20 @@ CURVE_COLUMNS = (  # column, curve, the last fraction of the run's logged steps 
     ("reroute rate", "reroute_rate", 1.0),  # at the end the learning rate, hence every step, is ~0
     ("expert drift", "expert_drift", 0.0),
 )
-DIAGNOSTICS = (*(column for column, _, _ in CURVE_COLUMNS), "image/text split", "family split")
-DELTA = "Δ vs baseline [95% CI]"
+DIAGNOSTICS = (*(column for column, _, _ in CURVE_COLUMNS), "image/text split", "family split", "threads")
+DELTA = "Δ vs baseline [95% CI, seed-level]"
 
 
-def paired_difference(reference: list[dict], runs: list[dict]) -> tuple[str, int] | None:
-    """`runs` minus `reference` on the seeds both have, as "+d [low, high]" (95% bootstrap interval)
-    with the number of paired seeds; None when no seed is paired."""
+def paired_difference(reference: list[dict], runs: list[dict]) -> tuple[str, int, dict] | None:
+    """`runs` minus `reference` on the seeds both have, as "+d [low, high]" (seed-level 95% interval;
+    over questions alone for one seed), the number of paired seeds and the
+    interval itself; None when no seed is paired."""
     by_seed = {r["seed"]: r for r in reference}
     paired = [r for r in runs if r["seed"] in by_seed]
     if not paired:
         return None
-    ci = paired_bootstrap([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
-    return f"{ci['difference']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]", len(paired)
+    ci = paired_interval([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
+    return f"{ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]", len(paired), ci
 
 
 def late_mean(curve: list[list[float]], tail: float) -> float:
@@ -310,6 +314,7 @@ def table_rows(arms: dict[str, list[dict]], dense: dict) -> list[dict[str, str]]
         splits = [family_split(r["expert_load"]) for r in runs if "expert_load" in r]  # older runs lack it
         if splits:
             row["family split"] = f"{mean(splits):.3f} (n={len(splits)})"
+        row["threads"] = ",".join(str(r.get("threads") or "–") for r in runs)  # "–": not recorded then
         rows.append(row)
     return rows
 
@@ -449,7 +454,7 @@ def main() -> None:
         if run_dir.is_dir():  # an interrupted run: its events would mix into the rerun's curves
             shutil.rmtree(run_dir)
         result = train_and_answer(arm, seed, args) | {
-            "stage2": digest, "epochs": args.epochs, "threads": torch.get_num_threads()
+            "stage2": digest, "epochs": args.epochs, "threads": torch.get_num_threads(), "data_order_seed": seed
         }  # fmt: skip
         path.write_text(json.dumps(result) + "\n")
         return result
@@ -501,7 +506,12 @@ def main() -> None:
     gradient_vs_random = ""
     difference = paired_difference(arms.get(control.name, []), arms.get(chosen.name, []))
     if difference:  # does choosing by the gradient matter: the chosen arm minus the control
-        gradient_vs_random = f"\n`{chosen.name}` minus its random control, paired over {difference[1]} seed(s): {difference[0]}.\n"
+        text, seeds, ci = difference
+        gradient_vs_random = (
+            f"\n`{chosen.name}` minus its random control, paired over {seeds} seed(s): {text}. The study "
+            f"rules out a gain above {ci['high'] * 100:.1f} points and a loss above {-ci['low'] * 100:.1f} "
+            "points (seed-level 95% interval); it cannot tell smaller differences apart.\n"
+        )
     setting = (f"chosen on val: `{chosen.name}`" if screened
                else f"one setting, not screened on this pipeline: `{chosen.name}`")  # fmt: skip
     (out / "summary.md").write_text(

@@ -221,6 +221,25 @@ def test_train_loader_order_is_seeded(write_llava, easy_vqa_tokenizer):
     assert order(3) == order(3) != order(4)
 
 
+def test_order_seed_changes_the_training_order_and_keeps_the_split(write_llava, easy_vqa_tokenizer):
+    """How the study varies its data order with the seed: every arm keeps the seed-0 split."""
+    path, images = write_llava([record(i, n_turns=1) for i in range(40)])
+
+    def run(**seeds: int) -> tuple[list[str], list[list[list[int]]]]:
+        dm = make_dm(
+            PretrainDataModule, path, images, easy_vqa_tokenizer, val_fraction=0.25, batch_size=4, **seeds
+        )
+        dm.setup("fit")
+        return [r.id for r in dm.datasets["val"].records], [
+            b["input_ids"].tolist() for b in dm.train_dataloader()
+        ]
+
+    val, order = run()
+    assert run(order_seed=0) == (val, order)  # the default: `seed`
+    other_val, other_order = run(order_seed=1)
+    assert other_val == val and other_order != order
+
+
 def test_group_by_length_batches_similar_lengths_and_sorts_eval(write_llava, easy_vqa_tokenizer):
     turns = [1, 6, 3, 1, 6, 3]
     path, images = write_llava([record(i, n_turns=n) for i, n in enumerate(turns)])

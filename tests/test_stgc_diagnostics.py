@@ -82,6 +82,24 @@ def test_null_level_is_the_mean_of_one_over_root_n_e_over_assignments() -> None:
     assert float(layer_metrics("l", others, 4, 1)["stgc/cosine_null/l"]) == 0.0
 
 
+def test_null_level_is_norm_matched_when_token_gradients_differ_in_norm() -> None:
+    """For orthogonal token gradients cos(g_t, Σg) = ‖g_t‖ / √Σ‖g_j‖²: the null level weighs each token
+    by its norm (1/√n_e only for equal norms). Checked on orthogonal gradients built outright."""
+    from stgc.conflict.cosine import cosine_from_terms, linear_gradient_terms
+
+    norms = torch.tensor([3.0, 1.0, 0.5, 0.1, 2.0], dtype=torch.float64)
+    x = torch.eye(5, dtype=torch.float64) * norms[:, None]  # (5, 5): orthogonal inputs of these norms
+    delta = torch.ones(5, 1, dtype=torch.float64)  # g_i = δ_i x_iᵀ: orthogonal, ‖g_i‖ = norms[i]
+    terms = linear_gradient_terms(x, delta)
+    cosine = cosine_from_terms(*terms)  # (5,) the brute-force cosines of orthogonal gradients
+    conflicts = _conflicts([0] * 5, cosine.tolist())
+    conflicts.sqnorm = terms[1]
+    stats = LayerStats.of(conflicts, torch.zeros(5, dtype=torch.bool), torch.tensor(0.0), 1)
+    null = float(layer_metrics("l", stats, 1, 1)["stgc/cosine_null/l"])
+    assert null == pytest.approx(float(cosine.mean()))
+    assert null < 1 / 5**0.5  # below the equal-norm level (Cauchy-Schwarz)
+
+
 def test_cosines_of_unrelated_token_gradients_sit_at_the_null_level() -> None:
     """64 independent random token gradients in one expert: cos(g_t, Σg) ≈ 1/√64 with no agreement at
     all, while leaving g_t out gives ≈ 0 (the claim behind logging the null level)."""

@@ -1,4 +1,4 @@
-"""stgc.study: the paired bootstrap and the expert load per question family, against brute force."""
+"""stgc.study: the paired interval and the expert load per question family, against brute force."""
 
 import numpy as np
 import pytest
@@ -9,23 +9,48 @@ from stgc.data import InstructionDataModule
 from stgc.model.metrics import metric_name
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers, short_layer_name
-from stgc.study import expert_load_by_family, paired_bootstrap
+from stgc.study import expert_load_by_family, paired_interval, student_t_quantile
 from support.conversations import multi_turn_easy_vqa
 from support.tiny import TINY_LM
 
 
-def test_paired_bootstrap_difference_is_the_mean_over_seeds_and_questions() -> None:
+def test_student_t_quantile_matches_the_closed_forms() -> None:
+    for p in (0.9, 0.975):
+        assert np.isclose(student_t_quantile(p, 1), np.tan(np.pi * (p - 0.5)), rtol=1e-6)  # Cauchy
+        a = 2 * p - 1
+        assert np.isclose(student_t_quantile(p, 2), a * np.sqrt(2 / (1 - a**2)), rtol=1e-6)
+    assert np.isclose(student_t_quantile(0.975, 200), 1.97, atol=0.005)  # towards the normal's 1.96
+
+
+def test_paired_interval_is_the_mean_over_seeds_and_holds_the_seeds_spread() -> None:
     rng = np.random.default_rng(0)
     baseline = rng.random((3, 500)) < 0.7  # (seeds, questions)
     arm = rng.random((3, 500)) < 0.8
-    result = paired_bootstrap(baseline.tolist(), arm.tolist())
-    assert np.isclose(result["difference"], arm.mean() - baseline.mean())
-    assert result["low"] < result["difference"] < result["high"]
-    assert 0.02 < result["low"] and result["high"] < 0.18  # 0.1 apart, ~0.016 standard error
-    same = paired_bootstrap(baseline.tolist(), baseline.tolist())
-    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
-    with pytest.raises(ValueError, match="at least one seed"):
-        paired_bootstrap([], [])
+    result = paired_interval(baseline.tolist(), arm.tolist())
+    assert np.isclose(result["mean"], arm.mean() - baseline.mean()) and result["seeds"] == 3
+    per_seed = arm.mean(axis=1) - baseline.mean(axis=1)
+    half = 4.302653 * per_seed.std(ddof=1) / np.sqrt(3)  # t(0.975, 2), from a table
+    assert np.isclose(result["high"] - result["mean"], half) and np.isclose(
+        result["mean"] - result["low"], half
+    )
+    # seeds that disagree (+0.1, +0.1, -0.1 on every question): the interval spans the seeds, while a
+    # bootstrap over questions alone would be a point (every question's mean difference is +1/30)
+    base = np.zeros((3, 200), dtype=bool)
+    other = np.zeros((3, 200), dtype=bool)
+    other[:2, :20] = True
+    base[2, :20] = True
+    spread = paired_interval(base.tolist(), other.tolist())
+    assert spread["low"] < 0 < spread["mean"] < spread["high"]
+    # one seed: its questions' bootstrap, about ±1.96 standard errors
+    one = paired_interval(baseline[:1].tolist(), arm[:1].tolist())
+    error = np.sqrt((arm[0].astype(float) - baseline[0]).var() / 500)
+    assert one["seeds"] == 1 and abs((one["high"] - one["low"]) / (2 * 1.96 * error) - 1) < 0.15
+    same = paired_interval(baseline.tolist(), baseline.tolist())
+    assert (same["mean"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        paired_interval([], [])
+    with pytest.raises(ValueError, match="same examples"):
+        paired_interval([[True, False]], [[True]])
 
 
 def test_expert_load_by_family_counts_the_slots_of_each_answers_producing_tokens(

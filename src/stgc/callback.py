@@ -34,7 +34,7 @@ from stgc.conflict.hf_experts import (
 )
 from stgc.conflict.loss import LOSS_TYPES, conflict_elimination_loss
 from stgc.conflict.probes import GRADIENTS, MEANS, LayerConflicts, LayerProbe, SparseMoEProbe
-from stgc.conflict.selection import SELECTIONS, random_like
+from stgc.conflict.selection import Selection, SelectionStep, selection_named
 from stgc.conflict.sharding import add_to_grad, full_tensor
 from stgc.conflict.statistics import LayerStats, conflict_heatmap, layer_metrics, position_conflict_share
 from stgc.moe import SparseMoE, short_layer_name
@@ -84,8 +84,9 @@ class STGC(L.Callback):
         mean: compare g_t with the sum over "all" the expert's tokens (the paper's ḡ_e, which holds
             g_t itself: null level ≈ 1/√n_e) or over the "others" (leave-one-out: null level 0).
         selection: the CEL applies to the conflicting assignments ("gradient": STGC) or, as a control,
-            to as many assignments drawn at random in each layer and micro-batch ("random"); the logged
-            conflict statistics are the gradient's either way.
+            to as many assignments drawn at random in each layer and micro-batch ("random"), or to what a
+            `stgc.conflict.selection.Selection` of your own chooses; the logged conflict statistics are
+            the gradient's either way.
         start_step: first optimizer step at which STGC runs.
         every_n_steps: run on every n-th optimizer step (conflicts cost ~1/3 of the experts' time).
         log_every_n_steps: scalar logging period (default: the trainer's).
@@ -99,7 +100,7 @@ class STGC(L.Callback):
         loss_type: str = "negated_logits",
         gradient: str = "exact",
         mean: str = "all",
-        selection: str = "gradient",
+        selection: str | Selection = "gradient",
         start_step: int = 0,
         every_n_steps: int = 1,
         log_every_n_steps: int | None = None,
@@ -115,8 +116,10 @@ class STGC(L.Callback):
             raise MisconfigurationException(
                 f"STGC gradient={gradient!r} must be one of {GRADIENTS} and mean={mean!r} one of {MEANS}"
             )
-        if selection not in SELECTIONS:
-            raise MisconfigurationException(f"STGC selection={selection!r} must be one of {SELECTIONS}")
+        try:
+            selector = selection if isinstance(selection, Selection) else selection_named(selection)
+        except ValueError as error:
+            raise MisconfigurationException(f"STGC {error}") from error
         if start_step < 0 or every_n_steps < 1:
             raise MisconfigurationException(
                 f"STGC start_step={start_step} must be >= 0 and every_n_steps={every_n_steps} >= 1"
@@ -133,6 +136,7 @@ class STGC(L.Callback):
         self.gradient = gradient
         self.mean = mean
         self.selection = selection
+        self.selector = selector
         self.start_step = start_step
         self.every_n_steps = every_n_steps
         self.log_every_n_steps = log_every_n_steps
@@ -141,6 +145,7 @@ class STGC(L.Callback):
         self._transformers_models: list = []
         self._previous_experts: dict = {}  # what the transformers models used before we switched them
         self._active = False
+        self._batch: Any = None  # the micro-batch being measured, for the selection
         self._pending: PendingReroute | None = None
         # Running statistics, kept in the checkpoint: (layers, experts) counts since the run began.
         self.measured_micro_batches = 0
@@ -156,7 +161,7 @@ class STGC(L.Callback):
             loss_type=self.loss_type,
             gradient=self.gradient,
             mean=self.mean,
-            selection=self.selection,
+            selection=self.selection if isinstance(self.selection, str) else type(self.selection).__name__,
         )
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -213,6 +218,7 @@ class STGC(L.Callback):
         step = trainer.global_step
         self._active = step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
         if self._active:  # transformers models run our experts implementation only while we capture
+            self._batch = batch
             self._previous_experts = switch_experts(self._transformers_models, IMPLEMENTATION)
         histogram = self._histogram_step(step)
         gradients = GRADIENTS if histogram else (self.gradient,)  # both: to compare them
@@ -244,6 +250,7 @@ class STGC(L.Callback):
 
     def _stop_capturing(self) -> None:
         self._active = False
+        self._batch = None
         for probe in self.probes:
             probe.start(False)
         switch_experts(self._previous_experts)
@@ -290,14 +297,12 @@ class STGC(L.Callback):
     def _penalised(
         self, trainer: L.Trainer, layers: list[LayerConflicts], conflicting: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """The assignments the CEL applies to: the conflicting ones, or as many random ones."""
-        if self.selection == "gradient":
-            return conflicting
+        """The assignments the CEL applies to, as the selection chooses them."""
         # seeded from the run's seed, the rank and the micro-batch count (checkpointed): a resumed run
-        # draws what it would have drawn, and the training's own RNG streams are left as they were
+        # draws what it would have drawn
         seed = (torch.initial_seed() + 1_000_003 * trainer.global_rank + self.measured_micro_batches) % 2**63
-        generator = torch.Generator(conflicting[0].device).manual_seed(seed)
-        return [random_like(m, c.has_grad, generator) for c, m in zip(layers, conflicting, strict=True)]
+        step = SelectionStep(self._batch, [probe.routing() for probe in self.probes], seed)
+        return self.selector.select(layers, conflicting, step)
 
     def _loss_scale(self, trainer: L.Trainer) -> float:
         """What the LM loss was multiplied by before backward: λ, 1 / accumulation, fp16's loss scale."""

@@ -1,8 +1,8 @@
 """What the STGC study computes from its runs: per-question correctness, accuracy per question
-family, paired bootstrap confidence intervals of an arm's difference to the baseline, and how the
-experts share the work between the question families."""
+family, paired confidence intervals of an arm's difference to the baseline (seed-level), and how the experts share the work between the question families."""
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,26 +42,57 @@ def accuracies(scored: dict[str, list]) -> dict[str, float]:
     return result
 
 
-def paired_bootstrap(
+def student_t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t with `df` degrees of freedom: bisection on its CDF, the
+    density integrated by Simpson's rule (no scipy in the pins)."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        grid = np.linspace(0.0, x, 2001)
+        density = np.exp(log_norm - (df + 1) / 2 * np.log1p(grid**2 / df))
+        weights = np.ones_like(grid)
+        weights[1:-1:2], weights[2:-1:2] = 4, 2
+        return 0.5 + float((weights * density).sum() * (x / 2000) / 3)
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        low, high = high, 2 * high
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) < p else (low, middle)
+    return (low + high) / 2
+
+
+def paired_interval(
     baseline: Sequence[Sequence[bool]],
     arm: Sequence[Sequence[bool]],
     resamples: int = 2000,
     seed: int = 0,
 ) -> dict[str, float]:
     """The arm's accuracy minus the baseline's, averaged over seeds (the i-th of each is one seed's
-    per-question correctness, on the same questions in the same order), with a 95% percentile
-    interval from resampling the questions with replacement (the same questions for every seed)."""
-    base, other = np.asarray(baseline, dtype=float), np.asarray(arm, dtype=float)  # (seeds, questions)
-    if base.shape != other.shape:
-        raise ValueError(f"paired runs need the same seeds and questions: {base.shape} vs {other.shape}")
-    if base.size == 0:
-        raise ValueError("paired_bootstrap needs at least one seed and one question of each")
-    difference = (other - base).mean(axis=0)  # (questions,) per question, averaged over the seeds
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, difference.size, size=(resamples, difference.size))
-    means = difference[draws].mean(axis=1)  # (resamples,)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"difference": float(difference.mean()), "low": float(low), "high": float(high)}
+    per-example correctness; seeds may have different examples), with a 95% interval that holds the
+    seed-to-seed variance: Student's t over the per-seed differences (each already carries its
+    examples' noise). With one seed there is no seed variance to see: a paired bootstrap over its
+    examples. ("seeds" says how many seeds the interval rests on.)"""
+    if len(baseline) != len(arm) or not baseline:
+        raise ValueError(f"paired runs need the same seeds, at least one: {len(baseline)} vs {len(arm)}")
+    differences = []  # per seed (examples,)
+    for base, other in zip(baseline, arm, strict=True):
+        base, other = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+        if base.shape != other.shape or base.size == 0:
+            raise ValueError(
+                f"a seed's paired runs need the same examples, at least one: {base.shape} vs {other.shape}"
+            )
+        differences.append(other - base)
+    per_seed = np.array([d.mean() for d in differences])  # (seeds,)
+    mean = float(per_seed.mean())
+    if len(per_seed) > 1:
+        half = student_t_quantile(0.975, len(per_seed) - 1) * per_seed.std(ddof=1) / math.sqrt(len(per_seed))
+        return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(per_seed)}
+    (difference,) = differences
+    draws = np.random.default_rng(seed).integers(0, difference.size, size=(resamples, difference.size))
+    low, high = np.percentile(difference[draws].mean(axis=1), [2.5, 97.5])
+    return {"mean": mean, "low": float(low), "high": float(high), "seeds": 1}
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ class LayerConflicts:
     modality: Tensor | None  # (S,) or None
     finite: Tensor  # () bool: every gradient term was finite (a NaN/inf micro-batch is skipped)
     cosines: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # gradient -> (S,), each captured
+    sqnorm: Tensor | None = None  # (S,) ‖g_t‖² of the chosen gradient (the null level's weights); None: equal
 
 
 class LayerProbe(ABC):
@@ -160,7 +161,7 @@ class LayerProbe(ABC):
         routing = self.routing()
         chosen = self._terms[gradient]
         cosines = {name: [] for name, terms in self._terms.items() if terms}
-        rows, experts, has_grad, finite = [], [], [], []
+        rows, experts, has_grad, finite, sqnorms = [], [], [], [], []
         for expert, (dot, sqnorm, total_sqnorm) in sorted(chosen.items()):
             finite.append(
                 torch.isfinite(dot).all() & torch.isfinite(sqnorm).all() & torch.isfinite(total_sqnorm)
@@ -173,6 +174,7 @@ class LayerProbe(ABC):
             rows.append(routing.expert_rows[expert])  # (n_e,)
             experts.append(torch.full_like(rows[-1], expert))  # (n_e,)
             has_grad.append(sqnorm > 0)  # (n_e,)
+            sqnorms.append(sqnorm)
         device = self.router_weight.device
         if not rows:
             empty = torch.zeros(0, device=device)
@@ -188,6 +190,7 @@ class LayerProbe(ABC):
             modality,
             torch.stack(finite).all(),
             by_gradient,
+            torch.cat(sqnorms),
         )
 
     def remove(self) -> None:

@@ -30,7 +30,7 @@ class LayerStats:
     conflicts: Tensor  # (E,) of them conflicting
     cosine: Tensor  # Σ cos(g_t, ḡ_e)
     cosine_sq: Tensor  # Σ cos²
-    cosine_null: Tensor  # Σ of the cosine's null level: 1/√n_e per assignment (0 when leaving t out)
+    cosine_null: Tensor  # Σ of the cosine's null level per assignment: ‖g_t‖/√Σ_e‖g_j‖² (0 leaving t out)
     text: Tensor  # assignments of text tokens
     text_conflicts: Tensor
     image: Tensor  # assignments of image tokens
@@ -48,8 +48,10 @@ class LayerStats:
     ) -> "LayerStats":
         """The sums of one micro-batch; `conflicting` (S,) flags conflicting assignments with a gradient.
 
-        The null level is what the cosine is for n_e near-orthogonal token gradients of similar norm:
-        cos(g_t, Σg) ≈ 1/√n_e, and 0 when the token is left out of the sum (mean="others")."""
+        The null level is what the cosine would be if the expert's token gradients were orthogonal:
+        cos(g_t, Σg) = ‖g_t‖ / √(Σ_j ‖g_j‖²), norm-matched — 1/√n_e for equal norms, less on average when
+        the norms differ (near-zero losses make them differ) — and 0 when the token is left out of the
+        sum (mean="others")."""
         valid = conflicts.has_grad.double()  # (S,)
         flagged = conflicting.double()  # (S,)
         cosine = torch.where(conflicts.has_grad, conflicts.cosine.double(), 0.0)  # (S,)
@@ -62,14 +64,15 @@ class LayerStats:
             by_modality[name] = (valid * is_modality).sum()
             by_modality[f"{name}_conflicts"] = (flagged * is_modality).sum()
         assignments = expert_counts(conflicts.expert, num_experts, valid)  # (E,)
+        sqnorm = valid if conflicts.sqnorm is None else conflicts.sqnorm.double() * valid  # (S,)
+        expert_sqnorm = expert_counts(conflicts.expert, num_experts, sqnorm)  # (E,) Σ_j ‖g_j‖² per expert
+        null = (sqnorm / expert_sqnorm.index_select(0, conflicts.expert).clamp(min=1e-300)).sqrt()  # (S,)
         return cls(
             assignments=assignments,
             conflicts=expert_counts(conflicts.expert, num_experts, flagged),
             cosine=cosine.sum(),
             cosine_sq=cosine.square().sum(),
-            cosine_null=torch.zeros_like(cosine.sum())
-            if leave_one_out
-            else assignments.sqrt().sum(),  # Σ_e n_e/√n_e
+            cosine_null=torch.zeros_like(cosine.sum()) if leave_one_out else null.sum(),
             cel_loss=cel_loss.detach().double(),
             **by_modality,
         )

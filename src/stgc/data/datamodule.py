@@ -50,6 +50,7 @@ class LlavaDataModule(LightningDataModule):
         num_workers: int = 0,
         max_length: int = 256,
         seed: int = 0,
+        order_seed: int | None = None,
         skip_bad_records: bool = True,
         limit_records: int | None = None,
         group_by_length: bool = False,
@@ -232,6 +233,13 @@ class LlavaDataModule(LightningDataModule):
             **kwargs,
         )
 
+    @property
+    def order_seed(self) -> int:
+        """The training order's seed: `order_seed`, else `seed` (which also draws the val split), so a
+        study can vary the order with its seed while every arm keeps the same split."""
+        h = self.hparams
+        return h.seed if h.order_seed is None else h.order_seed
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled with a seeded generator, so runs are reproducible; with group_by_length each
         batch holds conversations of similar length (less padding)."""
@@ -239,9 +247,11 @@ class LlavaDataModule(LightningDataModule):
         if h.group_by_length:
             world_size, rank = self.world()
             lengths = self.datasets["train"].lengths
-            sampler = LengthGroupedSampler(lengths, h.batch_size, h.seed, num_replicas=world_size, rank=rank)
+            sampler = LengthGroupedSampler(
+                lengths, h.batch_size, self.order_seed, num_replicas=world_size, rank=rank
+            )
             return self.loader(self.datasets["train"], batch_size=h.batch_size, sampler=sampler)
-        generator = torch.Generator().manual_seed(h.seed)
+        generator = torch.Generator().manual_seed(self.order_seed)
         return self.loader(self.datasets["train"], batch_size=h.batch_size, shuffle=True, generator=generator)
 
     def eval_loader(self, split: str) -> DataLoader:

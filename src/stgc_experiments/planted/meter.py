@@ -1,0 +1,140 @@
+"""What a planted-conflict run measures at every step, beside the STGC callback it watches: how well each
+cosine variant finds the planted pairs, how often planted and other pairs leave their expert once the
+optimizer stepped, and whether a flagged pair is flagged again at the token's next visit.
+
+The meter reads the STGC callback's probes after backward, so it must come before STGC in the Trainer's
+callbacks (STGC releases the probes' terms in its own on_after_backward). STGC must capture both token
+gradients at every step (`histogram_every_n_steps=1`, no TensorBoard logger: nothing is drawn).
+"""
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from stgc import STGC
+from stgc.conflict.probes import GRADIENTS, MEANS
+from stgc_experiments.planted.task import Cell, assignment_families, planted_conflicts
+
+BINS = 400  # cosine histogram over [-1, 1] per variant, for the detection ROC
+VARIANTS = tuple(f"{gradient}/{mean}" for gradient in GRADIENTS for mean in MEANS)
+
+
+class PlantedMeter(L.Callback):
+    """Counts, over a stage III fit, what the ground truth says of STGC's cosines and of routing."""
+
+    def __init__(self, stgc: STGC, cell: Cell, num_tokens: int) -> None:
+        self.stgc = stgc
+        self.cell = cell
+        self.num_tokens = num_tokens  # the training set's size: flags are remembered per (token id, expert)
+        # per variant: (2, BINS) cosine histograms of [other, planted] pairs; (4,) planted, flagged, both, pairs
+        self.histograms = {variant: torch.zeros(2, BINS, dtype=torch.float64) for variant in VARIANTS}
+        self.counts = {variant: torch.zeros(4, dtype=torch.float64) for variant in VARIANTS}
+        self.reroutes = torch.zeros(
+            4, dtype=torch.float64
+        )  # planted, planted rerouted, other, other rerouted
+        self.persistence = torch.zeros(2, dtype=torch.float64)  # flagged at the last visit, flagged again
+        self.curve: list[Tensor] = []  # per step (planted pairs, pairs) of the arm's own variant
+        self.last_flag: Tensor | None = None  # (tokens, E) int8: -1 not seen with that expert, else 0/1
+        self._batch: Any = None
+        self._pending: list[tuple] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = batch
+
+    @torch.no_grad()
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        probes = [probe for probe in self.stgc.probes if probe.capturing]
+        self._pending = []
+        for probe in probes:
+            routing = probe.routing()
+            truth = None
+            for variant in VARIANTS:
+                gradient, mean = variant.split("/")
+                conflicts = probe.conflicts(gradient, mean)
+                family = assignment_families(self._batch, conflicts.rows, routing.positions)  # (S,)
+                planted = planted_conflicts(family, conflicts.expert, conflicts.has_grad, self.cell)
+                flagged = conflicts.has_grad & (conflicts.cosine < self.stgc.threshold)
+                self._count(variant, conflicts.cosine, conflicts.has_grad, planted, flagged)
+                if variant == f"{self.stgc.gradient}/{self.stgc.mean}":
+                    truth = (conflicts, planted, flagged)
+            conflicts, planted, flagged = truth
+            self.curve.append(torch.stack([planted.sum(), conflicts.has_grad.sum()]).double())
+            self._remember_flags(probe.num_experts, conflicts, routing.positions, flagged)
+            router_input = routing.router_input.detach()
+            self._pending.append((probe, router_input, conflicts, planted))
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """The optimizer has stepped: which pairs' experts left the token's top-k under the new router."""
+        for probe, router_input, conflicts, planted in self._pending:
+            top = probe.router_logits(router_input).topk(probe.top_k, dim=-1).indices  # (N, k)
+            left = (top.index_select(0, conflicts.rows) != conflicts.expert[:, None]).all(-1)  # (S,)
+            other = conflicts.has_grad & ~planted
+            self.reroutes += torch.stack(
+                [planted.sum(), (planted & left).sum(), other.sum(), (other & left).sum()]
+            ).double()
+        self._pending = []
+
+    def _count(self, variant: str, cosine: Tensor, valid: Tensor, planted: Tensor, flagged: Tensor) -> None:
+        bins = ((cosine.double().clamp(-1, 1) + 1) / 2 * BINS).long().clamp(max=BINS - 1)  # (S,)
+        self.histograms[variant].index_put_(
+            (planted.long()[valid], bins[valid]), torch.ones(()).double(), accumulate=True
+        )
+        self.counts[variant] += torch.stack(
+            [planted.sum(), flagged.sum(), (planted & flagged).sum(), valid.sum()]
+        ).double()
+
+    def _remember_flags(self, num_experts: int, conflicts, positions: Tensor | None, flagged: Tensor) -> None:
+        """Of the pairs flagged at the token's last visit to the same expert, the share flagged again."""
+        if self.last_flag is None:
+            self.last_flag = torch.full((self.num_tokens, num_experts), -1, dtype=torch.int8)
+        rows = conflicts.rows if positions is None else positions.index_select(0, conflicts.rows)
+        token = self._batch["id"].index_select(0, rows)  # (S,)
+        valid = conflicts.has_grad
+        before = self.last_flag[token, conflicts.expert]  # (S,)
+        was_flagged = valid & (before == 1)
+        self.persistence += torch.stack([was_flagged.sum(), (was_flagged & flagged).sum()]).double()
+        self.last_flag[token[valid], conflicts.expert[valid]] = flagged[valid].to(torch.int8)
+
+    def summary(self) -> dict[str, Any]:
+        """The run's figures: per variant ROC-AUC, precision and recall at the threshold; reroute rates
+        of planted and other pairs; flag persistence; the planted pairs' share per step; the cosine
+        histograms of other and planted pairs (the ROC)."""
+        detection = {}
+        for variant in VARIANTS:
+            planted, flagged, both, pairs = self.counts[variant].tolist()
+            detection[variant] = {
+                "auc": roc_auc(self.histograms[variant]),
+                "precision": both / flagged if flagged else None,
+                "recall": both / planted if planted else None,
+                "flagged_rate": flagged / pairs if pairs else None,
+                "planted_rate": planted / pairs if pairs else None,
+            }
+        planted, planted_left, other, other_left = self.reroutes.tolist()
+        flagged_before, again = self.persistence.tolist()
+        curve = torch.stack(self.curve) if self.curve else torch.zeros(0, 2, dtype=torch.float64)
+        return {
+            "detection": detection,
+            "reroute_rate_planted": planted_left / planted if planted else None,
+            "reroute_rate_other": other_left / other if other else None,
+            "flag_persistence": again / flagged_before if flagged_before else None,
+            "planted_rate_curve": (curve[:, 0] / curve[:, 1].clamp(min=1)).tolist(),
+            "histograms": {variant: h.long().tolist() for variant, h in self.histograms.items()},
+        }
+
+
+def roc_auc(histograms: Tensor) -> float | None:
+    """ROC-AUC of "lower cosine ⇒ planted" from (2, bins) histograms of [other, planted] cosines: the
+    chance that a planted pair's cosine is below an other pair's, ties (one bin) counted half."""
+    other, planted = histograms[0], histograms[1]
+    if other.sum() == 0 or planted.sum() == 0:
+        return None
+    other_above = other.flip(0).cumsum(0).flip(0) - other  # (bins,) other pairs in higher bins
+    wins = (planted * other_above).sum() + 0.5 * (planted * other).sum()
+    return float(wins / (planted.sum() * other.sum()))

@@ -1,0 +1,27 @@
+"""The oracle arm: the CEL on ground-truth conflicting pairs, through STGC's public selection interface."""
+
+import torch
+from torch import Tensor
+
+from stgc.conflict.probes import LayerConflicts
+from stgc.conflict.selection import Selection, SelectionStep, random_like
+from stgc_experiments.planted.task import Cell, assignment_families, planted_conflicts
+
+
+class OracleSelection(Selection):
+    """In each layer, as many planted-conflicting pairs as the gradient flags, drawn at random among them
+    (all of them when fewer are planted): what a perfect detector at STGC's rate would choose."""
+
+    def __init__(self, cell: Cell) -> None:
+        self.cell = cell
+
+    def select(
+        self, layers: list[LayerConflicts], flagged: list[Tensor], step: SelectionStep
+    ) -> list[Tensor]:
+        generator = torch.Generator(flagged[0].device).manual_seed(step.seed)
+        chosen = []
+        for conflicts, mask, routing in zip(layers, flagged, step.routings, strict=True):
+            family = assignment_families(step.batch, conflicts.rows, routing.positions)  # (S,)
+            planted = planted_conflicts(family, conflicts.expert, conflicts.has_grad, self.cell)
+            chosen.append(random_like(mask, planted, generator) & planted)
+        return chosen
