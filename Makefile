@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 data: install
 	$(PY) scripts/prepare_easy_vqa.py --out data/easy_vqa
 
+# Stages 0 -> III on easy-vqa; stage III with STGC and, beside it, the λ = 0 baseline (ARGS=--no-baseline skips it).
 train: data
-	$(PY) scripts/train_easy_vqa.py
+	$(PY) scripts/train_easy_vqa.py $(ARGS)
 
 # The mixed pipeline: easy-vqa + Sort-of-CLEVR + its text-only family, one tokenizer for both (about 80 minutes at one thread).
 data-mix: data

@@ -1,9 +1,10 @@
-"""The planted-conflict benchmark (docs/planted.md): conflict planted by construction, ground-truth labels,
-the real STGC callback. Trains any cell's arms (baseline, STGC, random control, oracle) over seeds and
+"""The planted-conflict benchmark: STGC against a ground truth, planted by construction (docs/planted.md).
+
+Ground-truth labels, the real STGC callback. Trains any cell's arms (baseline, STGC, random control, oracle) over seeds and
 writes runs, summary.json, results.md and figures.
 
     python scripts/planted.py --planted-share 0.3 --experts 8 --top-k 2 --families 4 --seeds 3 --out DIR
-    python scripts/planted.py --parts screen map control --readme     # make planted: results/planted
+    python scripts/planted.py --parts screen map control --readme     # results/planted (make planted)
 """
 
 import argparse

@@ -45,7 +45,14 @@ from stgc.cli import run as stgc
 from stgc.conflict.loss import LOSS_TYPES
 from stgc.easy_vqa.pipeline import PIPELINES, chain, fit_stage, last_checkpoint, source, stage_args
 from stgc.easy_vqa.prepare import prepare
-from stgc.study import accuracies, answers_correct, expert_load_by_family, paired_interval
+from stgc.study import (
+    accuracies,
+    answers_correct,
+    expert_load_by_family,
+    late_mean,
+    layer_curves,
+    paired_interval,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -92,32 +99,21 @@ class Arm:
 def run_args(arm: Arm, seed: int, args: argparse.Namespace) -> list[str]:
     """`stgc fit`/`predict` arguments of one stage III run (its version: <arm>_seed<seed>). The seed
     sets the router initialisation and the data order; the val split stays the data's own (seed 0)."""
-    callback = {"threshold": args.threshold, "histogram_every_n_steps": 0, **asdict(arm)}
+    callback = {
+        "threshold": args.threshold,
+        "histogram_every_n_steps": 0,
+        **asdict(arm),
+    }  # the baseline's STGC, set
     return [
-        *stage_args("stage3", args.log_root, pipeline=args.pipeline),
+        *stage_args("stage3_baseline", args.log_root, pipeline=args.pipeline),
         f"--trainer.logger.init_args.version={arm.name}_seed{seed}",
         f"--seed_everything={seed}",
         f"--data.init_args.order_seed={seed}",
         f"--model.init_args.init_from={args.stage2}",
         f"--trainer.max_epochs={args.epochs}",
-        "--trainer.callbacks+=stgc.STGC",
         *(f"--trainer.callbacks.{key}={value}" for key, value in callback.items()),
         *args.extra,
     ]
-
-
-def curves(events: EventAccumulator) -> dict[str, list[tuple[int, float]]]:
-    """Per CURVES quantity, its value at each logging step, averaged over the MoE layers."""
-    tags = events.Tags()["scalars"]
-    result = {}
-    for name in CURVES:
-        by_step: dict[int, list[float]] = {}
-        for tag in tags:
-            if tag.startswith(f"stgc/{name}/") and not tag.endswith("/all"):
-                for event in events.Scalars(tag):
-                    by_step.setdefault(event.step, []).append(event.value)
-        result[name] = [(step, statistics.fmean(values)) for step, values in sorted(by_step.items())]
-    return result
 
 
 def modality_split(events: EventAccumulator) -> float:
@@ -193,7 +189,7 @@ def record(arm: Arm, seed: int, trainer, wall_s: float, folder: Path, answers: P
         "wall_s": round(wall_s, 1),
         "val": val,
         "test": accuracies(scored),
-        "curves": curves(events),
+        "curves": layer_curves(events, CURVES),
         "modality_split": modality_split(events),
         "questions": scored["key"],
         "types": scored["type"],
@@ -205,7 +201,7 @@ def dense_record(args: argparse.Namespace) -> dict:
     """The stage II model answering the test questions (no stage III)."""
     answers = Path(args.log_root) / args.pipeline / "dense_test_answers.jsonl"
     stgc(
-        ["predict", *stage_args(source("stage3"), args.log_root, pipeline=args.pipeline),
+        ["predict", *stage_args(source("stage3_baseline"), args.log_root, pipeline=args.pipeline),
          "--model.init_args.init_from=null", f"--ckpt_path={args.stage2}", f"--answers.path={answers}",
          "--trainer.logger.init_args.version=dense", *args.extra]
     )  # fmt: skip
@@ -224,10 +220,10 @@ def ensure_stage2(args: argparse.Namespace) -> str:
     if args.stage2 is None:
         kept = Path(args.out) / args.pipeline / "stage2.ckpt"
         if not kept.is_file():
-            trained = last_checkpoint(args.log_root, source("stage3"), pipeline=args.pipeline)
+            trained = last_checkpoint(args.log_root, source("stage3_baseline"), pipeline=args.pipeline)
             if not trained.is_file():
                 previous = None
-                for stage in chain(source("stage3"), pipeline=args.pipeline):
+                for stage in chain(source("stage3_baseline"), pipeline=args.pipeline):
                     fit_stage(stage, args.log_root, previous, args.extra, pipeline=args.pipeline)
                     previous = stage
             checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
@@ -277,12 +273,6 @@ def paired_difference(reference: list[dict], runs: list[dict]) -> tuple[str, int
         return None
     ci = paired_interval([bits(by_seed[r["seed"]]) for r in paired], [bits(r) for r in paired])
     return f"{ci['mean']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]", len(paired), ci
-
-
-def late_mean(curve: list[list[float]], tail: float) -> float:
-    """The mean of a curve's values over its last `tail` fraction of (step, value) points, at least one."""
-    values = [v for _, v in curve]
-    return statistics.fmean(values[-max(1, round(tail * len(values))) :])
 
 
 def table_rows(arms: dict[str, list[dict]], dense: dict) -> list[dict[str, str]]:

@@ -1,17 +1,21 @@
 """The pipeline behind `make train`: stages 0 -> I -> II (text, then images) -> III on easy-vqa.
 
+Stage III runs twice from the same stage II: with STGC (stage3_stgc, the final model) and beside it the
+baseline that only measures (stage3_baseline, STGC at λ = 0; --no-baseline skips it).
+
 With `--pipeline mix` (`make train-mix`): the same stages on easy-vqa + Sort-of-CLEVR + its
 text-only family (configs/mix/).
 
-Each stage is one `stgc fit` (see stgc.easy_vqa.pipeline); the stage II model and the final one are tested
-on the pipeline's test split. Prints each stage's wall time and validation metrics, the test metrics,
-the peak resident memory, and the TensorBoard command. Extra arguments go to every run
+Each stage is one `stgc fit` (see stgc.easy_vqa.pipeline); the stage II model and both stage III arms
+are tested on the pipeline's test split. Prints each stage's wall time and validation metrics, the test
+metrics with stage III's conflict ratio (over the last third of its steps), the peak resident memory,
+and the TensorBoard command. Extra arguments go to every run
 (e.g. --trainer.max_epochs=1).
 
 A rerun keeps each stage that finished with the same settings (its `stgc fit` arguments and the
 text of its config files, recorded in <log-root>/<pipeline>/<stage>/pipeline.json), resumes an
 interrupted stage from its last.ckpt (written at every epoch end, so the resumption is exact), and
-trains every later stage again; it says which. --fresh starts every stage from scratch.
+trains every stage that starts from a retrained one again; it says which. --fresh starts every stage from scratch.
 """
 
 import argparse
@@ -26,9 +30,13 @@ from stgc.easy_vqa.pipeline import (
     DEFAULT,
     PIPELINES,
     STAGES,
+    TESTED,
     fit_stage,
     last_checkpoint,
+    late_conflict_ratio,
     metrics,
+    run_folder,
+    source,
     stage_record,
     stage_state,
     test_stage,
@@ -38,11 +46,14 @@ from stgc.easy_vqa.pipeline import (
 def run(
     stages: list[str], extra: list[str], log_root: str, fresh: bool = False, pipeline: str = DEFAULT
 ) -> dict:
-    report, previous, keep = {}, None, not fresh
+    report, kept = {}, set()
     for stage in stages:
+        previous = source(stage, pipeline=pipeline)  # the stage it starts from, when this run fits it too
+        previous = previous if previous in report else None
+        keep = not fresh and (previous is None or previous in kept)  # else it starts from a new model
         state = stage_state(stage, log_root, previous, extra, pipeline=pipeline) if keep else "new"
-        keep = state == "finished"  # once a stage trains, the later ones start from what it writes
         if state == "finished":
+            kept.add(stage)
             record = stage_record(log_root, stage, pipeline=pipeline)
             report[stage] = {"wall_s": record["wall_s"], **record["val"], "kept": True}
             print(f"[{stage}] kept: finished earlier with the same settings", flush=True)
@@ -61,11 +72,12 @@ def run(
             report[stage] = {"wall_s": round(time.perf_counter() - start, 1), **metrics(cli, "val/")}
             report[stage] |= {"resumed": True} if state == "interrupted" else {}
         print(f"[{stage}] {json.dumps(report[stage])}", flush=True)
-        previous = stage
     report["training_wall_s"] = round(sum(report[stage]["wall_s"] for stage in stages), 1)
-    tested = dict.fromkeys(s for s in ("stage2", previous) if s in stages)  # the dense model, the final one
+    tested = [stage for stage in stages if stage in TESTED] or stages[-1:]
     report["test"] = {
-        stage: metrics(test_stage(stage, log_root, extra, pipeline=pipeline), "test/") for stage in tested
+        stage: metrics(test_stage(stage, log_root, extra, pipeline=pipeline), "test/")
+        | late_conflict_ratio(run_folder(log_root, stage, pipeline=pipeline))
+        for stage in tested
     }
     report["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return report
@@ -80,8 +92,14 @@ def main() -> None:
     parser.add_argument(
         "--fresh", action="store_true", help="train every stage from scratch, keeping nothing"
     )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip stage3_baseline (STGC measuring at λ = 0 beside STGC)",
+    )
     args, extra = parser.parse_known_args()
-    report = run(args.stages, extra, args.log_root, args.fresh, args.pipeline)
+    stages = [stage for stage in args.stages if not (args.no_baseline and stage == "stage3_baseline")]
+    report = run(stages, extra, args.log_root, args.fresh, args.pipeline)
     print(f"\n== {args.pipeline} pipeline ==")
     print(json.dumps(report, indent=2))
     if args.report:

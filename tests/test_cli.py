@@ -1,5 +1,6 @@
 """End to end through the CLI, on a slice: the easy-vqa pipeline's `fit_stage` runs stages 0 -> I ->
-II (text, then images) -> III (+ STGC) as `make train` does, then validate/test."""
+II (text, then images) -> III (with STGC, and its λ = 0 baseline) as `make train` does, then
+validate/test."""
 
 import json
 import runpy
@@ -11,16 +12,12 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import run as stgc
-from stgc.easy_vqa.pipeline import STAGES, fit_stage, stage_args, stage_data_args
+from stgc.easy_vqa.pipeline import STAGES, fit_stage, source, stage_args, stage_data_args
 from support.tiny import TINY_LM as TINY_LM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LM = json.dumps(TINY_LM_CONFIG)
-STGC_CALLBACK = [
-    "--trainer.callbacks+=stgc.STGC",
-    "--trainer.callbacks.loss_weight=0.05",
-    "--trainer.callbacks.histogram_every_n_steps=1",
-]
+STGC_EVERY_STEP = ["--trainer.callbacks.histogram_every_n_steps=1"]  # the configs' STGC: histograms each step
 
 
 def _slice(stage: str, data_dir: Path) -> list[str]:
@@ -49,16 +46,14 @@ def _scalars(log_dir: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(easy_vqa_dir, tmp_path_factory):
-    """Every stage in order through the pipeline's fit_stage (its links between stages), stage III
-    with STGC added from the command line; returns the log root."""
+    """Every stage in order through the pipeline's fit_stage (its links between stages), both stage III
+    arms from the same stage II; returns the log root."""
     log_root = tmp_path_factory.mktemp("logs")
-    previous = None
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(ROOT)  # the pipeline reads configs/ from the working directory
         for stage in STAGES:
-            extra = _slice(stage, easy_vqa_dir) + (STGC_CALLBACK if stage == "stage3" else [])
-            fit_stage(stage, log_root, previous, extra)
-            previous = stage
+            extra = _slice(stage, easy_vqa_dir) + (STGC_EVERY_STEP if stage.startswith("stage3") else [])
+            fit_stage(stage, log_root, source(stage), extra)
     return log_root
 
 
@@ -73,18 +68,24 @@ def test_stage0_exports_a_clip_checkpoint_that_stage1_loads(pipeline) -> None:
 
 
 def test_each_stage_starts_from_the_last_checkpoint_of_the_one_before(pipeline) -> None:
-    for before, stage in (("stage1", "stage2_text"), ("stage2_text", "stage2"), ("stage2", "stage3")):
+    links = (
+        ("stage1", "stage2_text"),
+        ("stage2_text", "stage2"),
+        ("stage2", "stage3_stgc"),
+        ("stage2", "stage3_baseline"),
+    )
+    for before, stage in links:
         trained = OmegaConf.load(pipeline / "easy_vqa" / stage / "config.yaml").model.init_args
         assert trained.init_from == str(pipeline / "easy_vqa" / before / "checkpoints" / "last.ckpt")
 
 
 def test_each_stage_writes_checkpoints_and_metrics(pipeline) -> None:
-    for stage in ("stage1", "stage2_text", "stage2", "stage3"):
+    for stage in ("stage1", "stage2_text", "stage2", "stage3_stgc", "stage3_baseline"):
         run = pipeline / "easy_vqa" / stage
         assert (run / "checkpoints" / "last.ckpt").is_file()
         assert (run / "config.yaml").is_file()
         assert {"train/loss", "val/loss", "val/ppl"} <= _scalars(run)
-    for stage in ("stage0", "stage1", "stage2_text", "stage2", "stage3"):  # configs/trainer.yaml's logger
+    for stage in STAGES:  # configs/trainer.yaml's logger
         assert "hp_metric" not in _scalars(pipeline / "easy_vqa" / stage), (
             f"{stage} logs a placeholder hp_metric"
         )
@@ -93,8 +94,11 @@ def test_each_stage_writes_checkpoints_and_metrics(pipeline) -> None:
     assert {"val/vqa_acc", "val/vqa_acc_yes_no", "val/vqa_acc_color", "val/vqa_acc_shape"} <= stage2
 
 
-def test_stage3_logs_routing_and_stgc_statistics(pipeline) -> None:
-    scalars = _scalars(pipeline / "easy_vqa" / "stage3")
+@pytest.mark.parametrize("arm", ["stage3_stgc", "stage3_baseline"])
+def test_both_stage3_arms_log_routing_and_stgc_statistics(pipeline, arm) -> None:
+    """make train's two TensorBoard runs: STGC and the baseline that measures the same statistics."""
+    run = pipeline / "easy_vqa" / arm
+    scalars = _scalars(run)
     expected = {
         "train/aux_loss",
         "moe/layer_0/aux_loss",
@@ -112,6 +116,11 @@ def test_stage3_logs_routing_and_stgc_statistics(pipeline) -> None:
         "stgc/expert_load/layer_0/expert_2",
     }
     assert expected <= scalars, sorted(expected - scalars)
+    images = set(EventAccumulator(str(run)).Reload().Tags()["images"])
+    assert {"stgc/conflict_ratio_heatmap", "stgc/conflict_picture"} <= images, sorted(images)
+    callback = OmegaConf.load(run / "config.yaml").trainer.callbacks[-1]
+    assert callback.class_path == "stgc.STGC"
+    assert callback.init_args.loss_weight == (0.0 if arm == "stage3_baseline" else 0.1)
 
 
 def test_scripts_rebuild_the_prompt_layout_stage2_trained_with(pipeline) -> None:
@@ -139,7 +148,7 @@ def test_validate_and_test_a_checkpoint(pipeline, easy_vqa_dir, monkeypatch) -> 
 
 
 def test_ask_answers_a_question_about_an_image(pipeline, easy_vqa_dir, monkeypatch, capsys) -> None:
-    checkpoint = pipeline / "easy_vqa" / "stage3" / "checkpoints" / "last.ckpt"
+    checkpoint = pipeline / "easy_vqa" / "stage3_stgc" / "checkpoints" / "last.ckpt"
     image = next((easy_vqa_dir / "images" / "test").glob("*.png"))
     monkeypatch.setattr(sys, "argv", ["ask.py", str(checkpoint), str(image), "what shape is this?"])
     runpy.run_path(str(ROOT / "scripts" / "ask.py"), run_name="__main__")

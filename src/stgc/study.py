@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import move_data_to_device
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.data.collate import answer_spans, is_empty
 from stgc.model.metrics import metric_name, normalize_answer
@@ -40,6 +41,28 @@ def accuracies(scored: dict[str, list]) -> dict[str, float]:
     for question_type in dict.fromkeys(scored["type"]):
         result[metric_name(question_type)] = float(correct[types == question_type].mean())
     return result
+
+
+def layer_curves(events: EventAccumulator, names: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
+    """Per name (a `stgc/<name>/<layer>` quantity), its value at each logged step averaged over the MoE
+    layers, from a run's TensorBoard events."""
+    tags = events.Tags()["scalars"]
+    result = {}
+    for name in names:
+        by_step: dict[int, list[float]] = {}
+        for tag in tags:
+            if tag.startswith(f"stgc/{name}/") and not tag.endswith("/all"):
+                for event in events.Scalars(tag):
+                    by_step.setdefault(event.step, []).append(event.value)
+        result[name] = [(step, float(np.mean(values))) for step, values in sorted(by_step.items())]
+    return result
+
+
+def late_mean(curve: Sequence[Sequence[float]], tail: float) -> float:
+    """The mean of a curve's values over its last `tail` fraction of (step, value) points, at least one
+    (0: the last point). Conflict ratios swing from batch to batch: the last step alone says little."""
+    values = [value for _, value in curve]
+    return float(np.mean(values[-max(1, round(tail * len(values))) :]))
 
 
 def student_t_quantile(p: float, df: int) -> float:

@@ -23,8 +23,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import run as stgc
+from stgc.study import late_mean, layer_curves
 
 CONFIGS = Path("configs")
 DEFAULT = "easy_vqa"  # the pipeline of `make train`
@@ -32,18 +34,20 @@ PIPELINES = {  # pipeline -> its LVLM's config files under configs/; its stage f
     "easy_vqa": ("easy_vqa/model.yaml",),
     "mix": ("easy_vqa/model.yaml", "mix/model.yaml"),  # easy-vqa's LVLM with the tokenizer of both datasets
 }
-STAGES = {  # stage (its logger version) -> its config file under configs/<pipeline>/, in training order
-    "stage0": "stage0_clip.yaml",
-    "stage1": "stage1_pretrain.yaml",
-    "stage2_text": "stage2_text.yaml",
-    "stage2": "stage2_finetune.yaml",
-    "stage3": "stage3_moe.yaml",
+STAGES = {  # stage (its logger version) -> its config files under configs/<pipeline>/, in training order
+    "stage0": ("stage0_clip.yaml",),
+    "stage1": ("stage1_pretrain.yaml",),
+    "stage2_text": ("stage2_text.yaml",),
+    "stage2": ("stage2_finetune.yaml",),
+    "stage3_stgc": ("stage3_moe.yaml", "stage3_moe_stgc.yaml"),  # the MoE recipe with STGC: the final model
+    "stage3_baseline": ("stage3_moe.yaml", "stage3_moe_baseline.yaml"),  # beside it, STGC measuring (λ = 0)
 }
+TESTED = ("stage2", "stage3_stgc", "stage3_baseline")  # the dense model and stage III's two arms
 
 
 def stage_config(stage: str, *, pipeline: str = DEFAULT) -> DictConfig:
-    """A stage's config file."""
-    return OmegaConf.load(CONFIGS / pipeline / STAGES[stage])
+    """A stage's config, its files merged in order (a later file's lists replace, as in LightningCLI)."""
+    return OmegaConf.merge(*(OmegaConf.load(CONFIGS / pipeline / name) for name in STAGES[stage]))
 
 
 def stage_data_args(stage: str, *, pipeline: str = DEFAULT) -> dict[str, Any]:
@@ -62,7 +66,7 @@ def stage_paths(stage: str, *, pipeline: str = DEFAULT) -> dict[str, tuple[str, 
         if isinstance(value, str) and Path(value).is_relative_to(runs):
             owner, *inside = Path(value).relative_to(runs).parts
             if owner not in STAGES:
-                raise ValueError(f"{STAGES[stage]}: model.init_args.{key}={value} is in no stage's folder")
+                raise ValueError(f"{STAGES[stage][0]}: model.init_args.{key}={value} is in no stage's folder")
             paths[key] = (owner, Path(*inside))
     return paths
 
@@ -71,7 +75,7 @@ def source(stage: str, *, pipeline: str = DEFAULT) -> str | None:
     """The stage whose output this stage starts from (None: the first stage)."""
     owners = {owner for owner, _ in stage_paths(stage, pipeline=pipeline).values() if owner != stage}
     if len(owners) > 1:
-        raise ValueError(f"{STAGES[stage]} starts from several stages: {sorted(owners)}")
+        raise ValueError(f"{STAGES[stage][0]} starts from several stages: {sorted(owners)}")
     return next(iter(owners), None)
 
 
@@ -97,10 +101,14 @@ def stage_args(stage: str, log_root: str | Path, *, pipeline: str = DEFAULT) -> 
     model = (
         [] if stage == "stage0" else [arg for f in PIPELINES[pipeline] for arg in ("-c", str(CONFIGS / f))]
     )
+    own = [arg for name in STAGES[stage] for arg in ("-c", str(CONFIGS / pipeline / name))]
     return [
-        "-c", str(CONFIGS / "trainer.yaml"), *model, "-c", str(CONFIGS / pipeline / STAGES[stage]),
+        "-c",
+        str(CONFIGS / "trainer.yaml"),
+        *model,
+        *own,
         f"--trainer.logger.init_args.save_dir={log_root}",
-    ]  # fmt: skip
+    ]
 
 
 def fit_args(
@@ -203,3 +211,11 @@ def metrics(cli: LightningCLI, prefix: str) -> dict[str, float]:
     """The run's final logged metrics under `prefix` (e.g. "val/")."""
     items = sorted(cli.trainer.callback_metrics.items())
     return {key: round(float(value), 4) for key, value in items if key.startswith(prefix)}
+
+
+def late_conflict_ratio(folder: str | Path) -> dict[str, float]:
+    """{"stgc/conflict_ratio": ...}: a run's STGC conflict ratio averaged over the MoE layers and its
+    last third of logged steps, from its TensorBoard events; {} for a run without STGC."""
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+    curve = layer_curves(events, ["conflict_ratio"])["conflict_ratio"]
+    return {"stgc/conflict_ratio": round(late_mean(curve, 1 / 3), 4)} if curve else {}
