@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data data-mix train train-mix study study-mix planted test lint bench clean
+.PHONY: install data data-mix train train-mix study study-mix planted test test-slow test-all lint bench clean
 
 install: $(STAMP)
 
@@ -42,9 +42,16 @@ planted: install
 	$(PY) scripts/planted.py --parts screen map control
 	$(PY) scripts/planted.py --parts map control --loss-type unlikelihood --loss-weight 1.0 --readme
 
+# The suite in two parts: `make test` (under 5 minutes of test time on 2 cores) and the end-to-end runs
+# marked slow, which the fast part covers more briefly; `make test-all` (what CI runs) is both.
 test: install
 	$(PY) -m ruff check src tests scripts examples
 	$(PY) -m pytest
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+test-all: test test-slow
 
 lint: install
 	$(PY) -m ruff check src tests scripts examples

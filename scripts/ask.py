@@ -1,6 +1,6 @@
 """Ask a trained checkpoint a question about an image file.
 
-python scripts/ask.py logs/easy_vqa/stage3/checkpoints/last.ckpt data/easy_vqa/images/test/0.png "what color is the shape?"
+python scripts/ask.py logs/easy_vqa/stage3_stgc/checkpoints/last.ckpt data/easy_vqa/images/test/0.png "what color is the shape?"
 """
 
 import argparse

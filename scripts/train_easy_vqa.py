@@ -83,6 +83,17 @@ def run(
     return report
 
 
+def summary(tests: dict) -> str:
+    """The tested models side by side: test accuracy and STGC's conflict ratio over the last third."""
+    lines = [f"{'model':<16} {'test acc':>8}  conflict ratio (last third)"]
+    for stage, test in tests.items():
+        if "test/vqa_acc" not in test:  # stage 0 or I alone: no answers to score
+            continue
+        ratio = test.get("stgc/conflict_ratio")
+        lines.append(f"{stage:<16} {test['test/vqa_acc']:>8.4f}  {'–' if ratio is None else f'{ratio:.4f}'}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
@@ -102,6 +113,7 @@ def main() -> None:
     report = run(stages, extra, args.log_root, args.fresh, args.pipeline)
     print(f"\n== {args.pipeline} pipeline ==")
     print(json.dumps(report, indent=2))
+    print(f"\n{summary(report['test'])}")
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nWatch the runs: .venv/bin/tensorboard --logdir {args.log_root}/{args.pipeline}")

@@ -38,6 +38,15 @@ def easy_vqa_tokenizer(easy_vqa_dir):
     return AutoTokenizer.from_pretrained(easy_vqa_dir / "tokenizer")
 
 
+@pytest.fixture(scope="session")
+def console_runs(easy_vqa_dir, tmp_path_factory) -> dict:
+    """One `stgc fit` of stage III with STGC and its validate, test and predict, through the installed
+    console script (support.console.fit_and_evaluate): test_console checks the runs, test_board the events."""
+    from support.console import fit_and_evaluate
+
+    return fit_and_evaluate(easy_vqa_dir, tmp_path_factory.mktemp("console"))
+
+
 @pytest.fixture
 def write_llava(tmp_path):
     """Function writing records to tmp_path/data.json and 8x8 PNGs for their images under tmp_path/images;

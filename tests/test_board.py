@@ -11,23 +11,20 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
-from stgc.board import custom_scalars_layout, shade, token_grid
+from stgc.board import OVERVIEW, custom_scalars_layout, shade, token_grid
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data import InstructionDataModule
 from stgc.module import LVLMModule
 from stgc.moe import moe_losses
-from support.fit import fit_command, run, stage3_stgc
 from support.tiny import TINY_LM
 
 NUM_EXPERTS = 4  # configs/easy_vqa/stage3_moe.yaml
 
 
 @pytest.fixture(scope="module")
-def fit_events(easy_vqa_dir, tmp_path_factory) -> EventAccumulator:
-    """The event file of `stgc fit`, stage III with STGC on a slice (as a user runs it)."""
-    log_root = tmp_path_factory.mktemp("logs")
-    run(fit_command(stage3_stgc(easy_vqa_dir, log_root, 1, "--trainer.limit_train_batches=3")))
-    return EventAccumulator(str(log_root / "easy_vqa" / "stage3_stgc")).Reload()
+def fit_events(console_runs) -> EventAccumulator:
+    """The event file of `stgc fit`, stage III with STGC on a slice, through the installed script."""
+    return EventAccumulator(str(console_runs["folder"])).Reload()
 
 
 def _layout(events: EventAccumulator) -> dict[str, dict[str, list[str]]]:
@@ -39,16 +36,19 @@ def _layout(events: EventAccumulator) -> dict[str, dict[str, list[str]]]:
 
 def test_layout_groups_the_logged_charts_per_layer_with_a_line_per_expert(fit_events) -> None:
     layout = _layout(fit_events)
-    assert list(layout) == ["layer_0", "all layers"]  # the tiny LM's 2 layers: MoE in every other one
+    assert list(layout) == [OVERVIEW, "layer_0"]  # STGC's overview first; the tiny LM's one MoE layer
     names = set(fit_events.Tags()["scalars"])
     for category, charts in layout.items():
         for title, regexes in charts.items():
             lines = {name for name in names if any(re.search(regex, name) for regex in regexes)}
             assert lines, f"{category} / {title}: {regexes} match no metric"
-            in_layer_0 = {"layer_0" in name.split("/") for name in lines}
-            assert in_layer_0 == {category == "layer_0"}, (category, title, sorted(lines))
+            if category == "layer_0":
+                assert all("layer_0" in name.split("/") for name in lines), (title, sorted(lines))
+            elif "per layer" not in title:  # the overview: the figures over all layers
+                assert not any("layer_0" in name.split("/") for name in lines), (title, sorted(lines))
             if "per expert" in title:
                 assert len(lines) == NUM_EXPERTS, (title, sorted(lines))
+    assert list(layout["layer_0"])[0] == "conflict ratio: all, text, image tokens"  # STGC's charts first
     shown = {
         name
         for charts in layout.values()
@@ -65,13 +65,13 @@ def test_layout_groups_the_logged_charts_per_layer_with_a_line_per_expert(fit_ev
     }
 
 
-def test_baseline_layout_is_the_start_of_the_stgc_layout() -> None:
-    """So TensorBoard's merge of a baseline's and an STGC run's layouts keeps the STGC run's order."""
+def test_a_run_without_stgc_adds_no_chart_to_the_stgc_layout() -> None:
+    """A folder mixing runs with and without the callback shows each chart once, in the merged layout."""
     layers = ["layer_1", "layer_3"]
     baseline, with_stgc = custom_scalars_layout(layers, stgc=False), custom_scalars_layout(layers, stgc=True)
-    assert list(with_stgc)[: len(baseline)] == list(baseline) == layers
+    assert list(baseline) == layers and list(with_stgc) == [OVERVIEW, *layers]
     for layer in layers:
-        assert list(with_stgc[layer].items())[: len(baseline[layer])] == list(baseline[layer].items())
+        assert baseline[layer].items() <= with_stgc[layer].items()
     assert all(
         "stgc/" not in regex
         for charts in baseline.values()

@@ -14,8 +14,11 @@ from stgc.easy_vqa import pipeline as stages
 from stgc.sort_of_clevr.prepare import QUESTION_TYPES, prepare
 from support.tiny import TINY_LM
 
+pytestmark = pytest.mark.slow  # every mix stage: test_cli runs the same stages on easy-vqa
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["yes_no", "color", "shape", *QUESTION_TYPES]  # as the logged keys spell them
+MIX_STAGES = ["stage0", "stage1", "stage2_text", "stage2", "stage3_stgc"]
 
 
 @pytest.fixture(scope="module")
@@ -68,22 +71,23 @@ def slice_args(stage: str, data: dict[str, Path]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(data, tmp_path_factory, monkeypatch_module):
-    """Every mix stage in order through fit_stage; returns the log root and the last stage's CLI."""
+    """The mix stages in order through fit_stage, stage III with STGC (its baseline arm differs only by a
+    config file, which test_cli's easy-vqa pipeline runs); returns the log root and each stage's CLI."""
     log_root = tmp_path_factory.mktemp("logs")
     monkeypatch_module.chdir(ROOT)  # the pipeline reads configs/ from the working directory
-    previous, clis = None, {}
-    for stage in stages.STAGES:
+    clis = {}
+    for stage in MIX_STAGES:
+        previous = stages.source(stage, pipeline="mix")
         clis[stage] = stages.fit_stage(stage, log_root, previous, slice_args(stage, data), pipeline="mix")
-        previous = stage
     return log_root, clis
 
 
 def test_every_stage_finishes_from_the_one_before(pipeline):
     log_root, _ = pipeline
-    for stage in stages.STAGES:
+    for stage in MIX_STAGES:
         assert stages.stage_record(log_root, stage, pipeline="mix")["finished"], stage
     assert (log_root / "mix" / "stage0" / "clip.pt").is_file()
-    for before, stage in (("stage1", "stage2_text"), ("stage2_text", "stage2"), ("stage2", "stage3")):
+    for before, stage in (("stage1", "stage2_text"), ("stage2_text", "stage2"), ("stage2", "stage3_stgc")):
         trained = OmegaConf.load(log_root / "mix" / stage / "config.yaml").model.init_args
         assert trained.init_from == str(log_root / "mix" / before / "checkpoints" / "last.ckpt")
         assert "configs/mix/model.yaml" in stages.stage_args(stage, log_root, pipeline="mix")
@@ -95,15 +99,15 @@ def test_every_stage_finishes_from_the_one_before(pipeline):
 
 def test_stages_train_on_every_dataset_and_score_every_family(pipeline, data):
     log_root, clis = pipeline
-    train = clis["stage3"].datamodule.datasets["train"].records
+    train = clis["stage3_stgc"].datamodule.datasets["train"].records
     datasets = {str(data["data/easy_vqa"]): 0, str(data["data/sort_of_clevr"]): 0, None: 0}
     for record in train:  # an image of each dataset, and the text-only family
         datasets[next((d for d in datasets if d and record.image and record.image.startswith(d)), None)] += 1
     assert all(datasets.values()), datasets
-    val = stages.stage_record(log_root, "stage3", pipeline="mix")["val"]
+    val = stages.stage_record(log_root, "stage3_stgc", pipeline="mix")["val"]
     assert {f"val/vqa_acc_{family}" for family in FAMILIES} <= set(val)
-    args = slice_args("stage3", data)
-    tested = stages.test_stage("stage3", log_root, args, pipeline="mix").trainer.callback_metrics
+    args = slice_args("stage3_stgc", data)
+    tested = stages.test_stage("stage3_stgc", log_root, args, pipeline="mix").trainer.callback_metrics
     assert {"test/vqa_acc", "test/vqa_acc_text_only", "test/vqa_acc_yes_no"} <= set(tested)
 
 

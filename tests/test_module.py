@@ -258,7 +258,7 @@ def test_teacher_forced_scoring_gives_exactly_the_generated_answers(easy_vqa_dir
     data = InstructionDataModule(
         train_json=str(multi_turn_easy_vqa(easy_vqa_dir, tmp_path / "conversations.json", images=24)),
         image_folder=str(easy_vqa_dir / "images"),
-        val_fraction=0.25,
+        val_fraction=0.125,  # 3 conversations, about 30 answers: each generated twice
         max_length=400,
         batch_size=6,
         eval_batch_size=4,

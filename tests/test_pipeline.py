@@ -3,6 +3,7 @@ again, keeps the stages that finished, resumes the interrupted one from its last
 the weights of an uninterrupted run (stages II and III on a slice of easy-vqa, tiny LM)."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def pipeline(data_dir: Path, log_root: Path, marker: Path, *extra: str) -> list[
         "--data.init_args.limit_records=36", "--data.init_args.val_fraction=0.2",
         "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=8",
         "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
-        "--trainer.limit_test_batches=1",
+        "--trainer.limit_test_batches=1", "--trainer.log_every_n_steps=1",
         "--trainer.callbacks+=support.faults.StallAtEpoch", "--trainer.callbacks.epoch=1",
         f"--trainer.callbacks.marker={marker}", "--trainer.callbacks.version=stage3_stgc", *extra,
     ]  # fmt: skip
@@ -75,6 +76,8 @@ def test_a_rerun_keeps_finished_stages_and_resumes_the_interrupted_one(
     baseline = (tmp_path / "easy_vqa" / "stage3_baseline" / "config.yaml").read_text()
     assert f"init_from: {last(tmp_path, 'stage2')}" in baseline
     assert '"stage3_baseline": {' in out[out.index('"test"') :]  # both arms tested
+    for arm in ("stage3_stgc", "stage3_baseline"):  # the closing summary: test accuracy, conflict ratio
+        assert re.search(rf"^{arm} +[01]\.\d{{4}}  [01]\.\d{{4}}$", out, re.MULTILINE), out[-600:]
     resumed = load(last(tmp_path, "stage3_stgc"))
     assert resumed["global_step"] == uninterrupted["global_step"]
     for key, value in uninterrupted["state_dict"].items():
@@ -82,8 +85,8 @@ def test_a_rerun_keeps_finished_stages_and_resumes_the_interrupted_one(
 
     again = run(command).stdout  # everything finished: nothing trains
     assert "[stage2] kept" in again and "[stage3_stgc] kept" in again and "[stage3_baseline] kept" in again
-    fresh = run([*command, "--fresh"]).stdout
-    assert "kept" not in fresh and "resuming" not in fresh
+    fresh = run([*command, "--fresh", "--stages", "stage2"]).stdout  # a later --stages wins: one stage
+    assert "[stage2] {" in fresh and "kept" not in fresh and "resuming" not in fresh
 
 
 def test_stage_state_reads_the_recorded_settings(tmp_path, monkeypatch) -> None:

@@ -10,6 +10,8 @@ import torch
 
 from stgc.conflict.loss import LOSS_TYPES
 
+pytestmark = pytest.mark.slow  # the whole quick study, a dozen fits: test_study checks its parts
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -9,6 +9,9 @@ import torch
 
 from support.fit import fit_command, run, run_until_stalled, stage3_stgc
 
+# SIGKILL and resume through `stgc fit`, three runs; test_pipeline resumes through make train's script
+pytestmark = pytest.mark.slow
+
 EPOCHS = 3
 
 

@@ -126,6 +126,7 @@ def test_checkpointing_captures_each_expert_input_once_in_the_recomputation() ->
                 torch.testing.assert_close(value_ckpt, value, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # `stgc fit` under FSDP2 twice; the other tests here check FSDP2's exactness
 def test_stgc_fit_under_fsdp2_resumes_from_its_sharded_checkpoint(easy_vqa_dir, tmp_path) -> None:
     """`stgc fit` with configs/trainer/fsdp2.yaml and checkpointing on 2 processes, stopped after
     epoch 0 and resumed from its sharded last.ckpt (a folder of per-rank shards), ends with the

@@ -42,27 +42,31 @@ MOE_CHARTS = (
     ("load-balancing loss", r"moe/{layer}/aux_loss"),
     ("dropped fraction", r"moe/{layer}/dropped_fraction"),
 )
-ALL_LAYER_CHARTS = (  # the callback's figures over all layers
+OVERVIEW_CHARTS = (  # the callback's figures over all layers, and the step diagnostics of every layer
     CONFLICT_RATIO,
     COSINE,
-    COSINE_STD,
     CEL,
+    ("reroute rate of flagged pairs, per layer", r"stgc/reroute_rate/[^/]+"),
+    ("change of p(t, e) of flagged pairs, per layer", r"stgc/delta_p_flagged/[^/]+"),
+    COSINE_STD,
     ("non-finite steps skipped", "stgc/skipped_nonfinite"),
     ("load-balancing loss, summed over layers", "train/aux_loss"),
 )
+OVERVIEW = "STGC: all layers"  # its category title
 
 
 def custom_scalars_layout(layer_names: list[str], stgc: bool = True) -> dict[str, dict[str, list]]:
-    """The layout `SummaryWriter.add_custom_scalars` takes: a category per MoE layer holding its
-    `moe/` charts and, when `stgc`, its `stgc/` charts after them, then with `stgc` one category over
-    all layers; every chart a multiline chart of the metrics its anchored regex matches.
+    """The layout `SummaryWriter.add_custom_scalars` takes. With `stgc`: first an overview category
+    (the callback's figures over all layers, each layer's reroute rate), then a category per MoE layer
+    with its `stgc/` charts before its `moe/` charts; without, a category per layer of `moe/` charts.
+    Every chart is a multiline chart of the metrics its anchored regex matches.
 
-    TensorBoard merges the layouts of a folder's runs by category title, dropping repeated charts;
-    the layout without STGC being the start of the one with it, a baseline and an STGC run share
-    their charts in the same order, whichever run it reads first."""
-    per_layer = (*MOE_CHARTS, *STGC_CHARTS) if stgc else MOE_CHARTS
-    groups = [(layer, layer, per_layer) for layer in layer_names]
-    groups += [(f"{ALL_LAYERS} layers", ALL_LAYERS, ALL_LAYER_CHARTS)] if stgc else []
+    TensorBoard merges the layouts of a folder's runs by category title, dropping repeated charts, in
+    the order of the run it reads first: `make train`'s two stage III arms both run the callback, so
+    they share one layout; a run without it adds no chart of its own."""
+    per_layer = (*STGC_CHARTS, *MOE_CHARTS) if stgc else MOE_CHARTS
+    groups = [(OVERVIEW, ALL_LAYERS, OVERVIEW_CHARTS)] if stgc else []
+    groups += [(layer, layer, per_layer) for layer in layer_names]
     return {
         category: {
             title: ["Multiline", [f"^{pattern.format(layer=re.escape(layer))}$"]] for title, pattern in charts
