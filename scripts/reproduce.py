@@ -99,11 +99,8 @@ class Arm:
 def run_args(arm: Arm, seed: int, args: argparse.Namespace) -> list[str]:
     """`stgc fit`/`predict` arguments of one stage III run (its version: <arm>_seed<seed>). The seed
     sets the router initialisation and the data order; the val split stays the data's own (seed 0)."""
-    callback = {
-        "threshold": args.threshold,
-        "histogram_every_n_steps": 0,
-        **asdict(arm),
-    }  # the baseline's STGC, set
+    # the arm's settings replace those of the STGC callback in stage3_moe_baseline.yaml
+    callback = {"threshold": args.threshold, "histogram_every_n_steps": 0, **asdict(arm)}
     return [
         *stage_args("stage3_baseline", args.log_root, pipeline=args.pipeline),
         f"--trainer.logger.init_args.version={arm.name}_seed{seed}",

@@ -14,7 +14,9 @@ and the TensorBoard command. Extra arguments go to every run
 
 A rerun keeps each stage that finished with the same settings (its `stgc fit` arguments and the
 text of its config files, recorded in <log-root>/<pipeline>/<stage>/pipeline.json), resumes an
-interrupted stage from its last.ckpt (written at every epoch end, so the resumption is exact), and
+interrupted stage from its last.ckpt (written at every epoch end, so the resumption is exact; the
+warm-up also writes it at each of its validations, four an epoch: resuming it mid-epoch is not checked
+to be exact), and
 trains every stage that starts from a retrained one again; it says which. --fresh starts every stage from scratch.
 """
 
