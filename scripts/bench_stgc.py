@@ -42,7 +42,7 @@ from torch.func import functional_call, grad
 from torch.utils.data import DataLoader
 
 from stgc import STGC
-from stgc.conflict import linear_gradient_terms, token_gradient_cosine
+from stgc.method import linear_gradient_terms, token_gradient_cosine
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data.dataset import output_size
 from stgc.easy_vqa.prepare import prepare

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from stgc.conflict.loss import LOSS_TYPES, conflict_elimination_loss
+from stgc.method.loss import LOSS_TYPES, conflict_elimination_loss
 
 
 def directions(logits: torch.Tensor, expert: torch.Tensor, loss_type: str, lr: float) -> dict[str, float]:

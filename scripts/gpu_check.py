@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from stgc import STGC
-from stgc.conflict import cosine_from_terms, linear_gradient_terms
+from stgc.method import cosine_from_terms, linear_gradient_terms
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.easy_vqa.prepare import prepare
 from stgc.host_syncs import HostSyncCounter

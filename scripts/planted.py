@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from stgc.conflict.loss import LOSS_TYPES
+from stgc.method.loss import LOSS_TYPES
 from stgc_experiments.planted import summary as report
 from stgc_experiments.planted.run import Arm, Schedule, run_seed
 from stgc_experiments.planted.task import CONSTRUCTIONS, Cell

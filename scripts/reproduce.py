@@ -42,7 +42,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import Subset
 
 from stgc.cli import run as stgc
-from stgc.conflict.loss import LOSS_TYPES
+from stgc.method.loss import LOSS_TYPES
 from stgc.easy_vqa.pipeline import PIPELINES, chain, fit_stage, last_checkpoint, source, stage_args
 from stgc.easy_vqa.prepare import prepare
 from stgc.study import (

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stgc.conflict.loss import LOSS_TYPES
+from stgc.method.loss import LOSS_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/trainer.yaml", "configs/easy_vqa/model.yaml", "configs/easy_vqa/stage3_moe.yaml"]

@@ -8,7 +8,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from stgc.callback import STGC, find_moe_probes
-from stgc.conflict.hf_experts import restore_experts, use_stgc_experts
+from stgc.method.hf_experts import restore_experts, use_stgc_experts
 from stgc.constants import MODALITIES
 from stgc.moe import SparseMoE
 from support.brute_force import token_gradients

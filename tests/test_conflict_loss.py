@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stgc.conflict.loss import conflict_elimination_loss
+from stgc.method.loss import conflict_elimination_loss
 
 
 def test_unlikelihood_is_minus_log_one_minus_p_over_pairs() -> None:

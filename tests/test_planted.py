@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from stgc.conflict.probes import LayerConflicts, LayerRouting
-from stgc.conflict.selection import SelectionStep
+from stgc.method.probes import LayerConflicts, LayerRouting
+from stgc.method.selection import SelectionStep
 from stgc_experiments.planted.meter import BINS, VARIANTS, roc_auc
 from stgc_experiments.planted.oracle import OracleSelection
 from stgc_experiments.planted.task import CLASSES, Cell, Task, assignment_families, planted_conflicts

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from stgc.callback import STGC
-from stgc.conflict.loss import conflict_elimination_loss
-from stgc.conflict.selection import random_like
+from stgc.method.loss import conflict_elimination_loss
+from stgc.method.selection import random_like
 from support.lightning_models import CausalLMModule, cpu_trainer, upcycled_qwen2
 
 _trainer = partial(cpu_trainer, max_steps=1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stgc.conflict.loss import LOSS_TYPES
+from stgc.method.loss import LOSS_TYPES
 
 pytestmark = pytest.mark.slow  # the whole quick study, a dozen fits: test_study checks its parts
 

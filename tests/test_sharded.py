@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from stgc.callback import STGC, find_moe_probes
-from stgc.conflict.recompute import enable_gradient_checkpointing
+from stgc.moe.recompute import enable_gradient_checkpointing
 from support.fit import fit_command, run, stage3_stgc
 from support.lightning_models import CausalLMModule, upcycled_qwen2
 from support.sharded_stgc import RANKS, STEPS, THRESHOLD, global_batches

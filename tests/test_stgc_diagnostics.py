@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from stgc.callback import STGC
-from stgc.conflict import diagnostics
-from stgc.conflict.diagnostics import expert_drift, pearson, pearson_sums, reroute_metrics, reroute_sums
-from stgc.conflict.loss import conflict_elimination_loss
-from stgc.conflict.probes import LayerConflicts
-from stgc.conflict.statistics import LayerStats, layer_metrics
+from stgc.method import diagnostics
+from stgc.method.diagnostics import expert_drift, pearson, pearson_sums, reroute_metrics, reroute_sums
+from stgc.method.loss import conflict_elimination_loss
+from stgc.method.probes import LayerConflicts
+from stgc.method.statistics import LayerStats, layer_metrics
 from support.lightning_models import CausalLMModule, OppositeGroups, cpu_trainer, upcycled_qwen2
 
 _trainer = partial(cpu_trainer, max_steps=1)
@@ -85,7 +85,7 @@ def test_null_level_is_the_mean_of_one_over_root_n_e_over_assignments() -> None:
 def test_null_level_is_norm_matched_when_token_gradients_differ_in_norm() -> None:
     """For orthogonal token gradients cos(g_t, Σg) = ‖g_t‖ / √Σ‖g_j‖²: the null level weighs each token
     by its norm (1/√n_e only for equal norms). Checked on orthogonal gradients built outright."""
-    from stgc.conflict.cosine import cosine_from_terms, linear_gradient_terms
+    from stgc.method.cosine import cosine_from_terms, linear_gradient_terms
 
     norms = torch.tensor([3.0, 1.0, 0.5, 0.1, 2.0], dtype=torch.float64)
     x = torch.eye(5, dtype=torch.float64) * norms[:, None]  # (5, 5): orthogonal inputs of these norms
@@ -103,7 +103,7 @@ def test_null_level_is_norm_matched_when_token_gradients_differ_in_norm() -> Non
 def test_cosines_of_unrelated_token_gradients_sit_at_the_null_level() -> None:
     """64 independent random token gradients in one expert: cos(g_t, Σg) ≈ 1/√64 with no agreement at
     all, while leaving g_t out gives ≈ 0 (the claim behind logging the null level)."""
-    from stgc.conflict.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
+    from stgc.method.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
 
     generator = torch.Generator().manual_seed(0)
     x, delta = torch.randn(64, 256, generator=generator), torch.randn(64, 128, generator=generator)
@@ -284,7 +284,7 @@ def test_unknown_gradient_or_mean_is_refused() -> None:
 
 
 def test_position_share_counts_layers_where_a_position_conflicts() -> None:
-    from stgc.conflict.statistics import position_conflict_share
+    from stgc.method.statistics import position_conflict_share
 
     # layer 0: rows are positions 0..3, (row, expert) pairs; layer 1 routes rows [0, 1] = positions [2, 3]
     layer0 = LayerConflicts(

@@ -3,7 +3,7 @@
 picture (a sample's image patches and text tokens shaded by how much they conflict).
 
 Metric names, as logged: `stgc/<quantity>/<layer>` and `stgc/<quantity>/<layer>/expert_<e>` by the
-STGC callback (stgc.conflict.statistics.layer_metrics), `moe/<layer>/<quantity>` and
+STGC callback (stgc.method.statistics.layer_metrics), `moe/<layer>/<quantity>` and
 `moe/<layer>/<quantity>/expert_<e>` by LVLMModule (stgc.moe.routing_stats).
 """
 

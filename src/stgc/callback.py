@@ -4,7 +4,7 @@ elimination loss (CEL) that routes conflicting tokens away from the experts they
 One pass per micro-batch (docs/design.md §2-§4): probes keep X in forward, take Δ and G in backward;
 `on_after_backward` turns them into cosines, flags tokens below the threshold, and adds
 ∂(λ·CEL)/∂W_router — computed from the detached router inputs only — to the routers' `.grad`.
-On logging steps it also measures what the step did to routing (stgc.conflict.diagnostics).
+On logging steps it also measures what the step did to routing (stgc.method.diagnostics).
 """
 
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from stgc.conflict.diagnostics import (
+from stgc.method.diagnostics import (
     PEARSON_SUMS,
     expert_drift,
     pearson,
@@ -25,18 +25,18 @@ from stgc.conflict.diagnostics import (
     reroute_metrics,
     reroute_sums,
 )
-from stgc.conflict.hf_experts import (
+from stgc.method.hf_experts import (
     IMPLEMENTATION,
     HFExpertsProbe,
     is_hf_experts,
     outermost_transformers_models,
     switch_experts,
 )
-from stgc.conflict.loss import LOSS_TYPES, conflict_elimination_loss
-from stgc.conflict.probes import GRADIENTS, MEANS, LayerConflicts, LayerProbe, SparseMoEProbe
-from stgc.conflict.selection import Selection, SelectionStep, selection_named
-from stgc.conflict.sharding import add_to_grad, full_tensor
-from stgc.conflict.statistics import LayerStats, conflict_heatmap, layer_metrics, position_conflict_share
+from stgc.method.loss import LOSS_TYPES, conflict_elimination_loss
+from stgc.method.probes import GRADIENTS, MEANS, LayerConflicts, LayerProbe, SparseMoEProbe
+from stgc.method.selection import Selection, SelectionStep, selection_named
+from stgc.method.sharding import add_to_grad, full_tensor
+from stgc.method.statistics import LayerStats, conflict_heatmap, layer_metrics, position_conflict_share
 from stgc.moe import SparseMoE, short_layer_name
 from stgc.precision import autocast_off
 
@@ -78,14 +78,14 @@ class STGC(L.Callback):
         loss_weight: λ of the CEL; 0 only measures (how a baseline records the same statistics).
         loss_type: "negated_logits" (the reviewers' reading of the paper's Eq. 8; can raise a second
             choice's score), "negated_logits_per_expert" or "unlikelihood" (both always lower the
-            conflicting expert's score); see stgc.conflict.loss.
+            conflicting expert's score); see stgc.method.loss.
         gradient: "exact" (the gradient w.r.t. all of the expert's weights) or "output" (w.r.t. the
             expert's output, routing weight included: the paper's cheaper approximation).
         mean: compare g_t with the sum over "all" the expert's tokens (the paper's ḡ_e, which holds
             g_t itself: null level ≈ 1/√n_e) or over the "others" (leave-one-out: null level 0).
         selection: the CEL applies to the conflicting assignments ("gradient": STGC) or, as a control,
             to as many assignments drawn at random in each layer and micro-batch ("random"), or to what a
-            `stgc.conflict.selection.Selection` of your own chooses; the logged conflict statistics are
+            `stgc.method.selection.Selection` of your own chooses; the logged conflict statistics are
             the gradient's either way.
         start_step: first optimizer step at which STGC runs.
         every_n_steps: run on every n-th optimizer step (conflicts cost ~1/3 of the experts' time).

@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from stgc.board import as_display_image, conflict_figure, token_grid, write_custom_scalars
 from stgc.callback import STGC
 from stgc.checkpoint import KeepsRNGState
-from stgc.conflict.recompute import enable_gradient_checkpointing
+from stgc.moe.recompute import enable_gradient_checkpointing
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data.collate import answer_spans, is_empty, pad_token_id, prompt_batch
 from stgc.data.datamodule import LlavaDataModule

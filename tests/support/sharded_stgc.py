@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stgc.callback import STGC  # noqa: E402
-from stgc.conflict.recompute import enable_gradient_checkpointing  # noqa: E402
+from stgc.moe.recompute import enable_gradient_checkpointing  # noqa: E402
 from stgc.moe.upcycle import decoder_layers  # noqa: E402
 from support.lightning_models import VOCAB, CausalLMModule, tiny_olmoe, upcycled_qwen2  # noqa: E402
 from support.ranks import full_state_dict  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stgc.conflict.recompute import replaying
+from stgc.moe.recompute import replaying
 from stgc.constants import MODALITIES
 from stgc.precision import autocast_off, to_compute_dtype
 

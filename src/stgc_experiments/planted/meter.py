@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from stgc import STGC
-from stgc.conflict.probes import GRADIENTS, MEANS
+from stgc.method.probes import GRADIENTS, MEANS
 from stgc_experiments.planted.task import Cell, assignment_families, planted_conflicts
 
 BINS = 400  # cosine histogram over [-1, 1] per variant, for the detection ROC

@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor
 
-from stgc.conflict.probes import LayerConflicts
-from stgc.conflict.selection import Selection, SelectionStep, random_like
+from stgc.method.probes import LayerConflicts
+from stgc.method.selection import Selection, SelectionStep, random_like
 from stgc_experiments.planted.task import Cell, assignment_families, planted_conflicts
 
 

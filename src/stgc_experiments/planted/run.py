@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from stgc import STGC
-from stgc.conflict.selection import Selection
+from stgc.method.selection import Selection
 from stgc_experiments.planted.meter import PlantedMeter
 from stgc_experiments.planted.model import PlantedModel, PlantedModule, evaluate
 from stgc_experiments.planted.oracle import OracleSelection

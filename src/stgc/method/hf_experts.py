@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
-from stgc.conflict.probes import LayerProbe, LayerRouting, WeightSite, capture_output_terms
+from stgc.method.probes import LayerProbe, LayerRouting, WeightSite, capture_output_terms
 from stgc.moe.layer import expert_counts
 from stgc.precision import to_compute_dtype
 

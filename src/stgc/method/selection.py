@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stgc.conflict.probes import LayerConflicts, LayerRouting
+from stgc.method.probes import LayerConflicts, LayerRouting
 
 SELECTIONS = ("gradient", "random")  # the names STGC(selection=...) accepts for the built-in rules
 
@@ -63,7 +63,7 @@ def selection_named(name: str) -> Selection:
     """The built-in rule of a name in SELECTIONS."""
     if name not in SELECTIONS:
         raise ValueError(
-            f"selection={name!r} must be one of {SELECTIONS} or a stgc.conflict.selection.Selection"
+            f"selection={name!r} must be one of {SELECTIONS} or a stgc.method.selection.Selection"
         )
     return GradientSelection() if name == "gradient" else RandomSelection()
 

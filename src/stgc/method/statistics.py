@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from stgc.conflict.probes import LayerConflicts
+from stgc.method.probes import LayerConflicts
 from stgc.constants import MODALITIES
 from stgc.moe.layer import expert_counts
 

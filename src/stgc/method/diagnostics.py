@@ -8,7 +8,7 @@ Sums that ranks combine by adding are returned as vectors; the ratios are taken 
 import torch
 from torch import Tensor
 
-from stgc.conflict.sharding import full_tensor
+from stgc.method.sharding import full_tensor
 
 REROUTE_SUMS = ("flagged", "rerouted", "flagged_delta_p", "other", "other_delta_p")
 PEARSON_SUMS = ("n", "x", "y", "xx", "yy", "xy")

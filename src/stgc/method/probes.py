@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from stgc.conflict.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
-from stgc.conflict.recompute import RECOMPUTE, current_frame
-from stgc.conflict.sharding import full_tensor, is_sharded
+from stgc.method.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
+from stgc.moe.recompute import RECOMPUTE, current_frame
+from stgc.method.sharding import full_tensor, is_sharded
 
 REFERENCES = ("none", "keep", "use")  # see LayerProbe.start
 GRADIENTS = ("exact", "output")  # which token gradient the cosines are of (see the module docstring)
@@ -205,7 +205,7 @@ class WeightSite:
 
     A weight sharded by FSDP2 (a DTensor) never receives this rank's unsharded gradient, so its terms
     come from X and Δ alone, as soon as Δ arrives (G = ΔᵀX: one more product). Under activation
-    checkpointing X is taken in the recomputation, not in the first forward (conflict/recompute.py).
+    checkpointing X is taken in the recomputation, not in the first forward (moe/recompute.py).
     """
 
     def __init__(
