@@ -11,11 +11,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
-from stgc.board import OVERVIEW, custom_scalars_layout, shade, token_grid
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data import InstructionDataModule
 from stgc.module import LVLMModule
 from stgc.moe import moe_losses
+from stgc.report.figures import shade, token_grid
+from stgc.report.layout import OVERVIEW, custom_scalars_layout
 from support.tiny import TINY_LM
 
 NUM_EXPERTS = 4  # configs/easy_vqa/stage3_moe.yaml
@@ -136,8 +137,8 @@ def picture_run(easy_vqa_dir):
 
     class Capture(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            seen["first"] = pl_module.conflict_picture_sample()
-            seen["second"] = pl_module.conflict_picture_sample()
+            seen["first"] = trainer.datamodule.conflict_picture_sample()
+            seen["second"] = trainer.datamodule.conflict_picture_sample()
 
     trainer = L.Trainer(
         max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
@@ -150,12 +151,12 @@ def picture_run(easy_vqa_dir):
 def test_picture_sample_is_the_first_val_record_with_an_image_and_stays_fixed(picture_run) -> None:
     module, datamodule, seen = picture_run
     sample = seen["first"]
-    assert seen["second"] is sample and module.conflict_picture_sample() is sample
+    assert seen["second"] is sample and datamodule.conflict_picture_sample() is sample
     first = next(record for record in datamodule.datasets["val"].records if record.image is not None)
     assert sample["keys"] == [first.key] and sample["images"].shape == (1, 3, 64, 64)
     assert (sample["input_ids"] == IMAGE_TOKEN_ID).sum() == module.num_image_tokens == 16
     assert (sample["labels"] != IGNORE_INDEX).any()  # a training sample: the answers are trained
-    assert sample["input_ids"].device == module.device
+    assert sample["input_ids"].device.type == "cpu"  # the callback moves it to the module's device
 
 
 def test_picture_loss_is_the_training_objective(picture_run) -> None:

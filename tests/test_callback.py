@@ -7,9 +7,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from stgc.callback import STGC, find_moe_probes
-from stgc.method.hf_experts import restore_experts, use_stgc_experts
+from stgc.callback import STGC
 from stgc.constants import MODALITIES
+from stgc.method import find_moe_probes
+from stgc.method.hf_experts import restore_experts, use_stgc_experts
 from stgc.moe import SparseMoE
 from support.brute_force import token_gradients
 from support.lightning_models import (
@@ -172,7 +173,7 @@ def test_minority_with_opposite_gradients_is_flagged_and_routed_away() -> None:
         original = callback.on_after_backward
 
         def spy(trainer, pl_module, original=original, callback=callback, seen=seen):
-            seen["conflicts"] = callback.probes[0].conflicts()
+            seen["conflicts"] = callback.method.probes[0].conflicts()
             original(trainer, pl_module)
 
         callback.on_after_backward = spy
@@ -295,7 +296,7 @@ def test_accumulating_two_identical_micro_batches_equals_one_batch() -> None:
     accumulated = STGC(loss_weight=1.0, threshold=0.0, histogram_every_n_steps=0)
     cpu_trainer([single], max_steps=1).fit(one_batch)
     cpu_trainer([accumulated], max_steps=1, accumulate_grad_batches=2).fit(twice)
-    assert (single.measured_micro_batches, accumulated.measured_micro_batches) == (1, 2)
+    assert (single.method.measured_micro_batches, accumulated.method.measured_micro_batches) == (1, 2)
     for a, b in zip(one_batch.parameters(), twice.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     baseline = CausalLMModule(upcycled_qwen2())
@@ -316,15 +317,15 @@ def test_resume_restores_running_statistics(tmp_path) -> None:
     cpu_trainer([resumed], max_steps=4, default_root_dir=tmp_path).fit(
         CausalLMModule(upcycled_qwen2()), ckpt_path=checkpoint
     )
-    assert resumed.measured_micro_batches == 4
-    assert torch.all(resumed.assignment_counts >= first.assignment_counts)
-    assert resumed.assignment_counts.sum() > first.assignment_counts.sum()
+    assert resumed.method.measured_micro_batches == 4
+    assert torch.all(resumed.method.assignment_counts >= first.method.assignment_counts)
+    assert resumed.method.assignment_counts.sum() > first.method.assignment_counts.sum()
 
 
 def test_every_n_steps_and_start_step() -> None:
     callback = STGC(start_step=1, every_n_steps=2, histogram_every_n_steps=0)
     cpu_trainer([callback], max_steps=4).fit(CausalLMModule(upcycled_qwen2()))
-    assert callback.measured_micro_batches == 2  # steps 1 and 3
+    assert callback.method.measured_micro_batches == 2  # steps 1 and 3
 
 
 class NaNAtLastStep(CausalLMModule):
@@ -337,25 +338,25 @@ def test_non_finite_step_is_skipped_and_counted() -> None:
     module = NaNAtLastStep(upcycled_qwen2())
     callback = STGC(loss_weight=1.0, histogram_every_n_steps=0)
     decisions = []
-    original = callback._agree_across_ranks
+    original = callback.method._agree_across_ranks
 
     def spy(*args, **kwargs):
         finite, router_grads = original(*args, **kwargs)
         decisions.append(finite)
         return finite, router_grads
 
-    callback._agree_across_ranks = spy
+    callback.method._agree_across_ranks = spy
     cpu_trainer([callback], max_steps=3).fit(module)
     assert decisions == [True, True, False]  # the NaN step adds nothing to the routers
-    assert callback.skipped_nonfinite == 1
-    assert callback.measured_micro_batches == 2
+    assert callback.method.skipped_nonfinite == 1
+    assert callback.method.measured_micro_batches == 2
 
 
 def test_bf16_mixed_precision_gives_finite_conflicts() -> None:
     callback = STGC(loss_weight=0.1, histogram_every_n_steps=0)
     trainer = cpu_trainer([callback], precision="bf16-mixed")
     trainer.fit(CausalLMModule(upcycled_qwen2()))
-    assert callback.skipped_nonfinite == 0 and callback.measured_micro_batches == 2
+    assert callback.method.skipped_nonfinite == 0 and callback.method.measured_micro_batches == 2
     assert torch.isfinite(trainer.callback_metrics["stgc/cosine_mean/all"])
 
 

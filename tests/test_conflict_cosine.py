@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from stgc.method import cosine_from_terms, linear_gradient_terms, token_gradient_cosine
+from stgc.method.cosine import cosine_from_terms, linear_gradient_terms, token_gradient_cosine
 
 HIDDEN, INTERMEDIATE = 16, 32  # auto path: Gram below ~21-26 tokens per layer, GEMM above
 

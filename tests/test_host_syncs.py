@@ -80,7 +80,7 @@ def _step_syncs(num_layers: int, with_stgc: bool) -> int:
         if with_stgc:
             callback.on_after_backward(trainer, module)
     if with_stgc:
-        assert callback.measured_micro_batches == 1
+        assert callback.method.measured_micro_batches == 1
     return syncs.total
 
 

@@ -39,20 +39,24 @@ class Recording(STGC):
     def __init__(self, **kwargs) -> None:
         super().__init__(threshold=0.0, histogram_every_n_steps=0, **kwargs)
         self.steps: list[dict] = []
+        select = self.method._select
 
-    def _penalised(self, trainer, layers, conflicting):
-        penalised = super()._penalised(trainer, layers, conflicting)
-        self.steps.append(
-            {
-                "layers": layers,
-                "conflicting": [m.clone() for m in conflicting],
-                "penalised": [m.clone() for m in penalised],
-                "router_inputs": [p.routing().router_input.detach().clone() for p in self.probes],
-                "routers": [p.router_weight for p in self.probes],
-                "lm_grads": [p.router_weight.grad.clone() for p in self.probes],
-            }
-        )
-        return penalised
+        def recording(layers, conflicting):
+            penalised = select(layers, conflicting)
+            probes = self.method.probes
+            self.steps.append(
+                {
+                    "layers": layers,
+                    "conflicting": [m.clone() for m in conflicting],
+                    "penalised": [m.clone() for m in penalised],
+                    "router_inputs": [p.routing().router_input.detach().clone() for p in probes],
+                    "routers": [p.router_weight for p in probes],
+                    "lm_grads": [p.router_weight.grad.clone() for p in probes],
+                }
+            )
+            return penalised
+
+        self.method._select = recording
 
 
 def _fit(seed: int = 0, **kwargs) -> tuple[Recording, CausalLMModule, dict]:

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from stgc.callback import STGC, find_moe_probes
+from stgc.callback import STGC
+from stgc.method import find_moe_probes
 from stgc.moe.recompute import enable_gradient_checkpointing
 from support.fit import fit_command, run, stage3_stgc
 from support.lightning_models import CausalLMModule, upcycled_qwen2

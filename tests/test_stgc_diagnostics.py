@@ -15,7 +15,13 @@ from stgc.method.diagnostics import expert_drift, pearson, pearson_sums, reroute
 from stgc.method.loss import conflict_elimination_loss
 from stgc.method.probes import LayerConflicts
 from stgc.method.statistics import LayerStats, layer_metrics
-from support.lightning_models import CausalLMModule, OppositeGroups, cpu_trainer, upcycled_qwen2
+from support.lightning_models import (
+    CausalLMModule,
+    OppositeGroups,
+    cpu_trainer,
+    token_batches,
+    upcycled_qwen2,
+)
 
 _trainer = partial(cpu_trainer, max_steps=1)
 
@@ -134,7 +140,7 @@ def test_cel_logits_include_the_router_bias() -> None:
     class Spy(L.Callback):
         def on_after_backward(self, trainer, pl_module):  # runs before STGC's: the LM's router gradient
             seen["lm"] = [router.weight.grad.clone(), router.bias.grad.clone()]
-            probe = stgc.probes[0]
+            probe = stgc.method.probes[0]
             seen["input"] = probe.routing().router_input.detach().clone()
             seen["conflicts"] = probe.conflicts()
             seen["weights"] = [router.weight.detach().clone(), router.bias.detach().clone()]
@@ -230,8 +236,8 @@ def test_diagnostics_run_on_logging_steps_only(monkeypatch) -> None:
 
         return counted
 
-    monkeypatch.setattr("stgc.callback.reroute_sums", counting("reroute", diagnostics.reroute_sums))
-    monkeypatch.setattr("stgc.callback.expert_drift", counting("drift", diagnostics.expert_drift))
+    monkeypatch.setattr("stgc.method.core.reroute_sums", counting("reroute", diagnostics.reroute_sums))
+    monkeypatch.setattr("stgc.method.core.expert_drift", counting("drift", diagnostics.expert_drift))
     trainer = _trainer([STGC(histogram_every_n_steps=0)], max_steps=6, log_every_n_steps=3)
     trainer.fit(CausalLMModule(upcycled_qwen2()))
     assert calls == {"reroute": 2 * 2, "drift": 2 * 2}  # steps 3 and 6, two MoE layers each
@@ -244,7 +250,7 @@ def test_exact_output_pearson_is_logged_on_histogram_steps_from_both_cosines() -
 
     class Spy(L.Callback):
         def on_after_backward(self, trainer, pl_module):
-            seen.append([probe.conflicts("output") for probe in callback.probes])
+            seen.append([probe.conflicts("output") for probe in callback.method.probes])
 
     trainer = _trainer([Spy(), callback])
     trainer.fit(CausalLMModule(model))
@@ -265,7 +271,7 @@ def test_output_gradient_mode_captures_no_expert_inputs_off_histogram_steps() ->
 
     class Spy(L.Callback):
         def on_after_backward(self, trainer, pl_module):
-            probe = callback.probes[0]
+            probe = callback.method.probes[0]
             pending.append(
                 (probe.capture_exact, probe.capture_output, sorted(probe.conflicts("output").cosines))
             )
@@ -302,16 +308,26 @@ def test_position_share_counts_layers_where_a_position_conflicts() -> None:
     torch.testing.assert_close(share, expected, equal_nan=True)
 
 
-class WithPicture(CausalLMModule):
-    """A module offering the conflict picture's three methods; it records what the callback hands it."""
+class PictureData(L.LightningDataModule):
+    """The training batches of CausalLMModule, and a fixed sample for the conflict picture."""
 
-    def __init__(self, model) -> None:
-        super().__init__(model)
+    def __init__(self) -> None:
+        super().__init__()
         self.sample = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(1))
-        self.shares = []
+
+    def train_dataloader(self):
+        return token_batches()
 
     def conflict_picture_sample(self):
         return {"input_ids": self.sample}
+
+
+class WithPicture(CausalLMModule):
+    """A module offering the conflict picture's two methods; it records what the callback hands it."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.shares = []
 
     def conflict_picture_loss(self, batch):
         return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
@@ -367,17 +383,17 @@ def test_conflict_picture_compares_the_fixed_sample_with_the_batch_and_leaves_tr
     is bit-identical to training without it (gradients and RNG state at the optimizer step)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from stgc import callback as callback_module
+    from stgc.method import core
 
     recorded = {}
-    original = callback_module.position_conflict_share
+    original = core.position_conflict_share
 
     def record(layers, conflicting, positions, length):
         recorded["layers"] = layers
         return original(layers, conflicting, positions, length)
 
-    monkeypatch.setattr(callback_module, "position_conflict_share", record)
-    module = WithPicture(upcycled_qwen2())
+    monkeypatch.setattr(core, "position_conflict_share", record)
+    module, data = WithPicture(upcycled_qwen2()), PictureData()
     seen = {}
 
     def spy(store):
@@ -391,10 +407,10 @@ def test_conflict_picture_compares_the_fixed_sample_with_the_batch_and_leaves_tr
     logger = TensorBoardLogger(tmp_path, name="run")
     callback = STGC(threshold=0.0, loss_weight=0.0, histogram_every_n_steps=1)
     torch.manual_seed(0)
-    _trainer([callback, spy(seen)], logger=logger).fit(module)
+    _trainer([callback, spy(seen)], logger=logger).fit(module, datamodule=data)
     assert len(module.shares) == 1 and module.shares[0].shape == (10,)
     batch = next(iter(module.train_dataloader()))[0]
-    expected = _batch_gradient_and_sample_cosines(module.sample, batch)
+    expected = _batch_gradient_and_sample_cosines(data.sample, batch)
     for index, conflicts in enumerate(recorded["layers"]):
         for e in range(4):
             mine = conflicts.expert == e

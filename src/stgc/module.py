@@ -7,19 +7,13 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import move_data_to_device
 from PIL import Image
 from torch import nn
 from torchmetrics import MeanMetric
 
-from stgc.board import as_display_image, conflict_figure, token_grid, write_custom_scalars
-from stgc.callback import STGC
 from stgc.checkpoint import KeepsRNGState
-from stgc.moe.recompute import enable_gradient_checkpointing
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data.collate import answer_spans, is_empty, pad_token_id, prompt_batch
-from stgc.data.datamodule import LlavaDataModule
-from stgc.data.dataset import LlavaDataset
 from stgc.model.language_model import build_language_model, load_tokenizer
 from stgc.model.lvlm import LVLM
 from stgc.model.metrics import VQAAccuracy
@@ -28,8 +22,11 @@ from stgc.model.sharding import fully_shard_lvlm
 from stgc.model.vision import VisionTower
 from stgc.moe import moe_layers, moe_losses, routing_stats, short_layer_name, upcycle
 from stgc.moe.layer import SparseMoE
+from stgc.moe.recompute import enable_gradient_checkpointing
 from stgc.moe.upcycle import decoder_layers
 from stgc.optim import SkipsBadSteps, adamw_warmup_cosine
+from stgc.report.figures import as_display_image, conflict_figure, token_grid
+from stgc.report.layout import write_custom_scalars
 
 PARAMETER_GROUPS = ("vision_tower", "projector", "lm", "experts", "routers", "dense_mlps")
 # Teacher-forced and KV-cached greedy decoding round differently: an argmax that wins by less than
@@ -98,7 +95,6 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
             enable_gradient_checkpointing(self.model.language_model)
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
-        self._picture_sample: dict[str, Any] | None = None  # built by conflict_picture_sample
 
     def setup(self, stage: str) -> None:
         """VQA accuracy per question type of the trainer's DataModule (its `question_types`; without
@@ -293,36 +289,16 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
 
     # -- TensorBoard ------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """Give TensorBoard the custom-scalars layout of the MoE layers' charts (and of STGC's, when
-        an STGC callback runs): per layer, one chart per quantity with a line per expert."""
+        """Give TensorBoard the custom-scalars layout of the MoE layers' charts: per layer, one chart per
+        quantity with a line per expert (an STGC callback has written its own, with these, before)."""
         if self.hparams.moe is None:
             return
         layers = [short_layer_name(name) for name in moe_layers(self.model)]
-        with_stgc = any(isinstance(callback, STGC) for callback in self.trainer.callbacks)
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):  # its experiment does nothing off rank 0
-                write_custom_scalars(logger.experiment, layers, with_stgc)
+                write_custom_scalars(logger.experiment, layers, stgc=False)
 
-    def conflict_picture_sample(self) -> dict[str, Any] | None:
-        """The one-sample batch the conflict picture shows at every histogram step: the val split's
-        first record with an image (skipping bad ones), encoded and collated as training batches are
-        but with the eval transform (no random crop), on this module's device; built on the first
-        call. None without a LLaVA DataModule or such a record."""
-        if self._picture_sample is None:
-            datamodule = self.trainer.datamodule
-            if not isinstance(datamodule, LlavaDataModule) or "val" not in datamodule.datasets:
-                return None
-            records = [record for record in datamodule.datasets["val"].records if record.image is not None]
-            dataset = LlavaDataset(
-                records, datamodule.template, datamodule.transforms["eval"], datamodule.hparams.max_length
-            )
-            items = (dataset[i] for i in range(len(dataset)))  # a bad record gives a "skipped" item
-            item = next((item for item in items if "skipped" not in item), None)
-            if item is None:
-                return None
-            self._picture_sample = move_data_to_device(datamodule.collator([item]), self.device)
-        return self._picture_sample
-
+    # -- the conflict picture (stgc.report.picture.ConflictPictureModel) -----------------------------
     def conflict_picture_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """The loss training_step minimises on `batch`, without logging: its backward gives the
         conflict picture's token gradients (the forward replaces the MoE layers' `last_routing`)."""
@@ -332,7 +308,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         """The conflict picture of a one-sample batch as an (H, W, 3) uint8 RGB image: its input image,
         beside it a grey copy with each patch shaded by the share of its image token (a pooled token
         covers pool x pool patches, a CLS token none), and its text tokens drawn as boxes shaded the
-        same way (stgc.board.conflict_figure).
+        same way (stgc.report.figures.conflict_figure).
 
         `token_share` (T,): a share in [0, 1] per sequence position of the batch, NaN where a position
         has none (not routed, no assignment); the image tokens are the positions of IMAGE_TOKEN_ID,
@@ -348,7 +324,7 @@ class LVLMModule(SkipsBadSteps, KeepsRNGState):
         if is_image.sum() != self.num_image_tokens:
             raise ValueError(
                 f"the batch's first sample has {is_image.sum()} image positions; the picture needs one image "
-                f"of {self.num_image_tokens} tokens (see conflict_picture_sample)"
+                f"of {self.num_image_tokens} tokens (see LlavaDataModule.conflict_picture_sample)"
             )
         tower = self.model.vision_tower
         pixels = batch["images"][0]  # (3, H, W)

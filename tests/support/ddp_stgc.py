@@ -13,13 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stgc.callback import STGC  # noqa: E402
+from stgc.method import core  # noqa: E402
 from stgc.optim import SkipsBadSteps  # noqa: E402
 from support.lightning_models import CausalLMModule, upcycled_qwen2  # noqa: E402
-
-
-class NoReduceSTGC(STGC):
-    def _mean_over_ranks(self, trainer, values):
-        return values
 
 
 class NaNOnOneRank(SkipsBadSteps, CausalLMModule):
@@ -32,7 +28,9 @@ class NaNOnOneRank(SkipsBadSteps, CausalLMModule):
 
 def main() -> None:
     out_dir = Path(sys.argv[1])
-    callback = (NoReduceSTGC if "--no-reduce" in sys.argv else STGC)(
+    if "--no-reduce" in sys.argv:  # the control: STGC's reductions over the ranks left out
+        core.mean_over_ranks = core.sum_over_ranks = lambda values: values
+    callback = STGC(
         loss_weight=1.0,
         threshold=0.0,
         histogram_every_n_steps=0,  # τ = 0: this tiny model has conflicts
@@ -54,8 +52,8 @@ def main() -> None:
     torch.save(
         {
             "state_dict": module.state_dict(),
-            "measured": callback.measured_micro_batches,
-            "skipped_nonfinite": callback.skipped_nonfinite,
+            "measured": callback.method.measured_micro_batches,
+            "skipped_nonfinite": callback.method.skipped_nonfinite,
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )

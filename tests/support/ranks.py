@@ -29,7 +29,7 @@ class RecordRanks(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stgc = self._stgc(trainer)
-        self.step_counts.append((stgc.method_counts.clone(), stgc.assignment_counts.clone()))
+        self.step_counts.append((stgc.method.conflict_counts.clone(), stgc.method.assignment_counts.clone()))
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -117,8 +117,8 @@ def main() -> None:
     torch.save(
         {
             "seen": callback.seen,
-            "conflict_counts": callback.conflict_counts.cpu(),
-            "assignment_counts": callback.assignment_counts.cpu(),
+            "conflict_counts": callback.method.conflict_counts.cpu(),
+            "assignment_counts": callback.method.assignment_counts.cpu(),
             "state_dict": state,
         },
         out_dir / f"rank{trainer.global_rank}.pt",

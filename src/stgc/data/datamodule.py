@@ -91,6 +91,7 @@ class LlavaDataModule(LightningDataModule):
         self.collator: LlavaCollator | None = None
         self.transforms: dict[str, ImageTransform] = {}
         self.datasets: dict[str, LlavaDataset] = {}
+        self._picture_sample: dict[str, Any] | None = None  # built by conflict_picture_sample
         self.found_bad: dict[
             str, dict[tuple[str, int], str]
         ] = {}  # split -> {record key: reason}, in batches
@@ -187,6 +188,19 @@ class LlavaDataModule(LightningDataModule):
             self.hparams.skip_bad_records,
             load_skipped,
         )
+
+    def conflict_picture_sample(self) -> dict[str, Any] | None:
+        """The one-sample batch STGC's conflict picture shows at every histogram step
+        (stgc.report.picture): the val split's first record with an image (skipping bad ones), encoded
+        and collated as training batches are but with the eval transform (no random crop); built on the
+        first call. None before `setup("fit")` or without such a record."""
+        if self._picture_sample is None and "val" in self.datasets:
+            records = [record for record in self.datasets["val"].records if record.image is not None]
+            dataset = LlavaDataset(records, self.template, self.transforms["eval"], self.hparams.max_length)
+            items = (dataset[i] for i in range(len(dataset)))  # a bad record gives a "skipped" item
+            item = next((item for item in items if "skipped" not in item), None)
+            self._picture_sample = None if item is None else self.collator([item])
+        return self._picture_sample
 
     # -- bad records ------------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:

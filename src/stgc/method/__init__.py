@@ -1,5 +1,17 @@
-"""Token-gradient conflicts: exact cosines between each token's expert gradient and the experts' sum."""
+"""STGC's method, torch only: exact token-gradient cosines inside MoE experts, the flagging rule, the
+selection, the conflict elimination loss and its router gradient, the statistics (no Lightning here)."""
 
-from stgc.method.cosine import CosinePath, cosine_from_terms, linear_gradient_terms, token_gradient_cosine
+from stgc.method.core import StepResult, STGCMethod, find_moe_probes
+from stgc.method.selection import GradientSelection, RandomSelection, Selection, SelectionStep
+from stgc.method.settings import Settings
 
-__all__ = ["CosinePath", "cosine_from_terms", "linear_gradient_terms", "token_gradient_cosine"]
+__all__ = [
+    "GradientSelection",
+    "RandomSelection",
+    "STGCMethod",
+    "Selection",
+    "SelectionStep",
+    "Settings",
+    "StepResult",
+    "find_moe_probes",
+]

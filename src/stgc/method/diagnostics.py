@@ -8,7 +8,8 @@ Sums that ranks combine by adding are returned as vectors; the ratios are taken 
 import torch
 from torch import Tensor
 
-from stgc.method.sharding import full_tensor
+from stgc.method import names
+from stgc.method.distributed import full_tensor
 
 REROUTE_SUMS = ("flagged", "rerouted", "flagged_delta_p", "other", "other_delta_p")
 PEARSON_SUMS = ("n", "x", "y", "xx", "yy", "xy")
@@ -45,15 +46,15 @@ def reroute_sums(
 
 
 def reroute_metrics(layer: str, sums: Tensor) -> dict[str, Tensor]:
-    """stgc/reroute_rate, stgc/delta_p_flagged and stgc/delta_p_other of one layer from its added sums
-    (the flagged figures only when something was flagged)."""
+    """The reroute rate and the mean change of p_{t,e} of flagged and other pairs of one layer, from its
+    added sums (the flagged figures only when something was flagged)."""
     flagged, rerouted, flagged_delta_p, other, other_delta_p = sums
     metrics = {}
     if flagged > 0:
-        metrics[f"stgc/reroute_rate/{layer}"] = (rerouted / flagged).float()
-        metrics[f"stgc/delta_p_flagged/{layer}"] = (flagged_delta_p / flagged).float()
+        metrics[names.metric(names.REROUTE_RATE, layer)] = (rerouted / flagged).float()
+        metrics[names.metric(names.DELTA_P_FLAGGED, layer)] = (flagged_delta_p / flagged).float()
     if other > 0:
-        metrics[f"stgc/delta_p_other/{layer}"] = (other_delta_p / other).float()
+        metrics[names.metric(names.DELTA_P_OTHER, layer)] = (other_delta_p / other).float()
     return metrics
 
 

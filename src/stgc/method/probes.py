@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from stgc.method.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
+from stgc.method.distributed import full_tensor, is_sharded
 from stgc.moe.recompute import RECOMPUTE, current_frame
-from stgc.method.sharding import full_tensor, is_sharded
 
 REFERENCES = ("none", "keep", "use")  # see LayerProbe.start
 GRADIENTS = ("exact", "output")  # which token gradient the cosines are of (see the module docstring)

@@ -1,21 +1,19 @@
-"""STGC's statistics of one MoE layer: sums that ranks and steps combine by adding, the metrics
-logged from them, and the layer × expert heatmap of conflict ratios.
+"""STGC's statistics of one MoE layer: sums that ranks and steps combine by adding, and the metrics
+logged from them.
 
 Everything is built from masks on the device (no boolean indexing, no host sync); the host sees the
 figures only when they are logged.
 """
 
 import dataclasses
-import io
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
-from stgc.method.probes import LayerConflicts
 from stgc.constants import MODALITIES
+from stgc.method import names
+from stgc.method.probes import LayerConflicts
 from stgc.moe.layer import expert_counts
 
 PER_EXPERT = ("assignments", "conflicts")  # the (E,) fields of LayerStats
@@ -95,28 +93,28 @@ class LayerStats:
 
 
 def layer_metrics(layer: str, stats: LayerStats, num_experts: int, cel_terms: int) -> dict[str, Tensor]:
-    """stgc/<stat>/<layer>: conflict ratio (overall and by modality), the paper's gradient consistency
-    (cosine mean and std) beside its null level, the CEL averaged over `cel_terms` terms, and for the first `num_experts`
-    experts (none when 0) each one's load and conflict ratio."""
-    metrics = {f"stgc/cel_loss/{layer}": (stats.cel_loss / cel_terms).float()}
+    """The names of stgc.method.names: conflict ratio (overall and by modality), the paper's gradient
+    consistency (cosine mean and std) beside its null level, the CEL averaged over `cel_terms` terms, and
+    for the first `num_experts` experts (none when 0) each one's load and conflict ratio."""
+    metrics = {names.metric(names.CEL_LOSS, layer): (stats.cel_loss / cel_terms).float()}
     tokens = stats.assignments.sum()
     if tokens > 0:
         mean = stats.cosine / tokens
-        metrics[f"stgc/conflict_ratio/{layer}"] = (stats.conflicts.sum() / tokens).float()
-        metrics[f"stgc/cosine_mean/{layer}"] = mean.float()
-        metrics[f"stgc/cosine_null/{layer}"] = (stats.cosine_null / tokens).float()
-        metrics[f"stgc/cosine_std/{layer}"] = (stats.cosine_sq / tokens - mean**2).clamp(min=0).sqrt().float()
+        metrics[names.metric(names.CONFLICT_RATIO, layer)] = (stats.conflicts.sum() / tokens).float()
+        metrics[names.metric(names.COSINE_MEAN, layer)] = mean.float()
+        metrics[names.metric(names.COSINE_NULL, layer)] = (stats.cosine_null / tokens).float()
+        std = (stats.cosine_sq / tokens - mean**2).clamp(min=0).sqrt()
+        metrics[names.metric(names.COSINE_STD, layer)] = std.float()
     for modality in MODALITIES:
         count = getattr(stats, modality)
         if count > 0:
-            metrics[f"stgc/conflict_ratio_{modality}/{layer}"] = (
-                getattr(stats, f"{modality}_conflicts") / count
-            ).float()
+            share = getattr(stats, f"{modality}_conflicts") / count
+            metrics[names.metric(f"{names.CONFLICT_RATIO}_{modality}", layer)] = share.float()
     load = stats.assignments / stats.assignments.sum().clamp(min=1)  # (E,)
     ratio = stats.conflicts / stats.assignments.clamp(min=1)  # (E,)
     for e in range(num_experts):
-        metrics[f"stgc/expert_load/{layer}/expert_{e}"] = load[e].float()
-        metrics[f"stgc/expert_conflict_ratio/{layer}/expert_{e}"] = ratio[e].float()
+        metrics[names.metric(names.EXPERT_LOAD, layer, e)] = load[e].float()
+        metrics[names.metric(names.EXPERT_CONFLICT_RATIO, layer, e)] = ratio[e].float()
     return metrics
 
 
@@ -136,27 +134,3 @@ def position_conflict_share(
         routed += (layer_routed > 0).float()
         conflicted += (layer_conflicted > 0).float()
     return torch.where(routed > 0, conflicted / routed.clamp(min=1), float("nan"))
-
-
-def conflict_heatmap(layer_names: list[str], stats: list[LayerStats]) -> Tensor:
-    """The (layers, experts) conflict ratios as an RGB image (H, W, 3) uint8: values printed in the
-    cells, colours scaled to the data's range."""
-    import matplotlib.pyplot as plt  # only when a heatmap is due: the import is slow
-
-    ratios = torch.stack([s.conflicts / s.assignments.clamp(min=1) for s in stats]).cpu().numpy()
-    figure, axes = plt.subplots(figsize=(1.5 + 0.8 * ratios.shape[1], 1.0 + 0.5 * ratios.shape[0]), dpi=100)
-    shown = axes.imshow(
-        ratios, vmin=ratios.min(), vmax=max(ratios.max(), ratios.min() + 1e-6), cmap="viridis"
-    )
-    middle = (ratios.min() + ratios.max()) / 2
-    for (row, column), value in np.ndenumerate(ratios):
-        colour = "black" if value > middle else "white"
-        axes.text(column, row, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=8)
-    axes.set_xlabel("expert")
-    axes.set_xticks(range(ratios.shape[1]))
-    axes.set_yticks(range(len(layer_names)), layer_names)
-    figure.colorbar(shown, ax=axes, label="conflict ratio")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(figure)
-    return torch.from_numpy(np.array(Image.open(buffer).convert("RGB")))

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stgc.moe.recompute import replaying
 from stgc.constants import MODALITIES
+from stgc.moe.recompute import replaying
 from stgc.precision import autocast_off, to_compute_dtype
 
 

@@ -47,7 +47,7 @@ class PlantedMeter(L.Callback):
 
     @torch.no_grad()
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        probes = [probe for probe in self.stgc.probes if probe.capturing]
+        probes = [probe for probe in self.stgc.method.probes if probe.capturing]
         self._pending = []
         for probe in probes:
             routing = probe.routing()
@@ -57,9 +57,9 @@ class PlantedMeter(L.Callback):
                 conflicts = probe.conflicts(gradient, mean)
                 family = assignment_families(self._batch, conflicts.rows, routing.positions)  # (S,)
                 planted = planted_conflicts(family, conflicts.expert, conflicts.has_grad, self.cell)
-                flagged = conflicts.has_grad & (conflicts.cosine < self.stgc.threshold)
+                flagged = conflicts.has_grad & (conflicts.cosine < self.stgc.method.settings.threshold)
                 self._count(variant, conflicts.cosine, conflicts.has_grad, planted, flagged)
-                if variant == f"{self.stgc.gradient}/{self.stgc.mean}":
+                if variant == f"{self.stgc.method.settings.gradient}/{self.stgc.method.settings.mean}":
                     truth = (conflicts, planted, flagged)
             conflicts, planted, flagged = truth
             self.curve.append(torch.stack([planted.sum(), conflicts.has_grad.sum()]).double())

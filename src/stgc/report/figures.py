@@ -1,86 +1,16 @@
-"""What STGC shows in TensorBoard besides plain scalars: a custom-scalars layout that groups the
-`stgc/` and `moe/` charts per MoE layer (one chart per quantity, a line per expert), and the conflict
-picture (a sample's image patches and text tokens shaded by how much they conflict).
-
-Metric names, as logged: `stgc/<quantity>/<layer>` and `stgc/<quantity>/<layer>/expert_<e>` by the
-STGC callback (stgc.method.statistics.layer_metrics), `moe/<layer>/<quantity>` and
-`moe/<layer>/<quantity>/expert_<e>` by LVLMModule (stgc.moe.routing_stats).
-"""
+"""The figures STGC draws, as (H, W, 3) uint8 RGB arrays: the layer × expert heatmap of conflict ratios,
+and the conflict picture (a sample's image patches and text tokens shaded by how much they conflict).
+matplotlib is imported only when a figure is due: the import is slow."""
 
 import io
-import re
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.tensorboard import SummaryWriter
 
-ALL_LAYERS = "all"  # the layer name of the callback's figures over all layers
-# (chart title, regex of its lines); "{layer}" stands for the escaped layer name
-CONFLICT_RATIO = ("conflict ratio: all, text, image tokens", r"stgc/conflict_ratio(_text|_image)?/{layer}")
-COSINE = ("cosine mean and its null level", r"stgc/cosine_(mean|null)/{layer}")
-COSINE_STD = ("cosine std", r"stgc/cosine_std/{layer}")
-CEL = ("conflict elimination loss", r"stgc/cel_loss/{layer}")
-STGC_CHARTS = (
-    CONFLICT_RATIO,
-    ("conflict ratio per expert", r"stgc/expert_conflict_ratio/{layer}/expert_\d+"),
-    COSINE,
-    COSINE_STD,
-    CEL,
-    ("CEL / rest of the router gradient norm", r"stgc/cel_grad_ratio/{layer}"),
-    ("reroute rate of flagged pairs", r"stgc/reroute_rate/{layer}"),
-    ("change of p(t, e): flagged and other pairs", r"stgc/delta_p_(flagged|other)/{layer}"),
-    ("expert drift", r"stgc/expert_drift/{layer}"),
-    ("exact vs output cosine: Pearson r", r"stgc/exact_output_pearson/{layer}"),
-    ("load of the measured assignments per expert", r"stgc/expert_load/{layer}/expert_\d+"),
-)
-MOE_CHARTS = (
-    ("router load per expert", r"moe/{layer}/load/expert_\d+"),
-    ("text-token load per expert", r"moe/{layer}/load_text/expert_\d+"),
-    ("image-token load per expert", r"moe/{layer}/load_image/expert_\d+"),
-    ("router entropy", r"moe/{layer}/entropy"),
-    ("load-balancing loss", r"moe/{layer}/aux_loss"),
-    ("dropped fraction", r"moe/{layer}/dropped_fraction"),
-)
-OVERVIEW_CHARTS = (  # the callback's figures over all layers, and the step diagnostics of every layer
-    CONFLICT_RATIO,
-    COSINE,
-    CEL,
-    ("reroute rate of flagged pairs, per layer", r"stgc/reroute_rate/[^/]+"),
-    ("change of p(t, e) of flagged pairs, per layer", r"stgc/delta_p_flagged/[^/]+"),
-    COSINE_STD,
-    ("non-finite steps skipped", "stgc/skipped_nonfinite"),
-    ("load-balancing loss, summed over layers", "train/aux_loss"),
-)
-OVERVIEW = "STGC: all layers"  # its category title
+from stgc.method.statistics import LayerStats
 
 
-def custom_scalars_layout(layer_names: list[str], stgc: bool = True) -> dict[str, dict[str, list]]:
-    """The layout `SummaryWriter.add_custom_scalars` takes. With `stgc`: first an overview category
-    (the callback's figures over all layers, each layer's reroute rate), then a category per MoE layer
-    with its `stgc/` charts before its `moe/` charts; without, a category per layer of `moe/` charts.
-    Every chart is a multiline chart of the metrics its anchored regex matches.
-
-    TensorBoard merges the layouts of a folder's runs by category title, dropping repeated charts, in
-    the order of the run it reads first: `make train`'s two stage III arms both run the callback, so
-    they share one layout; a run without it adds no chart of its own."""
-    per_layer = (*STGC_CHARTS, *MOE_CHARTS) if stgc else MOE_CHARTS
-    groups = [(OVERVIEW, ALL_LAYERS, OVERVIEW_CHARTS)] if stgc else []
-    groups += [(layer, layer, per_layer) for layer in layer_names]
-    return {
-        category: {
-            title: ["Multiline", [f"^{pattern.format(layer=re.escape(layer))}$"]] for title, pattern in charts
-        }
-        for category, layer, charts in groups
-    }
-
-
-def write_custom_scalars(writer: SummaryWriter, layer_names: list[str], stgc: bool = True) -> None:
-    """Write the layout of `custom_scalars_layout` to a run (TensorBoard reads a run's first one)."""
-    writer.add_custom_scalars(custom_scalars_layout(layer_names, stgc))
-
-
-# -- the conflict picture -----------------------------------------------------------------------------
 def token_grid(image_share: np.ndarray, grid: tuple[int, int], pool: int, keep_cls: bool) -> np.ndarray:
     """The (P,) shares of an image's tokens, in the vision tower's order (CLS first when kept, then
     the pooled patch grid row by row), as the (grid_h / pool, grid_w / pool) grid of the cells they
@@ -210,3 +140,27 @@ def as_display_image(
     image = pixels.detach().float().cpu() * spread + shift  # (3, H, W)
     image = image.clamp(0, 1).permute(1, 2, 0).numpy()  # (H, W, 3)
     return image.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def conflict_heatmap(layer_names: list[str], stats: list[LayerStats]) -> torch.Tensor:
+    """The (layers, experts) conflict ratios as an RGB image (H, W, 3) uint8: values printed in the
+    cells, colours scaled to the data's range."""
+    import matplotlib.pyplot as plt
+
+    ratios = torch.stack([s.conflicts / s.assignments.clamp(min=1) for s in stats]).cpu().numpy()
+    figure, axes = plt.subplots(figsize=(1.5 + 0.8 * ratios.shape[1], 1.0 + 0.5 * ratios.shape[0]), dpi=100)
+    shown = axes.imshow(
+        ratios, vmin=ratios.min(), vmax=max(ratios.max(), ratios.min() + 1e-6), cmap="viridis"
+    )
+    middle = (ratios.min() + ratios.max()) / 2
+    for (row, column), value in np.ndenumerate(ratios):
+        colour = "black" if value > middle else "white"
+        axes.text(column, row, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=8)
+    axes.set_xlabel("expert")
+    axes.set_xticks(range(ratios.shape[1]))
+    axes.set_yticks(range(len(layer_names)), layer_names)
+    figure.colorbar(shown, ax=axes, label="conflict ratio")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    return torch.from_numpy(np.array(Image.open(buffer).convert("RGB")))

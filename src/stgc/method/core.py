@@ -1,0 +1,383 @@
+"""STGC on any torch model with MoE layers, no training framework needed (docs/design.md §2-§4).
+
+Per micro-batch: `begin` before its forward (the probes keep X in forward, take Δ and G in backward);
+`after_backward` once its backward has run: cosines, flags below the threshold, the selection, and
+∂(λ·CEL)/∂W_router — from the detached router inputs only — added to the routers' `.grad`, with one
+all-reduce and one host sync for the whole step; then the optimizer steps, and on a logging step
+`measure_reroutes` says what that step did to routing. stgc.callback.STGC runs it in Lightning,
+stgc.integrations.transformers in transformers' Trainer.
+"""
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stgc.method import names
+from stgc.method.diagnostics import (
+    PEARSON_SUMS,
+    expert_drift,
+    pearson,
+    pearson_sums,
+    reroute_metrics,
+    reroute_sums,
+)
+from stgc.method.distributed import (
+    add_to_grad,
+    full_tensor,
+    mean_over_ranks,
+    rank,
+    sum_over_ranks,
+    world_size,
+)
+from stgc.method.hf_experts import (
+    IMPLEMENTATION,
+    HFExpertsProbe,
+    is_hf_experts,
+    outermost_transformers_models,
+    switch_experts,
+)
+from stgc.method.loss import conflict_elimination_loss
+from stgc.method.probes import GRADIENTS, LayerConflicts, LayerProbe, SparseMoEProbe
+from stgc.method.selection import Selection, SelectionStep, selection_named
+from stgc.method.settings import Settings
+from stgc.method.statistics import LayerStats, layer_metrics, position_conflict_share
+from stgc.moe import SparseMoE, short_layer_name
+from stgc.precision import autocast_off
+
+
+def find_moe_probes(module: nn.Module) -> list[LayerProbe]:
+    """Probes for every MoE layer in `module`: this project's SparseMoE and transformers' experts."""
+    parents = {child: parent for parent in module.modules() for child in parent.children()}
+    probes: list[LayerProbe] = []
+    for name, child in module.named_modules():
+        if isinstance(child, SparseMoE):
+            probes.append(SparseMoEProbe(short_layer_name(name), child))
+        elif is_hf_experts(child):
+            probes.append(HFExpertsProbe(short_layer_name(name), child, parents[child]))
+    return probes
+
+
+@dataclass
+class StepResult:
+    """What `after_backward` found in one micro-batch on this rank."""
+
+    finite: bool  # every rank's terms and CEL gradients were finite; when not, nothing was added
+    layers: list[LayerConflicts]  # per MoE layer
+    stats: list[LayerStats]  # per MoE layer, this rank's sums (empty when not finite)
+    metrics: dict[str, Tensor]  # on logging steps the figures over all ranks (stgc.method.names), else {}
+
+
+@dataclass
+class PendingReroute:
+    """A logging step's flagged assignments, kept until the optimizer step has updated the routers."""
+
+    router_inputs: list[Tensor]  # per layer (N, H), detached
+    logits: list[Tensor]  # per layer (N, E) before the step
+    layers: list[LayerConflicts]
+    penalised: list[Tensor]  # per layer (S,): the assignments the CEL applied to
+
+
+class STGCMethod:
+    """Solving Token Gradient Conflict (Yang et al., ICLR 2025) on a torch model's MoE layers.
+
+    Takes the keyword arguments of stgc.method.Settings. Keeps, across steps, the running (layers,
+    experts) counts of assignments and conflicts (`state_dict`: a resumed run goes on counting).
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = Settings(**settings)
+        selection = self.settings.selection
+        self.selector = selection if isinstance(selection, Selection) else selection_named(selection)
+        self.probes: list[LayerProbe] = []
+        self.capturing = False
+        self._transformers_models: list = []
+        self._previous_experts: dict = {}  # what the transformers models used before we switched them
+        self._batch: Any = None  # the micro-batch being measured, for the selection
+        self._pending: PendingReroute | None = None
+        self.measured_micro_batches = 0
+        self.skipped_nonfinite = 0
+        self.conflict_counts: Tensor | None = None  # (layers, experts)
+        self.assignment_counts: Tensor | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Probes on `model`'s MoE layers (parameters already sharded, under FSDP2). ValueError when it
+        has none, or frozen experts."""
+        self.detach()
+        self._transformers_models = outermost_transformers_models(model)
+        self.probes = find_moe_probes(model)
+        if not self.probes:
+            raise ValueError(
+                f"STGC found no MoE layer in {type(model).__name__}: it needs stgc.moe.SparseMoE layers "
+                "(e.g. stgc.moe.upcycle(model)) or a transformers MoE model whose experts use ExpertsInterface"
+            )
+        shape = (len(self.probes), max(p.num_experts for p in self.probes))
+        for name in ("conflict_counts", "assignment_counts"):
+            counts = getattr(self, name)
+            if counts is None or counts.shape != shape:
+                setattr(self, name, torch.zeros(shape, dtype=torch.long))
+
+    def detach(self) -> None:
+        """Stop capturing and remove the probes' hooks."""
+        self.end()
+        for probe in self.probes:
+            probe.remove()
+        self.probes = []
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [probe.name for probe in self.probes]
+
+    # -- one micro-batch ------------------------------------------------------------------------------
+    def begin(self, batch: Any = None, diagnostics: bool = False, keep_reference: bool = False) -> None:
+        """Capture the coming micro-batch's forward and backward. `batch` is what a Selection sees;
+        `diagnostics` captures both token gradients (their Pearson correlation); `keep_reference` keeps
+        the micro-batch's sums for `conflict_share`. Transformers models run our experts meanwhile."""
+        self.end()
+        self.capturing = True
+        self._batch = batch
+        self._previous_experts = switch_experts(self._transformers_models, IMPLEMENTATION)
+        gradients = GRADIENTS if diagnostics else (self.settings.gradient,)
+        for probe in self.probes:
+            probe.start(True, gradients, "keep" if keep_reference else "none")
+
+    def end(self) -> None:
+        """Stop capturing (a micro-batch whose backward never ran, or after `after_backward`)."""
+        self.capturing = False
+        self._batch = None
+        for probe in self.probes:
+            probe.start(False)
+        switch_experts(self._previous_experts)
+        self._previous_experts = {}
+
+    def after_backward(
+        self, accumulation: int = 1, grad_scale: float = 1.0, logging: bool = False
+    ) -> StepResult:
+        """Flag, select and add the CEL's router gradients, scaled as the loss was before backward
+        (1 / `accumulation` micro-batches, fp16's `grad_scale`); ends the capture. Every rank must call
+        it together (one all-reduce: the CEL gradients averaged, the skip decided on all ranks at once).
+        On `logging` steps the result holds the step's metrics, and `measure_reroutes` is due after
+        the optimizer step."""
+        if not self.capturing:
+            raise RuntimeError("STGCMethod.after_backward without begin: nothing was captured")
+        settings = self.settings
+        layers = [probe.conflicts(settings.gradient, settings.mean) for probe in self.probes]
+        conflicting = [c.has_grad & (c.cosine < settings.threshold) for c in layers]  # (S,) per layer
+        penalised = self._select(layers, conflicting)
+        scale = settings.loss_weight / accumulation
+        scale = scale * grad_scale if settings.loss_weight > 0 else scale
+        cel = [self._cel(p, c, m, scale) for p, c, m in zip(self.probes, layers, penalised, strict=True)]
+        router_grads = [grad for _, grads, _ in cel for grad in grads]  # none when λ = 0
+        finite = torch.stack([c.finite for c in layers] + [g.isfinite().all() for g in router_grads]).all()
+        finite, router_grads = self._agree_across_ranks(finite, router_grads)
+        self.end()
+        if not finite:  # on every rank at once: no rank is left waiting in a collective
+            self.skipped_nonfinite += 1
+            return StepResult(False, layers, [], {})
+        parameters = [p for probe in self.probes for p in probe.router_parameters()] if router_grads else []
+        grad_ratios = self._grad_ratios(parameters, router_grads) if logging else None
+        for parameter, router_grad in zip(parameters, router_grads, strict=True):
+            add_to_grad(parameter, router_grad)  # this rank's shard of it under FSDP2
+        num_experts = self.conflict_counts.shape[1]
+        stats = [
+            LayerStats.of(c, m, loss, num_experts, leave_one_out=settings.mean == "others")
+            for c, m, (loss, _, _) in zip(layers, conflicting, cel, strict=True)
+        ]
+        self._count(stats)
+        metrics = {}
+        if logging:
+            metrics = self._step_metrics(stats, grad_ratios)
+            router_inputs = [probe.routing().router_input.detach() for probe in self.probes]
+            self._pending = PendingReroute(router_inputs, [logits for _, _, logits in cel], layers, penalised)
+        return StepResult(True, layers, stats, metrics)
+
+    def _select(self, layers: list[LayerConflicts], conflicting: list[Tensor]) -> list[Tensor]:
+        """The assignments the CEL applies to, as the selection chooses them."""
+        # seeded from the run's seed, the rank and the micro-batch count (checkpointed): a resumed run
+        # draws what it would have drawn
+        seed = (torch.initial_seed() + 1_000_003 * rank() + self.measured_micro_batches) % 2**63
+        step = SelectionStep(self._batch, [probe.routing() for probe in self.probes], seed)
+        return self.selector.select(layers, conflicting, step)
+
+    def _cel(
+        self, probe: LayerProbe, conflicts: LayerConflicts, conflicting: Tensor, scale: float
+    ) -> tuple[Tensor, list[Tensor], Tensor]:
+        """The layer's CEL value; when λ > 0 its gradients w.r.t. the router's weight (and bias) alone,
+        times `scale` (zero when nothing conflicts); and the router logits (N, E), detached."""
+        router_input = probe.routing().router_input.detach()  # (N, H)
+        with autocast_off(router_input), torch.enable_grad():
+            parameters = [full_tensor(p) for p in probe.router_parameters()]  # gathered under FSDP2
+            logits = probe.router_logits(router_input, *parameters)  # (N, E): tiny, recomputed router-only
+            loss = conflict_elimination_loss(
+                logits, conflicts.rows, conflicts.expert, self.settings.loss_type, conflicting
+            )
+            if self.settings.loss_weight == 0:
+                return loss.detach(), [], logits.detach()
+            grads = torch.autograd.grad(loss * scale, parameters)
+        return loss.detach(), list(grads), logits.detach()
+
+    @staticmethod
+    def _agree_across_ranks(finite: Tensor, router_grads: list[Tensor]) -> tuple[bool, list[Tensor]]:
+        """Whether every rank's step was finite, and the router gradients averaged over the ranks (DDP
+        averaged the LM's), from one all-reduce that every rank enters."""
+        dtype = router_grads[0].dtype if router_grads else torch.float32
+        flat = mean_over_ranks(
+            torch.cat([finite.to(dtype).reshape(1), *(g.reshape(-1) for g in router_grads)])
+        )
+        averaged = flat[1:].split([g.numel() for g in router_grads])
+        all_finite = bool(flat[0] == 1)  # the step's one host sync
+        return all_finite, [a.view_as(g) for a, g in zip(averaged, router_grads, strict=True)]
+
+    # -- statistics -----------------------------------------------------------------------------------
+    def _grad_ratios(self, parameters: list[nn.Parameter], router_grads: list[Tensor]) -> list:
+        """Per layer, ‖CEL router gradient‖ / ‖the rest of the router's gradient‖ (None when λ = 0)."""
+        if not router_grads:
+            return [None] * len(self.probes)
+        ratios, start = [], 0
+        for probe in self.probes:
+            count = len(probe.router_parameters())
+            cel = torch.stack([g.float().norm() for g in router_grads[start : start + count]]).norm()
+            rest = [
+                full_tensor(p.grad).float().norm()
+                for p in parameters[start : start + count]
+                if p.grad is not None
+            ]
+            rest_norm = torch.stack(rest).norm() if rest else torch.zeros_like(cel)
+            ratios.append(cel / rest_norm)
+            start += count
+        return ratios
+
+    def _count(self, stats: list[LayerStats]) -> None:
+        """Add the micro-batch's assignments and conflicts to the running (layers, experts) counts."""
+        device = stats[0].assignments.device
+        self.assignment_counts = self.assignment_counts.to(device)
+        self.conflict_counts = self.conflict_counts.to(device)
+        self.assignment_counts += torch.stack([s.assignments for s in stats]).long()
+        self.conflict_counts += torch.stack([s.conflicts for s in stats]).long()
+        self.measured_micro_batches += 1
+
+    def _step_metrics(self, stats: list[LayerStats], grad_ratios: list) -> dict[str, Tensor]:
+        """The metrics of `layer_metrics` per layer and for all layers, from sums added over the ranks;
+        each layer's expert drift and CEL gradient ratio (the same on every rank); the skip count."""
+        num_experts = self.conflict_counts.shape[1]
+        summed = sum_over_ranks(torch.stack([s.vector() for s in stats]))
+        stats = [LayerStats.from_vector(vector, num_experts) for vector in summed]
+        world = world_size()
+        metrics: dict[str, Tensor] = {}
+        for probe, layer, ratio in zip(self.probes, stats, grad_ratios, strict=True):
+            metrics.update(layer_metrics(probe.name, layer, probe.num_experts, world))
+            metrics[names.metric(names.EXPERT_DRIFT, probe.name)] = expert_drift(
+                probe.expert_weights()
+            ).float()
+            if ratio is not None:
+                metrics[names.metric(names.CEL_GRAD_RATIO, probe.name)] = ratio
+        metrics.update(layer_metrics(names.ALL_LAYERS, sum(stats[1:], stats[0]), 0, world * len(stats)))
+        metrics[names.SKIPPED_NONFINITE] = torch.tensor(float(self.skipped_nonfinite))
+        return metrics
+
+    def measure_reroutes(self) -> dict[str, Tensor]:
+        """Once the optimizer has stepped after a logging step: of its flagged assignments, the share whose
+        expert left the token's top-k under the updated router, and the mean change of p_{t,e} (flagged,
+        and the others); one all-reduce. Empty when no logging step is pending."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return {}
+        sums = []
+        for probe, router_input, before, conflicts, flagged in zip(
+            self.probes, pending.router_inputs, pending.logits, pending.layers, pending.penalised, strict=True
+        ):
+            with torch.no_grad(), autocast_off(probe.router_weight):
+                after = probe.router_logits(router_input)  # (N, E)
+            sums.append(
+                reroute_sums(
+                    before, after, conflicts.rows, conflicts.expert, flagged, conflicts.has_grad, probe.top_k
+                )
+            )
+        summed = sum_over_ranks(torch.stack(sums))  # (layers, 5)
+        metrics = {}
+        for probe, layer_sums in zip(self.probes, summed, strict=True):
+            metrics.update(reroute_metrics(probe.name, layer_sums))
+        return metrics
+
+    def exact_output_pearson(self, layers: list[LayerConflicts]) -> dict[str, Tensor]:
+        """Per layer, the Pearson correlation of the exact and the output cosines over all ranks' pairs, of
+        a micro-batch that `begin(diagnostics=True)` captured (every rank calls it; NaN: not returned)."""
+        sums = [
+            pearson_sums(c.cosines["exact"], c.cosines["output"], c.has_grad)
+            if set(GRADIENTS) <= set(c.cosines)
+            else torch.zeros(len(PEARSON_SUMS), dtype=torch.float64, device=c.cosine.device)
+            for c in layers
+        ]
+        summed = sum_over_ranks(torch.stack(sums))  # (layers, 6)
+        metrics = {}
+        for probe, layer_sums in zip(self.probes, summed, strict=True):
+            value = pearson(layer_sums).float()  # NaN with fewer than two pairs
+            if value.isfinite():
+                metrics[names.metric(names.EXACT_OUTPUT_PEARSON, probe.name)] = value
+        return metrics
+
+    # -- the conflict picture -------------------------------------------------------------------------
+    @property
+    def has_reference(self) -> bool:
+        """Whether the last micro-batch's sums were kept (`begin(keep_reference=True)`)."""
+        return bool(self.probes) and bool(self.probes[0].reference)
+
+    def drop_reference(self) -> None:
+        """Release the kept sums (they hold the experts' weight gradients of one micro-batch)."""
+        for probe in self.probes:
+            probe.drop_reference()
+
+    def conflict_share(
+        self,
+        loss_of_sample: Callable[[], Tensor],
+        length: int | None = None,
+        forward_context: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> Tensor:
+        """(length,) per input position of a fixed sample, the share of the MoE layers in which it conflicts
+        with what the kept micro-batch asks of its experts (NaN: not routed). Runs `loss_of_sample` (its
+        forward, inside `forward_context`) and a backward to the expert weights only: no `.grad` touched,
+        the RNG streams left as they were. Releases the kept sums. `length`: the sample's positions, else
+        the last routed position + 1."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        settings = self.settings
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            previous = switch_experts(self._transformers_models, IMPLEMENTATION)
+            for probe in self.probes:
+                probe.start(True, (settings.gradient,), "use")
+            with forward_context():
+                loss = loss_of_sample()
+            weights = [site.weight for probe in self.probes for site in probe.sites]
+            torch.autograd.grad(loss, weights, allow_unused=True)  # the probes' hooks see the gradients
+            layers = [probe.conflicts(settings.gradient, settings.mean) for probe in self.probes]
+            routings = [probe.routing() for probe in self.probes]
+            for probe in self.probes:
+                probe.start(False)
+            self.drop_reference()
+            switch_experts(previous)
+        conflicting = [c.has_grad & (c.cosine < settings.threshold) for c in layers]
+        positions = [r.positions for r in routings]
+        if length is None:
+            length = max(
+                r.router_input.shape[0] if r.positions is None else int(r.positions.max()) + 1
+                for r in routings
+            )
+        return position_conflict_share(layers, conflicting, positions, length)
+
+    # -- checkpointing --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "measured_micro_batches": self.measured_micro_batches,
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "conflict_counts": self.conflict_counts.cpu(),
+            "assignment_counts": self.assignment_counts.cpu(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.measured_micro_batches = state_dict["measured_micro_batches"]
+        self.skipped_nonfinite = state_dict["skipped_nonfinite"]
+        self.conflict_counts = state_dict["conflict_counts"]
+        self.assignment_counts = state_dict["assignment_counts"]
