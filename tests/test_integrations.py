@@ -1,0 +1,67 @@
+"""The method's core runs outside Lightning: transformers' Trainer (stgc.integrations.transformers) makes
+the same update as the Lightning callback, whose cosines test_callback checks against brute force."""
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import TrainingArguments
+
+from stgc.callback import STGC
+from stgc.integrations.transformers import STGCTrainer
+from stgc.method import STGCMethod
+from support.lightning_models import VOCAB, CausalLMModule, tiny_olmoe
+
+SETTINGS = {"threshold": 0.0, "loss_type": "unlikelihood"}  # τ = 0: the tiny random model has conflicts
+LR = 0.1
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _hf_step(tmp_path, loss_weight: float) -> tuple[torch.nn.Module, list[dict]]:
+    """One SGD step of transformers' Trainer with STGC over one batch of all 8 sequences."""
+    model = tiny_olmoe()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"hf_{loss_weight}"), max_steps=1, per_device_train_batch_size=8,
+        optim="sgd", learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    data = [{"input_ids": ids, "labels": ids} for ids in _ids()]
+    stgc = STGCMethod(loss_weight=loss_weight, **SETTINGS)
+    trainer = STGCTrainer(model=model, args=args, train_dataset=data, stgc=stgc)
+    trainer.train()
+    return model, trainer.state.log_history
+
+
+def _lightning_step(loss_weight: float) -> torch.nn.Module:
+    """The same step through the Lightning callback."""
+    module = CausalLMModule(tiny_olmoe(), lr=LR)
+    module.train_dataloader = lambda: DataLoader(TensorDataset(_ids()), batch_size=8)
+    callback = STGC(loss_weight=loss_weight, histogram_every_n_steps=0, **SETTINGS)
+    L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback],
+    ).fit(module)  # fmt: skip
+    return module.model
+
+
+def _routers(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [layer.mlp.gate.weight for layer in model.model.layers]
+
+
+def test_transformers_trainer_makes_the_lightning_callbacks_update_and_logs_its_metrics(tmp_path) -> None:
+    hf_model, history = _hf_step(tmp_path, loss_weight=1.0)
+    lightning_model = _lightning_step(loss_weight=1.0)
+    for (name, a), b in zip(hf_model.named_parameters(), lightning_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+    (logged,) = [entry for entry in history if "loss" in entry]
+    assert 0.0 < logged["stgc/conflict_ratio/all"] < 1.0
+    assert {"stgc/cel_loss/all", "stgc/cosine_mean/all", "stgc/expert_drift/layer_0"} <= set(logged)
+    measuring, _ = _hf_step(tmp_path, loss_weight=0.0)  # λ = 0: only the routers differ, by the CEL's step
+    moved = [not torch.allclose(a, b, atol=1e-6) for a, b in zip(_routers(measuring), _routers(hf_model))]
+    assert all(moved)
+    routers = {id(p) for p in _routers(hf_model)}
+    for a, b in zip(measuring.parameters(), hf_model.parameters(), strict=True):
+        if id(b) not in routers:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
