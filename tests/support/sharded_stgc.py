@@ -43,7 +43,7 @@ class RecordingSTGC(STGC):
 
     def _attach(self, pl_module: L.LightningModule) -> None:
         super()._attach(pl_module)
-        for probe in self.probes:
+        for probe in self.method.probes:
             probe.conflicts = self._recorded(probe.conflicts)
 
     def _recorded(self, conflicts):
