@@ -12,8 +12,8 @@ from PIL import Image
 from stgc.data.collate import pad_token_id, prompt_batch
 from stgc.data.records import Record, Turn
 from stgc.data.templates import InstructionTemplate
-from stgc.easy_vqa.pipeline import stage_data_args
 from stgc.module import LVLMModule
+from stgc_experiments.pipeline import stage_data_args
 
 
 def ask(checkpoint: str, image_path: str, question: str, system_prompt: str) -> str:

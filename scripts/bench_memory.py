@@ -12,7 +12,7 @@ blocks of 64 KiB and more are mmap-ed, so freed tensors leave the resident set).
 It is printed beside what the parameter counts predict for the weights, gradients and AdamW states
 (`model_state_bytes`).
 
-Step time: scripts/bench_stgc.py's Trainer.fit steps on one process, plain and STGC (its configured
+Step time: scripts/bench_stgc.py's Trainer.fit steps (stgc_experiments.bench) on one process, plain and STGC (its configured
 callback) alternated, all with checkpointing; the floor is 1 + (E/3) / T, E the experts' forward and backward alone, T the
 plain checkpointed step: exact cosines add one product per expert linear (a third of E), and a
 recomputed forward adds nothing to capture.
@@ -36,21 +36,21 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stgc import (  # noqa: E402
-    STEPS_PER_FIT,
+from stgc import STGC
+from stgc.easy_vqa.prepare import prepare
+from stgc.module import LVLMModule
+from stgc.moe import moe_layers
+from stgc_experiments.bench import (
+    StepTimer,
     batch,
     captured_experts,
     experts_time,
-    fit_steps,
     median_ratio,
     model_args,
+    round_robin,
+    status_bytes,
     to_device,
 )
-from stgc import STGC  # noqa: E402
-from stgc.easy_vqa.prepare import prepare  # noqa: E402
-from stgc.module import LVLMModule  # noqa: E402
-from stgc.moe import moe_layers  # noqa: E402
 
 RANKS = 2
 DATA = Path(model_args("default")["tokenizer"]).parent  # the bundled easy-vqa data: its tokenizer
@@ -94,34 +94,11 @@ def model_state_bytes(module: LVLMModule, world: int, sharded: bool) -> dict[str
     return {"params": total, "trained": trained, "bytes": share * (4 * total + 12 * trained)}
 
 
-class PeakMemory(L.Callback):
-    """Each process's peak memory during training above `base` (bytes), written to `out`/rank<r>.json."""
-
-    def __init__(self, out: Path, base: int) -> None:
-        self.out, self.base = out, base
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _status_bytes("VmHWM")
-        sharded = isinstance(trainer.strategy, ModelParallelStrategy)
-        record = {"peak_bytes": peak - self.base, **model_state_bytes(pl_module, trainer.world_size, sharded)}
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
-
-
-def _status_bytes(field: str) -> int:
-    """A `/proc/self/status` size field (kB) in bytes."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def memory_probe(shape: str, strategy: str, checkpointing: bool, steps: int, quick: bool, out: Path) -> None:
-    """One variant on RANKS processes (this is each process's entry point: Lightning relaunches it)."""
-    base = torch.cuda.memory_allocated() if torch.cuda.is_available() else _status_bytes("VmRSS")
+    """One variant on RANKS processes (this is each process's entry point: Lightning relaunches it);
+    each process writes its peak memory during training above what it held first (bytes), with the
+    parameter counts' prediction, to `out`/rank<r>.json."""
+    base = torch.cuda.memory_allocated() if torch.cuda.is_available() else status_bytes("VmRSS")
     lm, (sequences, text_tokens) = (QUICK if quick else SHAPES)[shape]
     module = build(lm, checkpointing)
     data = batch(module, sequences, text_tokens)
@@ -129,6 +106,7 @@ def memory_probe(shape: str, strategy: str, checkpointing: bool, steps: int, qui
         "ddp": DDPStrategy(find_unused_parameters=True),
         "fsdp2": ModelParallelStrategy(data_parallel_size=RANKS, tensor_parallel_size=1),
     }
+    timer = StepTimer()  # after STGC: its setup at the start of training is not in the peak
     trainer = L.Trainer(
         accelerator="auto",
         devices=RANKS,
@@ -141,9 +119,12 @@ def memory_probe(shape: str, strategy: str, checkpointing: bool, steps: int, qui
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[STGC(log_every_n_steps=10**9, histogram_every_n_steps=0), PeakMemory(out, base)],
+        callbacks=[STGC(log_every_n_steps=10**9, histogram_every_n_steps=0), timer],
     )
     trainer.fit(module, train_dataloaders=DataLoader([data] * steps, batch_size=None))
+    sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+    record = {"peak_bytes": timer.peak_bytes - base, **model_state_bytes(module, trainer.world_size, sharded)}
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 def peak_memory(shape: str, strategy: str, checkpointing: bool, steps: int, quick: bool) -> dict:
@@ -172,12 +153,7 @@ def checkpointed_step_ratio(lm: dict, sequences: int, text_tokens: int, reps: in
     data = to_device(batch(reference, sequences, text_tokens), device)
     # bench_stgc's variants: a plain step, and STGC with conflicts every step (its configured settings)
     modules = {variant: build(lm, checkpointing=True) for variant in ("plain", "stgc_every_step")}
-    times = {variant: [] for variant in modules}
-    for rep in range(reps + 2):  # two warm-up rounds
-        for variant, module in modules.items():
-            elapsed = fit_steps(module, data, variant, 1 + STEPS_PER_FIT, device)[1:]
-            if rep >= 2:
-                times[variant].append(statistics.fmean(elapsed))
+    times = round_robin(modules, data, reps)
     experts = captured_experts(reference, data)
     experts_alone = statistics.median(experts_time(experts, device) for _ in range(reps))
     plain = statistics.median(times["plain"])

@@ -10,83 +10,46 @@ callback of stage3_moe_stgc.yaml, as users run it:
     and the floor 1 + s/3 that exact cosines cannot beat (one extra product per expert linear);
   * STGC's extra time against the two naive ways to get the same cosines: per-token gradients
     materialised with torch.func, and a second backward pass (with G = ΔᵀX recomputed);
-  * peak memory with / without: what the training steps add to a fresh process's high-water mark
-    (CUDA: allocator peak; CPU: peak resident set size);
+  * peak memory with / without: the peak of a few training steps in a fresh process (StepTimer's:
+    CUDA: allocator peak; CPU: peak resident set size);
   * the cosine computation's time over growing token counts (should grow linearly).
 
     python scripts/bench_stgc.py [--quick] [--out results/bench_stgc.json]
     python scripts/bench_stgc.py --shapes default --reps 8 --steps-only   # the step-time ratios alone
 
-Run from the repository root (it reads configs/). The last line prints the step-time and
-peak-memory ratios.
+The last line prints the step-time and peak-memory ratios.
 """
 
 import argparse
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
-from omegaconf import OmegaConf
 from torch.func import functional_call, grad
-from torch.utils.data import DataLoader
 
-from stgc import STGC
-from stgc.method import linear_gradient_terms, token_gradient_cosine
-from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
-from stgc.data.dataset import output_size
 from stgc.easy_vqa.prepare import prepare
+from stgc.method.cosine import linear_gradient_terms, token_gradient_cosine
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers
-
-CONFIGS = Path("configs")
-SHAPES = ("default", "large")  # the configured model; the same with a wider LM (LARGER_LM)
-LARGER_LM = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8}
-# what each variant changes in the configured callback (None: no callback)
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "plain": None,
-    "stgc_every_step": {"every_n_steps": 1},
-    "stgc_every_4": {"every_n_steps": 4},
-    "stgc_output": {"every_n_steps": 1, "gradient": "output"},  # the cheaper approximation
-    "stgc_logging": {"every_n_steps": 1, "log_every_n_steps": 1},  # every step a logging step: diagnostics
-}
-QUIET = {"histogram_every_n_steps": 0}  # the bench has no logger to draw histograms for
-STEPS_PER_FIT = 4  # timed steps per fit, after one untimed step (optimizer state, first-call costs)
-
-
-def config(path: str) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.load(CONFIGS / path), resolve=True)
-
-
-def model_args(shape: str) -> dict[str, Any]:
-    """LVLMModule arguments of the configured stage III model, untrained; "large" widens its LM."""
-    model, stage3 = config("easy_vqa/model.yaml"), config("easy_vqa/stage3_moe.yaml")
-    args = model["model"]["init_args"] | stage3["model"]["init_args"] | {"init_from": None}
-    if shape == "large":
-        args["lm_config"] = args["lm_config"] | LARGER_LM
-    return args
-
-
-def stgc_args() -> dict[str, Any]:
-    """The STGC callback's arguments in stage3_moe_stgc.yaml."""
-    callbacks = config("easy_vqa/stage3_moe_stgc.yaml")["trainer"]["callbacks"]
-    return next(c["init_args"] for c in callbacks if c["class_path"] == "stgc.STGC")
-
-
-def trainer_args() -> dict[str, Any]:
-    """The configured Trainer settings that change a step's work (precision, clipping)."""
-    trainer = config("trainer.yaml")["trainer"]
-    return {key: trainer[key] for key in ("accelerator", "precision", "gradient_clip_val")}
+from stgc_experiments.bench import (
+    SHAPES,
+    VARIANTS,
+    batch,
+    captured_experts,
+    experts_time,
+    fit_steps,
+    median_ratio,
+    model_args,
+    round_robin,
+    timed,
+    to_device,
+)
 
 
 def build(shape: str) -> LVLMModule:
@@ -98,121 +61,10 @@ def build(shape: str) -> LVLMModule:
     return module
 
 
-def batch(module: LVLMModule, batch_size: int, text_tokens: int) -> dict[str, torch.Tensor]:
-    """A stage III-shaped batch: the image positions then text, every position trained but the image."""
-    generator = torch.Generator().manual_seed(0)
-    text = torch.randint(4, len(module.tokenizer), (batch_size, text_tokens), generator=generator)
-    image = torch.full((batch_size, module.num_image_tokens), IMAGE_TOKEN_ID)
-    ids = torch.cat([image, text], dim=1)
-    height, width = output_size(module.image_transform(False))
-    return {
-        "images": torch.randn(batch_size, 3, height, width, generator=generator),
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "labels": ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX),
-    }
-
-
-def to_device(data: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in data.items()}
-
-
-class StepClock(L.Callback):
-    """Wall time of each training step, from its first hook to its end (put it first in the list)."""
-
-    def __init__(self, device: str) -> None:
-        self.device, self.times, self._start = device, [], 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        sync(self.device)
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        sync(self.device)
-        self.times.append(time.perf_counter() - self._start)
-
-
-def fit_steps(module: LVLMModule, data: dict, variant: str, steps: int, device: str) -> list[float]:
-    """`steps` training steps of one variant through Trainer.fit (a fresh trainer: global step 0 is
-    STGC's first active step); the seconds of each."""
-    change = VARIANTS[variant]
-    callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
-    clock = StepClock(device)
-    trainer = L.Trainer(
-        **trainer_args(),
-        devices=1,
-        max_steps=steps,
-        callbacks=[clock, *callbacks],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, DataLoader([data] * steps, batch_size=None))
-    return clock.times
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def step_times(shape: str, batch_shape: tuple[int, int], reps: int, device: str) -> dict[str, list[float]]:
-    """Per-repetition step times of the variants, run round-robin on identical copies of the model
-    (so no variant pays for another's hooks): each the mean of STEPS_PER_FIT steps of one fit."""
+def step_times(shape: str, batch_shape: tuple[int, int], reps: int) -> dict[str, list[float]]:
+    """Per-repetition step times of the variants, run round-robin on identical copies of the model."""
     modules = {variant: build(shape) for variant in VARIANTS}
-    steps = batch(modules["plain"], *batch_shape)
-    times = {variant: [] for variant in VARIANTS}
-    for rep in range(reps + 2):  # the first two rounds warm up
-        for variant, module in modules.items():
-            elapsed = fit_steps(module, steps, variant, 1 + STEPS_PER_FIT, device)[1:]
-            if rep >= 2:
-                times[variant].append(statistics.fmean(elapsed))
-    return times
-
-
-def captured_experts(
-    module: LVLMModule, data: dict
-) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
-    """(expert, its input rows, the gradient at its output) for every expert of every MoE layer, one step."""
-    captured, outputs = [], []
-
-    def keep(expert):
-        def hook(_, args, output):
-            output.retain_grad()
-            captured.append((expert, args[0].detach()))
-            outputs.append(output)
-
-        return hook
-
-    handles = [
-        e.register_forward_hook(keep(e)) for layer in moe_layers(module.model).values() for e in layer.experts
-    ]
-    module(data).loss.backward()
-    for handle in handles:
-        handle.remove()
-    module.zero_grad(set_to_none=True)
-    return [(e, x, out.grad) for (e, x), out in zip(captured, outputs, strict=True) if x.shape[0]]
-
-
-def experts_time(experts: list, device: str) -> float:
-    """The experts' forward and backward alone, on the rows they processed in a real step."""
-
-    def run():
-        for expert, x, output_grad in experts:
-            expert(x.requires_grad_()).backward(output_grad)
-
-    return timed(run, device)
+    return round_robin(modules, batch(modules["plain"], *batch_shape), reps)
 
 
 def linears_io(expert: torch.nn.Module, x: torch.Tensor, output_grad: torch.Tensor):
@@ -295,44 +147,21 @@ def linearity(hidden: int, intermediate: int, sizes: list[int], device: str) -> 
     return rows
 
 
-def peak_memory(shape: str, variant: str, batch_size: int, text_tokens: int, device: str) -> float:
-    """Memory (MiB) that a few training steps of one variant take above what the process held before
-    them (model, data, libraries), measured in a fresh process."""
-    command = [
-        sys.executable,
-        __file__,
-        "--memory-probe",
-        shape,
-        variant,
-        str(batch_size),
-        str(text_tokens),
-        device,
-    ]
+def peak_memory(shape: str, variant: str, batch_size: int, text_tokens: int) -> float:
+    """The memory peak (MiB) of a few training steps of one variant, measured in a fresh process."""
+    command = [sys.executable, __file__, "--memory-probe", shape, variant, str(batch_size), str(text_tokens)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def memory_probe(shape: str, variant: str, batch_size: int, text_tokens: int, device: str) -> None:
+def memory_probe(shape: str, variant: str, batch_size: int, text_tokens: int) -> None:
     """Print the peak memory (MiB) of three training steps of one variant, from a fresh process."""
     module = build(shape)
-    steps = batch(module, batch_size, text_tokens)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    fit_steps(module, steps, variant, 3, device)
-    peak = (
-        torch.cuda.max_memory_allocated()
-        if device == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
-    print(peak / 2**20)
-
-
-def median_ratio(numerator: list[float], denominator: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+    print(fit_steps(module, batch(module, batch_size, text_tokens), variant, 3).peak_bytes / 2**20)
 
 
 def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
-    times = step_times(shape, (args.batch_size, args.text_tokens), args.reps, device)
+    times = step_times(shape, (args.batch_size, args.text_tokens), args.reps)
     module = build(shape).to(device)
     data = to_device(batch(module, args.batch_size, args.text_tokens), device)
     plain = statistics.median(times["plain"])
@@ -350,8 +179,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
     )
     memory = {
         variant: statistics.median(
-            peak_memory(shape, variant, args.batch_size, args.text_tokens, device)
-            for _ in range(args.memory_reps)
+            peak_memory(shape, variant, args.batch_size, args.text_tokens) for _ in range(args.memory_reps)
         )
         for variant in ("plain", "stgc_every_step")
     }
@@ -416,8 +244,8 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per fit
     warnings.filterwarnings("ignore", category=PossibleUserWarning)  # "few dataloader workers"
     if len(sys.argv) > 1 and sys.argv[1] == "--memory-probe":
-        shape, variant, batch_size, text_tokens, device = sys.argv[2:]
-        memory_probe(shape, variant, int(batch_size), int(text_tokens), device)
+        shape, variant, batch_size, text_tokens = sys.argv[2:]
+        memory_probe(shape, variant, int(batch_size), int(text_tokens))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -441,9 +269,7 @@ def main() -> None:
     shapes = ["default"] if args.quick else args.shapes
     if args.steps_only:
         for shape in shapes:
-            print_step_ratios(
-                shape, step_times(shape, (args.batch_size, args.text_tokens), args.reps, device)
-            )
+            print_step_ratios(shape, step_times(shape, (args.batch_size, args.text_tokens), args.reps))
         return
     results = {}
     for shape in shapes:

@@ -18,7 +18,6 @@ STGC callback as users add it, on synthetic stage III batches.
 import argparse
 import json
 import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -28,12 +27,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from stgc import STGC
-from stgc.method import cosine_from_terms, linear_gradient_terms
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.easy_vqa.prepare import prepare
 from stgc.host_syncs import HostSyncCounter
+from stgc.method.cosine import cosine_from_terms, linear_gradient_terms
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers
+from stgc_experiments.bench import StepTimer, timed
 
 CONFIGS = Path("configs/easy_vqa")
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -77,20 +77,21 @@ def build(tiny: bool, data: Path) -> LVLMModule:
     return module
 
 
-class StepProbe(L.Callback):
-    """Times each training step (synchronised), counts one step's host syncs, keeps the memory peak."""
+class StepProbe(StepTimer):
+    """StepTimer's step times and memory peak, and the host syncs of the step `count_at` (on CUDA also
+    the warnings of torch.cuda's sync debug mode)."""
 
     def __init__(self, count_at: int) -> None:
+        super().__init__()
         self.count_at = count_at
-        self.times: list[float] = []
         self.syncs: int | None = None
         self.cuda_sync_warnings: int | None = None
         self._counter: HostSyncCounter | None = None
         self._warnings = None
+        self._caught: list[warnings.WarningMessage] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if batch_idx == self.count_at:
             self._counter = HostSyncCounter().__enter__()
             if torch.cuda.is_available():
@@ -98,12 +99,9 @@ class StepProbe(L.Callback):
                 self._caught = self._warnings.__enter__()
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
-        self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self.syncs, self._counter = self._counter.total, None
@@ -128,14 +126,12 @@ def fit(args: argparse.Namespace, precision: str, with_stgc: bool, batch_size: i
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, callbacks=callbacks,
     )  # fmt: skip
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, data)
     return {
         "step_ms": 1e3 * statistics.median(probe.times[2:]),
         "syncs_per_step": probe.syncs,
         "cuda_sync_warnings": probe.cuda_sync_warnings,
-        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "peak_mib": probe.peak_bytes / 2**20 if torch.cuda.is_available() else None,
         "module": module,
         "batch": next(iter(data)),
     }
@@ -179,19 +175,9 @@ def experts_share(module: LVLMModule, batch: dict, precision: str) -> float:
     timings = {}
     for name, fn in (("step", step), ("experts", experts_alone)):
         fn()  # warm up
-        timings[name] = statistics.median(timed(fn) for _ in range(5))
+        timings[name] = statistics.median(timed(fn, device) for _ in range(5))
     module.zero_grad(set_to_none=True)
     return timings["experts"] / timings["step"]
-
-
-def timed(fn) -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def cosine_error(module: LVLMModule, batch: dict, precision: str) -> float:

@@ -6,7 +6,7 @@ baseline that only measures (stage3_baseline, STGC at λ = 0; --no-baseline skip
 With `--pipeline mix` (`make train-mix`): the same stages on easy-vqa + Sort-of-CLEVR + its
 text-only family (configs/mix/).
 
-Each stage is one `stgc fit` (see stgc.easy_vqa.pipeline); the stage II model and both stage III arms
+Each stage is one `stgc fit` (see stgc_experiments.pipeline); the stage II model and both stage III arms
 are tested on the pipeline's test split. Prints each stage's wall time and validation metrics, the test
 metrics with stage III's conflict ratio (over the last third of its steps), the peak resident memory,
 and the TensorBoard command. Extra arguments go to every run
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from stgc.easy_vqa.pipeline import (
+from stgc_experiments.pipeline import (
     DEFAULT,
     PIPELINES,
     STAGES,
@@ -100,7 +100,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--pipeline", default=DEFAULT, choices=list(PIPELINES), help=f"default: {DEFAULT}")
-    parser.add_argument("--log-root", default="logs")
+    parser.add_argument(
+        "--log-root", default="logs", help="relative: the repository root's (default: %(default)s)"
+    )
     parser.add_argument("--report", default=None, help="also write the report as JSON here")
     parser.add_argument(
         "--fresh", action="store_true", help="train every stage from scratch, keeping nothing"

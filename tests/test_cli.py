@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import run as stgc
-from stgc.easy_vqa.pipeline import STAGES, fit_stage, source, stage_args, stage_data_args
+from stgc_experiments.pipeline import STAGES, fit_stage, source, stage_args, stage_data_args
 from support.tiny import TINY_LM as TINY_LM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def pipeline(easy_vqa_dir, tmp_path_factory):
     arms from the same stage II; returns the log root."""
     log_root = tmp_path_factory.mktemp("logs")
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(ROOT)  # the pipeline reads configs/ from the working directory
+        patch.chdir(log_root)  # not the repository root: the pipeline runs `stgc` there itself
         for stage in STAGES:
             extra = _slice(stage, easy_vqa_dir) + (STGC_EVERY_STEP if stage.startswith("stage3") else [])
             fit_stage(stage, log_root, source(stage), extra)

@@ -59,7 +59,10 @@ def test_transformers_trainer_makes_the_lightning_callbacks_update_and_logs_its_
     assert 0.0 < logged["stgc/conflict_ratio/all"] < 1.0
     assert {"stgc/cel_loss/all", "stgc/cosine_mean/all", "stgc/expert_drift/layer_0"} <= set(logged)
     measuring, _ = _hf_step(tmp_path, loss_weight=0.0)  # λ = 0: only the routers differ, by the CEL's step
-    moved = [not torch.allclose(a, b, atol=1e-6) for a, b in zip(_routers(measuring), _routers(hf_model))]
+    moved = [
+        not torch.allclose(a, b, atol=1e-6)
+        for a, b in zip(_routers(measuring), _routers(hf_model), strict=True)
+    ]
     assert all(moved)
     routers = {id(p) for p in _routers(hf_model)}
     for a, b in zip(measuring.parameters(), hf_model.parameters(), strict=True):

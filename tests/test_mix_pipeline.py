@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from stgc.easy_vqa import pipeline as stages
 from stgc.sort_of_clevr.prepare import QUESTION_TYPES, prepare
+from stgc_experiments import pipeline as stages
 from support.tiny import TINY_LM
 
 pytestmark = pytest.mark.slow  # every mix stage: test_cli runs the same stages on easy-vqa
@@ -74,7 +74,7 @@ def pipeline(data, tmp_path_factory, monkeypatch_module):
     """The mix stages in order through fit_stage, stage III with STGC (its baseline arm differs only by a
     config file, which test_cli's easy-vqa pipeline runs); returns the log root and each stage's CLI."""
     log_root = tmp_path_factory.mktemp("logs")
-    monkeypatch_module.chdir(ROOT)  # the pipeline reads configs/ from the working directory
+    monkeypatch_module.chdir(log_root)  # not the repository root: the pipeline runs `stgc` there itself
     clis = {}
     for stage in MIX_STAGES:
         previous = stages.source(stage, pipeline="mix")

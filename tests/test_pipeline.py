@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from stgc.easy_vqa.pipeline import STAGES, chain, fit_args, settings, source, stage_config, stage_state
+from stgc_experiments.pipeline import (
+    STAGES,
+    chain,
+    fit_args,
+    last_checkpoint,
+    settings,
+    source,
+    stage_config,
+    stage_state,
+)
 from support.fit import ROOT, run, run_until_stalled
 from support.tiny import TINY_LM
 
@@ -92,7 +101,7 @@ def test_a_rerun_keeps_finished_stages_and_resumes_the_interrupted_one(
 def test_stage_state_reads_the_recorded_settings(tmp_path, monkeypatch) -> None:
     """finished with the same settings: kept; not finished with a last.ckpt: resumed; otherwise, or
     when an argument or a config file's text differs: trained from scratch."""
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)  # the pipeline reads configs/ from the repository root, not from here
     extra = ["--trainer.max_epochs=1"]
     record = {"settings": settings(fit_args("stage3_stgc", tmp_path, "stage2", extra)), "finished": True}
     folder = tmp_path / "easy_vqa" / "stage3_stgc"
@@ -116,7 +125,7 @@ def test_stage_state_reads_the_recorded_settings(tmp_path, monkeypatch) -> None:
 def test_the_stage_chain_is_read_from_the_config_files(tmp_path, monkeypatch) -> None:
     """Each stage's config names what it starts from; `make train` runs them in that order, and a
     fit moves the links under its log root only when the stage it starts from ran just before."""
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)  # the pipeline reads configs/ from the repository root, not from here
     dense = ["stage0", "stage1", "stage2_text", "stage2"]
     assert chain("stage3_stgc") == [*dense, "stage3_stgc"] and chain("stage3_baseline") == [
         *dense,
@@ -135,3 +144,23 @@ def test_the_stage_chain_is_read_from_the_config_files(tmp_path, monkeypatch) ->
         == f"--model.init_args.init_from={tmp_path / 'easy_vqa' / 'stage2' / 'checkpoints' / 'last.ckpt'}"
     )
     assert not any("init_from" in arg for arg in fit_args("stage3_stgc", tmp_path, "stage1", []))
+
+
+def test_relative_paths_are_the_repository_roots_and_recorded_relative(tmp_path, monkeypatch) -> None:
+    """From any working directory a relative log root is the repository root's; the arguments that
+    pipeline.json records keep it relative, so that a checkout elsewhere finds the same settings."""
+    monkeypatch.chdir(tmp_path)
+    assert (
+        last_checkpoint("logs", "stage2")
+        == ROOT / "logs" / "easy_vqa" / "stage2" / "checkpoints" / "last.ckpt"
+    )
+    args = fit_args("stage3_stgc", "logs", "stage2", [])
+    assert args[-1] == "--model.init_args.init_from=logs/easy_vqa/stage2/checkpoints/last.ckpt"
+    assert "--trainer.logger.init_args.save_dir=logs" in args
+    configs = [
+        "trainer.yaml",
+        "easy_vqa/model.yaml",
+        "easy_vqa/stage3_moe.yaml",
+        "easy_vqa/stage3_moe_stgc.yaml",
+    ]
+    assert list(settings(args)["configs"]) == [f"configs/{name}" for name in configs]

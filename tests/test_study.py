@@ -1,4 +1,4 @@
-"""stgc.study: the paired interval and the expert load per question family, against brute force."""
+"""stgc_experiments.study: the paired interval and the expert load per question family, against brute force."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from stgc.data import InstructionDataModule
 from stgc.model.metrics import metric_name
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers, short_layer_name
-from stgc.study import expert_load_by_family, paired_interval, student_t_quantile
+from stgc_experiments.study import expert_load_by_family, paired_interval, student_t_quantile
 from support.conversations import multi_turn_easy_vqa
 from support.tiny import TINY_LM
 

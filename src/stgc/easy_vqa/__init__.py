@@ -1,5 +1,6 @@
-"""The bundled easy-vqa dataset: its preparation (prepare), DataModules (datamodule) and the stage
-chain that `make train` runs (pipeline). The general package (stgc.data, stgc.module) does not use it."""
+"""The bundled easy-vqa dataset: its preparation (prepare) and DataModules (datamodule); the stage
+chain that `make train` runs is stgc_experiments.pipeline. The general package (stgc.data, stgc.module)
+does not use it."""
 
 from stgc.easy_vqa.datamodule import EasyVQAInstructionDataModule, EasyVQAPretrainDataModule
 

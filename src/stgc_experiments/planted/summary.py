@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from stgc.study import paired_interval
 from stgc_experiments.planted.meter import VARIANTS
+from stgc_experiments.study import paired_interval
 
 ROLES = ("baseline", "stgc", "random", "oracle")  # the main comparison of a cell
 OWN_VARIANT = "exact/all"  # the arms' own cosine (STGC's defaults)

@@ -3,7 +3,9 @@ pipelines share the stage names and the code: easy-vqa (`make train`, configs/ea
 of easy-vqa, Sort-of-CLEVR and its text-only family (`make train-mix`, configs/mix/); PIPELINES
 names each one's model config files.
 
-Run from the repository root (configs/ is read from there). The stage chain is written once, in
+Independent of the working directory: configs/, the paths the stage configs give (data/, logs/) and
+a relative log_root are the repository root's (ROOT); `stgc_at_root` runs every `stgc` there,
+and the recorded arguments keep those paths relative. The stage chain is written once, in
 the stage config files: a stage's model paths under the logger's folder (`logs/<pipeline>/<stage>/...`)
 name what it starts from (stage I: stage 0's `clip.pt`; the text warm-up, II and III: the previous
 stage's last checkpoint) and what it writes (stage 0: `clip.pt`). `source()` and `chain()` read
@@ -14,6 +16,7 @@ time and final val metrics. A rerun uses it to keep finished stages and to resum
 one from its last.ckpt (`stage_state`).
 """
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -26,9 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import run as stgc
-from stgc.study import late_mean, layer_curves
+from stgc_experiments import ROOT
+from stgc_experiments.study import late_mean, layer_curves
 
-CONFIGS = Path("configs")
+CONFIGS = Path("configs")  # under ROOT; relative in the `stgc` arguments, which run there
 DEFAULT = "easy_vqa"  # the pipeline of `make train`
 PIPELINES = {  # pipeline -> its LVLM's config files under configs/; its stage files are in configs/<pipeline>/
     "easy_vqa": ("easy_vqa/model.yaml",),
@@ -45,9 +49,15 @@ STAGES = {  # stage (its logger version) -> its config files under configs/<pipe
 TESTED = ("stage2", "stage3_stgc", "stage3_baseline")  # the dense model and stage III's two arms
 
 
+def stgc_at_root(args: list[str]) -> LightningCLI:
+    """`stgc <args>` run at ROOT, where the relative paths of the configs and arguments point."""
+    with contextlib.chdir(ROOT):
+        return stgc(args)
+
+
 def stage_config(stage: str, *, pipeline: str = DEFAULT) -> DictConfig:
     """A stage's config, its files merged in order (a later file's lists replace, as in LightningCLI)."""
-    return OmegaConf.merge(*(OmegaConf.load(CONFIGS / pipeline / name) for name in STAGES[stage]))
+    return OmegaConf.merge(*(OmegaConf.load(ROOT / CONFIGS / pipeline / name) for name in STAGES[stage]))
 
 
 def stage_data_args(stage: str, *, pipeline: str = DEFAULT) -> dict[str, Any]:
@@ -87,12 +97,18 @@ def chain(stage: str, *, pipeline: str = DEFAULT) -> list[str]:
     return stages
 
 
-def run_folder(log_root: str | Path, stage: str, *, pipeline: str = DEFAULT) -> Path:
-    """Where a stage's logs, checkpoints and pipeline.json go."""
+def _cli_folder(log_root: str | Path, stage: str, pipeline: str) -> Path:
+    """A stage's run folder as `stgc`, run at ROOT, is told it (relative when log_root is)."""
     return Path(log_root) / pipeline / stage
 
 
+def run_folder(log_root: str | Path, stage: str, *, pipeline: str = DEFAULT) -> Path:
+    """Where a stage's logs, checkpoints and pipeline.json go, on disk (a relative log_root is ROOT's)."""
+    return ROOT / _cli_folder(log_root, stage, pipeline)
+
+
 def last_checkpoint(log_root: str | Path, stage: str, *, pipeline: str = DEFAULT) -> Path:
+    """The stage's last.ckpt: what a rerun resumes from and the next stage starts from."""
     return run_folder(log_root, stage, pipeline=pipeline) / "checkpoints" / "last.ckpt"
 
 
@@ -118,7 +134,7 @@ def fit_args(
     and what it starts from when that is what `previous` (the stage fitted before it) wrote; extra
     arguments come before these links, so they cannot unlink the stages."""
     links = [
-        f"--model.init_args.{key}={run_folder(log_root, owner, pipeline=pipeline) / inside}"
+        f"--model.init_args.{key}={_cli_folder(log_root, owner, pipeline) / inside}"
         for key, (owner, inside) in stage_paths(stage, pipeline=pipeline).items()
         if owner in (stage, previous)
     ]
@@ -126,9 +142,10 @@ def fit_args(
 
 
 def settings(args: list[str]) -> dict[str, Any]:
-    """What a fit depends on besides the data: its arguments and the text of the config files they name."""
+    """What a fit depends on besides the data: its arguments and the text of the config files they name
+    (a relative path is ROOT's)."""
     configs = {
-        path: Path(path).read_text() for flag, path in zip(args, args[1:], strict=False) if flag == "-c"
+        path: (ROOT / path).read_text() for flag, path in zip(args, args[1:], strict=False) if flag == "-c"
     }
     return {"args": args, "configs": configs}
 
@@ -181,7 +198,7 @@ def fit_stage(
     record = {"settings": settings(args), "finished": False}
     _write_record(log_root, stage, record, pipeline)
     start = time.perf_counter()
-    cli = stgc([*args, f"--ckpt_path={checkpoint}"] if resume else args)
+    cli = stgc_at_root([*args, f"--ckpt_path={checkpoint}"] if resume else args)
     if cli.trainer.state.status == TrainerStatus.FINISHED and not cli.trainer.interrupted:
         wall_s = round(time.perf_counter() - start, 1)
         _write_record(
@@ -197,13 +214,9 @@ def test_stage(
     stage: str, log_root: str | Path, extra: list[str], *, pipeline: str = DEFAULT
 ) -> LightningCLI:
     """`stgc test` a stage's last checkpoint on the test split."""
-    return stgc(
-        [
-            "test",
-            *stage_args(stage, log_root, pipeline=pipeline),
-            f"--ckpt_path={last_checkpoint(log_root, stage, pipeline=pipeline)}",
-            *extra,
-        ]
+    checkpoint = last_checkpoint(log_root, stage, pipeline=pipeline)
+    return stgc_at_root(
+        ["test", *stage_args(stage, log_root, pipeline=pipeline), f"--ckpt_path={checkpoint}", *extra]
     )
 
 

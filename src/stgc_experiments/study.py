@@ -1,8 +1,10 @@
 """What the STGC study computes from its runs: per-question correctness, accuracy per question
-family, paired confidence intervals of an arm's difference to the baseline (seed-level), and how the experts share the work between the question families."""
+family, paired confidence intervals of an arm's difference to the baseline (seed-level), and how the
+experts share the work between image and text tokens and between the question families."""
 
 import json
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,23 @@ def layer_curves(events: EventAccumulator, names: Iterable[str]) -> dict[str, li
                     by_step.setdefault(event.step, []).append(event.value)
         result[name] = [(step, float(np.mean(values))) for step, values in sorted(by_step.items())]
     return result
+
+
+def modality_split(events: EventAccumulator) -> float:
+    """How differently the experts serve image and text tokens at the end: the total variation
+    distance between the two modalities' expert loads (0: the same mix of experts; 1: disjoint),
+    from each MoE layer's last logged loads, averaged over the layers."""
+    loads: dict[tuple[str, str], list[float]] = {}
+    for tag in sorted(events.Tags()["scalars"]):
+        parts = tag.split("/")  # moe/<layer>/load_<modality>/expert_<e>
+        if len(parts) == 4 and parts[0] == "moe" and parts[2] in ("load_image", "load_text"):
+            loads.setdefault((parts[1], parts[2]), []).append(events.Scalars(tag)[-1].value)
+    layers = {layer for layer, _ in loads}
+    distances = [
+        0.5 * sum(abs(i - t) for i, t in zip(loads[(layer, "load_image")], loads[(layer, "load_text")], strict=True))
+        for layer in sorted(layers)
+    ]  # fmt: skip
+    return statistics.fmean(distances) if distances else float("nan")
 
 
 def late_mean(curve: Sequence[Sequence[float]], tail: float) -> float:
@@ -154,3 +173,16 @@ def expert_load_by_family(
         layer: {t: (c / c.sum().clamp(min=1)).tolist() for t, c in sorted(per_type.items())}
         for layer, per_type in counts.items()
     }
+
+
+def family_split(loads: dict[str, dict[str, list]]) -> float:
+    """How differently the experts serve the question families: the total variation distance between
+    two families' expert loads (expert_load_by_family's; 0: the same mix of experts; 1: disjoint),
+    averaged over the pairs of families and the MoE layers."""
+    distances = [
+        0.5 * sum(abs(a - b) for a, b in zip(per_type[s], per_type[t], strict=True))
+        for per_type in loads.values()
+        for i, s in enumerate(per_type)
+        for t in list(per_type)[i + 1 :]
+    ]
+    return statistics.fmean(distances) if distances else float("nan")

@@ -1,0 +1,218 @@
+"""What the benchmarks share (scripts/bench_stgc.py, bench_memory.py, gpu_check.py): StepTimer, the
+callback that times each training step and keeps the memory peak, and the configured stage III model,
+its synthetic batch and its variants' `Trainer.fit` steps, so that every benchmark measures the same way.
+"""
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from stgc import STGC
+from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from stgc.data.dataset import output_size
+from stgc.module import LVLMModule
+from stgc.moe import moe_layers
+from stgc_experiments import ROOT
+
+CONFIGS = ROOT / "configs"
+SHAPES = ("default", "large")  # the configured model; the same with a wider LM (LARGER_LM)
+LARGER_LM = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8}
+# what each variant changes in the configured callback (None: no callback)
+VARIANTS: dict[str, dict[str, Any] | None] = {
+    "plain": None,
+    "stgc_every_step": {"every_n_steps": 1},
+    "stgc_every_4": {"every_n_steps": 4},
+    "stgc_output": {"every_n_steps": 1, "gradient": "output"},  # the cheaper approximation
+    "stgc_logging": {"every_n_steps": 1, "log_every_n_steps": 1},  # every step a logging step: diagnostics
+}
+QUIET = {"histogram_every_n_steps": 0}  # the bench has no logger to draw histograms for
+STEPS_PER_FIT = 4  # timed steps per fit, after one untimed step (optimizer state, first-call costs)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait until the device has done the work queued on it (CUDA; other devices run synchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device: torch.device | str) -> float:
+    """Seconds that fn takes, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def status_bytes(field: str) -> int:
+    """A `/proc/self/status` size field (kB) in bytes."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_memory() -> None:
+    """Start a new memory peak: CUDA's allocator peak; on the CPU the process's peak resident set size
+    (Linux: VmHWM, reset to the current resident set)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_bytes() -> int:
+    """The memory peak since reset_peak_memory (bytes)."""
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else status_bytes("VmHWM")
+
+
+class StepTimer(L.Callback):
+    """Each training step's wall time in `times`, from its first hook to its end with the device
+    synchronised at both (put it first in the callbacks), and in `peak_bytes` the memory peak from
+    the start of training to its end (peak_memory_bytes)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.peak_bytes: int | None = None
+        self._start = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reset_peak_memory()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        synchronize(pl_module.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        synchronize(pl_module.device)
+        self.times.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.peak_bytes = peak_memory_bytes()
+
+
+def config(path: str) -> dict[str, Any]:
+    """A config file under configs/, resolved."""
+    return OmegaConf.to_container(OmegaConf.load(CONFIGS / path), resolve=True)
+
+
+def model_args(shape: str) -> dict[str, Any]:
+    """LVLMModule arguments of the configured stage III model, untrained (its tokenizer in the
+    repository's data/); "large" widens its LM."""
+    model, stage3 = config("easy_vqa/model.yaml"), config("easy_vqa/stage3_moe.yaml")
+    args = model["model"]["init_args"] | stage3["model"]["init_args"] | {"init_from": None}
+    args["tokenizer"] = str(ROOT / args["tokenizer"])
+    if shape == "large":
+        args["lm_config"] = args["lm_config"] | LARGER_LM
+    return args
+
+
+def stgc_args() -> dict[str, Any]:
+    """The STGC callback's arguments in stage3_moe_stgc.yaml."""
+    callbacks = config("easy_vqa/stage3_moe_stgc.yaml")["trainer"]["callbacks"]
+    return next(c["init_args"] for c in callbacks if c["class_path"] == "stgc.STGC")
+
+
+def trainer_args() -> dict[str, Any]:
+    """The configured Trainer settings that change a step's work (precision, clipping)."""
+    trainer = config("trainer.yaml")["trainer"]
+    return {key: trainer[key] for key in ("accelerator", "precision", "gradient_clip_val")}
+
+
+def batch(module: LVLMModule, batch_size: int, text_tokens: int) -> dict[str, torch.Tensor]:
+    """A stage III-shaped batch: the image positions then text, every position trained but the image."""
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(4, len(module.tokenizer), (batch_size, text_tokens), generator=generator)
+    image = torch.full((batch_size, module.num_image_tokens), IMAGE_TOKEN_ID)
+    ids = torch.cat([image, text], dim=1)
+    height, width = output_size(module.image_transform(False))
+    return {
+        "images": torch.randn(batch_size, 3, height, width, generator=generator),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.masked_fill(ids == IMAGE_TOKEN_ID, IGNORE_INDEX),
+    }
+
+
+def to_device(data: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device`."""
+    return {key: value.to(device) for key, value in data.items()}
+
+
+def fit_steps(module: LVLMModule, data: dict, variant: str, steps: int) -> StepTimer:
+    """`steps` training steps of one variant (a VARIANTS key) through Trainer.fit (a fresh trainer:
+    global step 0 is STGC's first active step); their StepTimer."""
+    change = VARIANTS[variant]
+    callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
+    timer = StepTimer()
+    trainer = L.Trainer(
+        **trainer_args(),
+        devices=1,
+        max_steps=steps,
+        callbacks=[timer, *callbacks],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, DataLoader([data] * steps, batch_size=None))
+    return timer
+
+
+def round_robin(modules: dict[str, LVLMModule], data: dict, reps: int) -> dict[str, list[float]]:
+    """Per variant (a VARIANTS key, its own copy of the model), one step time per repetition: the mean
+    of STEPS_PER_FIT steps of one fit. The variants take turns, so that no variant pays for another's
+    hooks, after two rounds of warm-up."""
+    times: dict[str, list[float]] = {variant: [] for variant in modules}
+    for rep in range(reps + 2):
+        for variant, module in modules.items():
+            elapsed = fit_steps(module, data, variant, 1 + STEPS_PER_FIT).times[1:]
+            if rep >= 2:
+                times[variant].append(statistics.fmean(elapsed))
+    return times
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median of the paired ratios."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def captured_experts(
+    module: LVLMModule, data: dict
+) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
+    """(expert, its input rows, the gradient at its output) for every expert of every MoE layer, one step."""
+    captured, outputs = [], []
+
+    def keep(expert):
+        def hook(_, args, output):
+            output.retain_grad()
+            captured.append((expert, args[0].detach()))
+            outputs.append(output)
+
+        return hook
+
+    handles = [
+        e.register_forward_hook(keep(e)) for layer in moe_layers(module.model).values() for e in layer.experts
+    ]
+    module(data).loss.backward()
+    for handle in handles:
+        handle.remove()
+    module.zero_grad(set_to_none=True)
+    return [(e, x, out.grad) for (e, x), out in zip(captured, outputs, strict=True) if x.shape[0]]
+
+
+def experts_time(experts: list, device: str) -> float:
+    """The experts' forward and backward alone, on the rows they processed in a real step."""
+
+    def run():
+        for expert, x, output_grad in experts:
+            expert(x.requires_grad_()).backward(output_grad)
+
+    return timed(run, device)
