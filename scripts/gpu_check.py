@@ -119,7 +119,7 @@ def fit(args: argparse.Namespace, precision: str, with_stgc: bool, batch_size: i
     probe = StepProbe(count_at=3)
     callbacks = [probe]
     if with_stgc:
-        callbacks.append(STGC(loss_weight=0.01, log_every_n_steps=10**6, histogram_every_n_steps=0))
+        callbacks.append(STGC(log_every_n_steps=10**6, histogram_every_n_steps=0))
     data = DataLoader(StageThreeBatches(module, batch_size * (steps + 2), text_tokens), batch_size=batch_size)
     trainer = L.Trainer(
         accelerator="auto", devices=1, precision=precision, max_steps=steps + 2, logger=False,

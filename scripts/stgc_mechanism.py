@@ -20,20 +20,21 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from stgc.method import Settings, names
 from stgc.method.loss import LOSS_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/trainer.yaml", "configs/easy_vqa/model.yaml", "configs/easy_vqa/stage3_moe.yaml"]
 STGC_CONFIG = "configs/easy_vqa/stage3_moe_stgc.yaml"
 PER_LAYER = (  # averaged over logging steps and layers
-    "reroute_rate",
-    "delta_p_flagged",
-    "delta_p_other",
-    "cel_grad_ratio",
-    "exact_output_pearson",
-    "conflict_ratio",
-    "cosine_mean",
-    "cosine_null",
+    names.REROUTE_RATE,
+    names.DELTA_P_FLAGGED,
+    names.DELTA_P_OTHER,
+    names.CEL_GRAD_RATIO,
+    names.EXACT_OUTPUT_PEARSON,
+    names.CONFLICT_RATIO,
+    names.COSINE_MEAN,
+    names.COSINE_NULL,
 )
 
 
@@ -63,12 +64,11 @@ def summary(events_dir: Path) -> dict[str, float]:
     result = {}
     for name in PER_LAYER:
         values = [
-            s.value for tag in tags if tag.startswith(f"stgc/{name}/") and not tag.endswith("/all")
-            for s in events.Scalars(tag)
+            s.value for tag in tags if names.layer_of(tag, name) is not None for s in events.Scalars(tag)
         ]  # fmt: skip
         if values:
             result[name] = statistics.fmean(values)
-    drift = [events.Scalars(tag)[-1].value for tag in tags if tag.startswith("stgc/expert_drift/")]
+    drift = [events.Scalars(tag)[-1].value for tag in tags if names.layer_of(tag, names.EXPERT_DRIFT)]
     if drift:
         result["expert_drift_end"] = statistics.fmean(drift)
     return result
@@ -78,8 +78,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage2", required=True, help="the stage II checkpoint every arm starts from")
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--loss-weight", type=float, default=0.01)
-    parser.add_argument("--threshold", type=float, default=-0.1)
+    parser.add_argument("--loss-weight", type=float, default=Settings.loss_weight)
+    parser.add_argument("--threshold", type=float, default=Settings.threshold)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "mechanism")
     parser.add_argument("extra", nargs="*", help="more `stgc fit` arguments, after --")

@@ -30,6 +30,7 @@ import torch
 
 from stgc_experiments.pipeline import (
     DEFAULT,
+    LATE_CONFLICT_RATIO,
     PIPELINES,
     STAGES,
     TESTED,
@@ -91,7 +92,7 @@ def summary(tests: dict) -> str:
     for stage, test in tests.items():
         if "test/vqa_acc" not in test:  # stage 0 or I alone: no answers to score
             continue
-        ratio = test.get("stgc/conflict_ratio")
+        ratio = test.get(LATE_CONFLICT_RATIO)
         lines.append(f"{stage:<16} {test['test/vqa_acc']:>8.4f}  {'–' if ratio is None else f'{ratio:.4f}'}")
     return "\n".join(lines)
 

@@ -101,3 +101,12 @@ def test_expert_load_by_family_counts_the_slots_of_each_answers_producing_tokens
         for question_type, counts in per_type.items():
             np.testing.assert_allclose(loads[layer][question_type], counts / counts.sum(), atol=1e-6)
     assert any(not np.allclose(loads[layer]["color"], loads[layer]["shape"]) for layer in loads)
+
+
+def test_layer_of_reads_the_layer_of_a_per_layer_name_only() -> None:
+    from stgc.method import names
+
+    assert names.layer_of(names.metric(names.CONFLICT_RATIO, "layer_1"), names.CONFLICT_RATIO) == "layer_1"
+    assert names.layer_of(names.metric(names.CONFLICT_RATIO), names.CONFLICT_RATIO) is None  # all layers
+    assert names.layer_of(names.metric(names.CONFLICT_RATIO_TEXT, "layer_1"), names.CONFLICT_RATIO) is None
+    assert names.layer_of(names.metric(names.EXPERT_LOAD, "layer_1", 0), names.EXPERT_LOAD) is None

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.cli import run as stgc
+from stgc.method import names
 from stgc_experiments import ROOT
 from stgc_experiments.study import late_mean, layer_curves
 
@@ -226,9 +227,12 @@ def metrics(cli: LightningCLI, prefix: str) -> dict[str, float]:
     return {key: round(float(value), 4) for key, value in items if key.startswith(prefix)}
 
 
+LATE_CONFLICT_RATIO = f"{names.PREFIX}/{names.CONFLICT_RATIO}"  # its key in make train's report
+
+
 def late_conflict_ratio(folder: str | Path) -> dict[str, float]:
     """{"stgc/conflict_ratio": ...}: a run's STGC conflict ratio averaged over the MoE layers and its
     last third of logged steps, from its TensorBoard events; {} for a run without STGC."""
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
-    curve = layer_curves(events, ["conflict_ratio"])["conflict_ratio"]
-    return {"stgc/conflict_ratio": round(late_mean(curve, 1 / 3), 4)} if curve else {}
+    curve = layer_curves(events, [names.CONFLICT_RATIO])[names.CONFLICT_RATIO]
+    return {LATE_CONFLICT_RATIO: round(late_mean(curve, 1 / 3), 4)} if curve else {}

@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import Subset
 
 from stgc.easy_vqa.prepare import prepare
+from stgc.method import Settings, names
 from stgc.method.loss import LOSS_TYPES
 from stgc_experiments import ROOT
 from stgc_experiments.pipeline import (
@@ -54,7 +55,7 @@ LOAD_RECORDS = (
 # how a run's expert loads were sampled: an evenly strided sample, as before, aliased with Sort-of-CLEVR's
 # 12 questions per image (it met one subtype only); --refresh-loads redoes older runs from their checkpoints
 LOAD_SAMPLE = f"random{LOAD_RECORDS}"
-CURVES = ("conflict_ratio", "cosine_mean", "cosine_null", "reroute_rate", "expert_drift")
+CURVES = (names.CONFLICT_RATIO, names.COSINE_MEAN, names.COSINE_NULL, names.REROUTE_RATE, names.EXPERT_DRIFT)
 QUICK = (  # a tiny slice and budget: checks that the study runs end to end
     "--data.init_args.limit_records=48",
     "--data.init_args.val_fraction=0.25",
@@ -67,9 +68,9 @@ QUICK = (  # a tiny slice and budget: checks that the study runs end to end
 PARTS = ("dense", "main", "screen")
 MAIN_ARMS = ("baseline", "chosen", "control")
 CURVE_COLUMNS = (  # column, curve, the last fraction of the run's logged steps it averages (0: the last step)
-    ("conflict ratio (last third)", "conflict_ratio", 1 / 3),  # it swings from one batch to the next
-    ("reroute rate", "reroute_rate", 1.0),  # at the end the learning rate, hence every step, is ~0
-    ("expert drift", "expert_drift", 0.0),
+    ("conflict ratio (last third)", names.CONFLICT_RATIO, 1 / 3),  # it swings from one batch to the next
+    ("reroute rate", names.REROUTE_RATE, 1.0),  # at the end the learning rate, hence every step, is ~0
+    ("expert drift", names.EXPERT_DRIFT, 0.0),
 )
 DIAGNOSTICS = (*(column for column, _, _ in CURVE_COLUMNS), "image/text split", "family split", "threads")
 DELTA = "Δ vs baseline [95% CI, seed-level]"
@@ -106,7 +107,7 @@ class Study:
     seeds: Sequence[int] = (0, 1, 2)
     loss_weights: Sequence[float] = (0.01, 0.1)
     loss_types: Sequence[str] = LOSS_TYPES
-    threshold: float = -0.1
+    threshold: float = Settings.threshold
     parts: Sequence[str] = PARTS
     arms: Sequence[str] = MAIN_ARMS
     out: str = "results"
@@ -394,7 +395,7 @@ def plots(arms: dict[str, list[dict]], out: Path, window: int = 5) -> None:
         width = min(window, len(rows[0]))
         return np.array([np.convolve(row, np.ones(width) / width, "valid") for row in rows])
 
-    for axis, name, title in zip(axes, ("conflict_ratio", "cosine_mean", "reroute_rate", "expert_drift"),
+    for axis, name, title in zip(axes, (names.CONFLICT_RATIO, names.COSINE_MEAN, names.REROUTE_RATE, names.EXPERT_DRIFT),
                                  titles, strict=True):  # fmt: skip
         for label, runs in arms.items():
             series = [r["curves"][name] for r in runs if r["curves"].get(name)]
@@ -405,8 +406,8 @@ def plots(arms: dict[str, list[dict]], out: Path, window: int = 5) -> None:
             values = smooth([[v for _, v in s[:length]] for s in series])
             (line,) = axis.plot(steps, values.mean(0), label=f"{label} (n={len(series)})")
             axis.fill_between(steps, values.min(0), values.max(0), alpha=0.2, color=line.get_color())
-            if name == "cosine_mean" and runs[0]["curves"].get("cosine_null"):
-                null = smooth([[v for _, v in r["curves"]["cosine_null"][:length]] for r in runs])
+            if name == names.COSINE_MEAN and runs[0]["curves"].get(names.COSINE_NULL):
+                null = smooth([[v for _, v in r["curves"][names.COSINE_NULL][:length]] for r in runs])
                 axis.plot(steps, null.mean(0), "--", color=line.get_color())
         axis.set(title=title, xlabel=f"step (moving average of {window} logging steps)")
     axes[0].legend(fontsize=7)

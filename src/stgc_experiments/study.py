@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.data.collate import answer_spans, is_empty
+from stgc.method import names as metric_names
 from stgc.model.metrics import metric_name, normalize_answer
 from stgc.moe import moe_layers, short_layer_name
 from stgc.moe.layer import expert_counts
@@ -53,7 +54,7 @@ def layer_curves(events: EventAccumulator, names: Iterable[str]) -> dict[str, li
     for name in names:
         by_step: dict[int, list[float]] = {}
         for tag in tags:
-            if tag.startswith(f"stgc/{name}/") and not tag.endswith("/all"):
+            if metric_names.layer_of(tag, name) is not None:
                 for event in events.Scalars(tag):
                     by_step.setdefault(event.step, []).append(event.value)
         result[name] = [(step, float(np.mean(values))) for step, values in sorted(by_step.items())]

@@ -33,3 +33,11 @@ def metric(quantity: str, layer: str = ALL_LAYERS, expert: int | None = None) ->
     """The logged name of a quantity of one layer (or of all layers), or of one of its experts."""
     name = f"{PREFIX}/{quantity}/{layer}"
     return name if expert is None else f"{name}/expert_{expert}"
+
+
+def layer_of(name: str, quantity: str) -> str | None:
+    """The MoE layer a logged name gives `quantity` of (`stgc/<quantity>/<layer>`); None for another
+    quantity, the figure over all layers, or an expert's."""
+    prefix = f"{PREFIX}/{quantity}/"
+    layer = name.removeprefix(prefix)
+    return layer if name.startswith(prefix) and layer != ALL_LAYERS and "/" not in layer else None

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from stgc import STGC
-from stgc.method.selection import Selection
+from stgc.method import Selection, Settings
 from stgc_experiments.planted.meter import PlantedMeter
 from stgc_experiments.planted.model import PlantedModel, PlantedModule, evaluate
 from stgc_experiments.planted.oracle import OracleSelection
@@ -93,7 +93,7 @@ def train_arm(
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith("mlp."))  # experts and router, as stage III
     stgc = STGC(
-        threshold=-0.1,
+        threshold=Settings.threshold,
         loss_weight=arm.loss_weight,
         loss_type=arm.loss_type,
         selection=selection_of(arm, cell),
