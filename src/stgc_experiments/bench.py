@@ -4,6 +4,7 @@ its synthetic batch and its variants' `Trainer.fit` steps, so that every benchma
 """
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
@@ -34,6 +36,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
 }
 QUIET = {"histogram_every_n_steps": 0}  # the bench has no logger to draw histograms for
 STEPS_PER_FIT = 4  # timed steps per fit, after one untimed step (optimizer state, first-call costs)
+SCRATCH = tempfile.TemporaryDirectory(prefix="stgc-bench-")  # the fits' TensorBoard events, removed at exit
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -146,7 +149,8 @@ def to_device(data: dict[str, torch.Tensor], device: str) -> dict[str, torch.Ten
 
 def fit_steps(module: LVLMModule, data: dict, variant: str, steps: int) -> StepTimer:
     """`steps` training steps of one variant (a VARIANTS key) through Trainer.fit (a fresh trainer:
-    global step 0 is STGC's first active step); their StepTimer."""
+    global step 0 is STGC's first active step), logging to TensorBoard as a run does (a scratch folder,
+    so that a logging step pays for writing its metrics); their StepTimer."""
     change = VARIANTS[variant]
     callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
     timer = StepTimer()
@@ -155,7 +159,7 @@ def fit_steps(module: LVLMModule, data: dict, variant: str, steps: int) -> StepT
         devices=1,
         max_steps=steps,
         callbacks=[timer, *callbacks],
-        logger=False,
+        logger=TensorBoardLogger(SCRATCH.name, name=variant),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,

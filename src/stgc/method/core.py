@@ -108,8 +108,10 @@ class STGCMethod:
         """Probes on `model`'s MoE layers (parameters already sharded, under FSDP2). ValueError when it
         has none, or frozen experts."""
         self.detach()
-        self._transformers_models = outermost_transformers_models(model)
         self.probes = find_moe_probes(model)
+        self._transformers_models = [  # those whose experts the probes need switched while capturing
+            m for m in outermost_transformers_models(model) if any(is_hf_experts(c) for c in m.modules())
+        ]
         if not self.probes:
             raise ValueError(
                 f"STGC found no MoE layer in {type(model).__name__}: it needs stgc.moe.SparseMoE layers "
@@ -147,6 +149,8 @@ class STGCMethod:
 
     def end(self) -> None:
         """Stop capturing (a micro-batch whose backward never ran, or after `after_backward`)."""
+        if not self.capturing and not self._previous_experts:
+            return  # stopped already: the probes are idle
         self.capturing = False
         self._batch = None
         for probe in self.probes:
@@ -170,8 +174,7 @@ class STGCMethod:
         penalised = self._select(layers, conflicting)
         scale = settings.loss_weight / accumulation
         scale = scale * grad_scale if settings.loss_weight > 0 else scale
-        cel = [self._cel(p, c, m, scale) for p, c, m in zip(self.probes, layers, penalised, strict=True)]
-        router_grads = [grad for _, grads, _ in cel for grad in grads]  # none when λ = 0
+        cel_losses, logits, router_grads = self._cel(layers, penalised, scale)  # no gradients when λ = 0
         finite = torch.stack([c.finite for c in layers] + [g.isfinite().all() for g in router_grads]).all()
         finite, router_grads = self._agree_across_ranks(finite, router_grads)
         self.end()
@@ -185,14 +188,14 @@ class STGCMethod:
         num_experts = self.conflict_counts.shape[1]
         stats = [
             LayerStats.of(c, m, loss, num_experts, leave_one_out=settings.mean == "others")
-            for c, m, (loss, _, _) in zip(layers, conflicting, cel, strict=True)
+            for c, m, loss in zip(layers, conflicting, cel_losses, strict=True)
         ]
         self._count(stats)
         metrics = {}
         if logging:
             metrics = self._step_metrics(stats, grad_ratios)
             router_inputs = [probe.routing().router_input.detach() for probe in self.probes]
-            self._pending = PendingReroute(router_inputs, [logits for _, _, logits in cel], layers, penalised)
+            self._pending = PendingReroute(router_inputs, logits, layers, penalised)
         return StepResult(True, layers, stats, metrics)
 
     def _select(self, layers: list[LayerConflicts], conflicting: list[Tensor]) -> list[Tensor]:
@@ -204,21 +207,29 @@ class STGCMethod:
         return self.selector.select(layers, conflicting, step)
 
     def _cel(
-        self, probe: LayerProbe, conflicts: LayerConflicts, conflicting: Tensor, scale: float
-    ) -> tuple[Tensor, list[Tensor], Tensor]:
-        """The layer's CEL value; when λ > 0 its gradients w.r.t. the router's weight (and bias) alone,
-        times `scale` (zero when nothing conflicts); and the router logits (N, E), detached."""
-        router_input = probe.routing().router_input.detach()  # (N, H)
-        with autocast_off(router_input), torch.enable_grad():
-            parameters = [full_tensor(p) for p in probe.router_parameters()]  # gathered under FSDP2
-            logits = probe.router_logits(router_input, *parameters)  # (N, E): tiny, recomputed router-only
-            loss = conflict_elimination_loss(
-                logits, conflicts.rows, conflicts.expert, self.settings.loss_type, conflicting
-            )
+        self, layers: list[LayerConflicts], penalised: list[Tensor], scale: float
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per layer the CEL value and the router logits (N, E), detached; when λ > 0 the gradients of
+        `scale` · Σ_l CEL_l w.r.t. each layer's router weight (and bias) alone, in router_parameters'
+        order: one backward through the router-only graphs of all layers (zero where nothing is flagged)."""
+        losses, logits, parameters = [], [], []
+        with torch.enable_grad():
+            for probe, conflicts, flagged in zip(self.probes, layers, penalised, strict=True):
+                router_input = probe.routing().router_input.detach()  # (N, H)
+                with autocast_off(router_input):
+                    weights = [full_tensor(p) for p in probe.router_parameters()]  # gathered under FSDP2
+                    layer_logits = probe.router_logits(router_input, *weights)  # (N, E): recomputed, tiny
+                    losses.append(
+                        conflict_elimination_loss(
+                            layer_logits, conflicts.rows, conflicts.expert, self.settings.loss_type, flagged
+                        )
+                    )
+                logits.append(layer_logits.detach())
+                parameters += weights
             if self.settings.loss_weight == 0:
-                return loss.detach(), [], logits.detach()
-            grads = torch.autograd.grad(loss * scale, parameters)
-        return loss.detach(), list(grads), logits.detach()
+                return [loss.detach() for loss in losses], logits, []
+            grads = torch.autograd.grad(torch.stack(losses).sum() * scale, parameters)
+        return [loss.detach() for loss in losses], logits, list(grads)
 
     @staticmethod
     def _agree_across_ranks(finite: Tensor, router_grads: list[Tensor]) -> tuple[bool, list[Tensor]]:
@@ -276,7 +287,7 @@ class STGCMethod:
             if ratio is not None:
                 metrics[names.metric(names.CEL_GRAD_RATIO, probe.name)] = ratio
         metrics.update(layer_metrics(names.ALL_LAYERS, sum(stats[1:], stats[0]), 0, world * len(stats)))
-        metrics[names.SKIPPED_NONFINITE] = torch.tensor(float(self.skipped_nonfinite))
+        metrics[names.SKIPPED_NONFINITE] = summed.new_tensor(float(self.skipped_nonfinite))
         return metrics
 
     def measure_reroutes(self) -> dict[str, Tensor]:

@@ -63,10 +63,14 @@ def linear_gradient_terms(
     """
     _check_linear(x, delta, grad_weight, grad_bias, path)
     with autocast_off(x):  # the dtypes are chosen here, whatever autocast is doing
-        bias = float(has_bias or grad_bias is not None)
+        bias = has_bias or grad_bias is not None
         accumulate, product = term_dtypes(x.dtype, delta.dtype)
-        sqnorm = delta.to(accumulate).square().sum(1) * (x.to(accumulate).square().sum(1) + bias)  # (n,)
-        x, delta = x.to(product), delta.to(product)
+        x_sqnorm = torch.linalg.vector_norm(x, dim=1, dtype=accumulate).square()  # (n,) no (n, d) temporary
+        sqnorm = torch.linalg.vector_norm(delta, dim=1, dtype=accumulate).square() * (
+            x_sqnorm + 1 if bias else x_sqnorm
+        )
+        if x.dtype != product or delta.dtype != product:
+            x, delta = x.to(product), delta.to(product)
         if _uses_gram(x.shape[0], x.shape[1], delta.shape[1], grad_weight is not None, path):
             gram = (delta @ delta.T).to(accumulate) * ((x @ x.T).to(accumulate) + bias)  # (n, n)
             dot = gram.sum(1)  # (n,)  Σ_j δ_iᵀδ_j (x_iᵀx_j + bias)

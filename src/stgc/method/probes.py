@@ -159,39 +159,50 @@ class LayerProbe(ABC):
                 self._reference_totals[name].update({expert: t[2] for expert, t in terms.items()})
         cosine_of = leave_one_out_cosine if mean == "others" and not using else cosine_from_terms
         routing = self.routing()
-        chosen = self._terms[gradient]
-        cosines = {name: [] for name, terms in self._terms.items() if terms}
-        rows, experts, has_grad, finite, sqnorms = [], [], [], [], []
-        for expert, (dot, sqnorm, total_sqnorm) in sorted(chosen.items()):
-            finite.append(
-                torch.isfinite(dot).all() & torch.isfinite(sqnorm).all() & torch.isfinite(total_sqnorm)
-            )
-            for name in cosines:
-                terms = self._terms[name].get(expert)  # None: the other gradient did not reach this expert
-                cosines[name].append(
-                    torch.full_like(dot, float("nan")) if terms is None else cosine_of(*terms)
-                )
-            rows.append(routing.expert_rows[expert])  # (n_e,)
-            experts.append(torch.full_like(rows[-1], expert))  # (n_e,)
-            has_grad.append(sqnorm > 0)  # (n_e,)
-            sqnorms.append(sqnorm)
-        device = self.router_weight.device
-        if not rows:
-            empty = torch.zeros(0, device=device)
+        experts = sorted(self._terms[gradient])  # those whose tokens saw gradient of the chosen kind
+        if not experts:
+            empty = torch.zeros(0, device=self.router_weight.device)
             return LayerConflicts(empty, empty.long(), empty.long(), empty.bool(), None, torch.tensor(True))
-        rows_cat = torch.cat(rows)  # (S,)
-        modality = None if routing.modality is None else routing.modality.index_select(0, rows_cat)  # (S,)
-        by_gradient = {name: torch.cat(parts) for name, parts in cosines.items()}
+        # all experts' assignments at once: the per-expert terms concatenated, each ‖G‖² spread over its rows
+        rows = torch.cat([routing.expert_rows[e] for e in experts])  # (S,)
+        expert = torch.cat([torch.full_like(routing.expert_rows[e], e) for e in experts])  # (S,)
+        by_gradient, finite = {}, torch.tensor(True, device=rows.device)
+        for name, terms in self._terms.items():
+            if not terms:
+                continue
+            dot, sqnorm, total = self._concatenated(terms, experts, routing.expert_rows)
+            by_gradient[name] = cosine_of(dot, sqnorm, total)
+            if name == gradient:
+                chosen_sqnorm = sqnorm
+                finite = dot.isfinite().all() & sqnorm.isfinite().all() & total.isfinite().all()
+        modality = None if routing.modality is None else routing.modality.index_select(0, rows)  # (S,)
         return LayerConflicts(
             by_gradient[gradient],
-            rows_cat,
-            torch.cat(experts),
-            torch.cat(has_grad),
+            rows,
+            expert,
+            chosen_sqnorm > 0,
             modality,
-            torch.stack(finite).all(),
+            finite,
             by_gradient,
-            torch.cat(sqnorms),
+            chosen_sqnorm,
         )
+
+    @staticmethod
+    def _concatenated(
+        terms: dict[int, list[Tensor]], experts: list[int], expert_rows: list[Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """⟨g_i, G⟩, ‖g_i‖² and ‖G‖² (S,) over the `experts`' rows in order; NaN for an expert that the
+        terms do not reach (the other gradient, captured beside the chosen one, may miss one)."""
+        like = next(iter(terms.values()))[0]
+        parts = []
+        for e in experts:
+            if e in terms:
+                dot, sqnorm, total = terms[e]
+                parts.append((dot, sqnorm, total.expand_as(dot)))
+            else:
+                missing = like.new_full((expert_rows[e].numel(),), float("nan"))
+                parts.append((missing,) * 3)
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
     def remove(self) -> None:
         for handle in self.handles:
