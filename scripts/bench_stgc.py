@@ -16,6 +16,7 @@ callback of stage3_moe_stgc.yaml, as users run it:
 
     python scripts/bench_stgc.py [--quick] [--out results/bench_stgc.json]
     python scripts/bench_stgc.py --shapes default --reps 8 --steps-only   # the step-time ratios alone
+    python scripts/bench_stgc.py --quick --profile   # where the time goes: STGC's parts, operator counts
 
 The last line prints the step-time and peak-memory ratios.
 """
@@ -47,15 +48,20 @@ from stgc_experiments.bench import (
     median_ratio,
     model_args,
     round_robin,
+    step_profile,
     timed,
     to_device,
 )
 
 
-def build(shape: str) -> LVLMModule:
-    """The stage III model; routers perturbed, since trained routers are not uniform: routing matters."""
+def build(shape: str, num_experts: int | None = None) -> LVLMModule:
+    """The stage III model (with `num_experts` per MoE layer: the configured number when None); routers
+    perturbed, since trained routers are not uniform: routing matters."""
     torch.manual_seed(0)
-    module = LVLMModule(**model_args(shape))
+    args = model_args(shape)
+    if num_experts is not None:
+        args["moe"] = args["moe"] | {"num_experts": num_experts}
+    module = LVLMModule(**args)
     for layer in moe_layers(module.model).values():
         torch.nn.init.normal_(layer.router.weight, std=0.05)
     return module
@@ -233,6 +239,31 @@ def print_table(results: dict, header: bool = True) -> None:
         print(f"conflict terms vs tokens ({shape}): {line}")
 
 
+def print_profile(shape: str, batch_shape: tuple[int, int], expert_counts: list[int]) -> None:
+    """Where a step's time goes (torch.profiler, the record_function ranges of stgc.method): per part its
+    time and the operators it launches per step, for a plain step, an STGC step and an STGC logging step;
+    then the operators per MoE layer per step for each number of experts."""
+    module = build(shape)
+    data = batch(module, *batch_shape)
+    layers = len(moe_layers(module.model))
+    plain = step_profile(module, data, "plain")
+    print(f"profile ({shape}, batch {batch_shape[0]} x {batch_shape[1]}, under torch.profiler): plain step "
+          f"{plain['step_ms']:.1f} ms, {plain['aten_ops']:.0f} aten ops")  # fmt: skip
+    for variant in ("stgc_every_step", "stgc_logging"):
+        profile = step_profile(module, data, variant)
+        parts = ", ".join(
+            f"{part.removeprefix('stgc.')} {p['ms']:.2f} ms / {p['ops']:.0f} ops"
+            for part, p in profile["parts"].items() if p["ops"]
+        )  # fmt: skip
+        extra = profile["aten_ops"] - plain["aten_ops"]
+        print(f"  {variant}: {profile['step_ms']:.1f} ms, +{extra:.0f} aten ops; {parts}")
+    for experts in expert_counts:
+        profile = step_profile(build(shape, experts), data, "stgc_every_step", steps=2)["parts"]
+        hooks = sum(profile[part]["ops"] for part in ("stgc.capture", "stgc.weight_hook", "stgc.output_hook"))
+        print(f"  {experts} experts: per MoE layer per step, after_backward "
+              f"{profile['stgc.after_backward']['ops'] / layers:.0f} ops, hooks {hooks / layers:.0f} ops")  # fmt: skip
+
+
 def print_step_ratios(shape: str, times: dict[str, list[float]]) -> None:
     """Each variant's step time over the plain step's (medians of the paired ratios)."""
     plain = statistics.median(times["plain"])
@@ -259,6 +290,10 @@ def main() -> None:
     parser.add_argument(
         "--steps-only", action="store_true", help="only the variants' step-time ratios (a few minutes)"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="where the step's time goes: STGC's parts and operator counts"
+    )
+    parser.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16, 64], help="with --profile")
     args = parser.parse_args()
     args.batch_size, args.text_tokens = (8, 64) if args.quick else (32, 150)
     args.memory_reps = 1 if args.quick else 2
@@ -267,6 +302,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prepare(Path(model_args("default")["tokenizer"]).parent)  # the model's tokenizer (idempotent)
     shapes = ["default"] if args.quick else args.shapes
+    if args.profile:
+        for shape in shapes:
+            print_profile(shape, (args.batch_size, args.text_tokens), args.experts)
+        return
     if args.steps_only:
         for shape in shapes:
             print_step_ratios(shape, step_times(shape, (args.batch_size, args.text_tokens), args.reps))

@@ -220,3 +220,48 @@ def experts_time(experts: list, device: str) -> float:
             expert(x.requires_grad_()).backward(output_grad)
 
     return timed(run, device)
+
+
+PARTS = ("stgc.capture", "stgc.weight_hook", "stgc.output_hook", "stgc.after_backward", "stgc.reroutes")
+
+
+def _launched_ops(event: Any) -> int:
+    """The aten operators run directly under a profiler event (those inside another aten op not counted)."""
+    return sum(1 if child.name.startswith("aten::") else _launched_ops(child) for child in event.cpu_children)
+
+
+def step_profile(module: LVLMModule, data: dict, variant: str, steps: int = 3) -> dict[str, Any]:
+    """torch.profiler over `steps` steps of a variant, after two untimed ones: per step the wall time and
+    operator count of each STGC part (the record_function ranges of stgc.method), of all aten operators,
+    and the step time."""
+    timer = StepTimer()
+
+    class Profiled(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 2:
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.profiler.__enter__()
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.profiler.__exit__(None, None, None)
+
+    profiled = Profiled()
+    change = VARIANTS[variant]
+    callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
+    trainer = L.Trainer(
+        **trainer_args(), devices=1, max_steps=2 + steps, callbacks=[timer, profiled, *callbacks],
+        logger=TensorBoardLogger(SCRATCH.name, name=f"profile_{variant}"), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, DataLoader([data] * (2 + steps), batch_size=None))
+    events = profiled.profiler.events()
+    parts = {part: {"ms": 0.0, "ops": 0} for part in PARTS}
+    for event in events:
+        if event.name in parts:
+            parts[event.name]["ms"] += event.cpu_time_total / 1e3 / steps
+            parts[event.name]["ops"] += _launched_ops(event) / steps
+    return {
+        "step_ms": 1e3 * statistics.fmean(timer.times[2:]),
+        "aten_ops": sum(1 for event in events if event.name.startswith("aten::")) / steps,
+        "parts": parts,
+    }

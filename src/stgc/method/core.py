@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from stgc.method import names
 from stgc.method.diagnostics import (
@@ -158,6 +159,7 @@ class STGCMethod:
         switch_experts(self._previous_experts)
         self._previous_experts = {}
 
+    @record_function("stgc.after_backward")
     def after_backward(
         self, accumulation: int = 1, grad_scale: float = 1.0, logging: bool = False
     ) -> StepResult:
@@ -290,6 +292,7 @@ class STGCMethod:
         metrics[names.SKIPPED_NONFINITE] = summed.new_tensor(float(self.skipped_nonfinite))
         return metrics
 
+    @record_function("stgc.reroutes")
     def measure_reroutes(self) -> dict[str, Tensor]:
         """Once the optimizer has stepped after a logging step: of its flagged assignments, the share whose
         expert left the token's top-k under the updated router, and the mean change of p_{t,e} (flagged,
