@@ -9,7 +9,7 @@ from transformers import TrainingArguments
 from stgc.callback import STGC
 from stgc.integrations.transformers import STGCTrainer
 from stgc.method import STGCMethod
-from support.lightning_models import VOCAB, CausalLMModule, tiny_olmoe
+from support.lightning_models import VOCAB, CausalLMModule, tiny_olmoe, upcycled_qwen2
 
 SETTINGS = {"threshold": 0.0, "loss_type": "unlikelihood"}  # τ = 0: the tiny random model has conflicts
 LR = 0.1
@@ -68,3 +68,31 @@ def test_transformers_trainer_makes_the_lightning_callbacks_update_and_logs_its_
     for a, b in zip(measuring.parameters(), hf_model.parameters(), strict=True):
         if id(b) not in routers:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _plain_loop_router_grads(loss_type, loss_weight: float = 1.0) -> list[torch.Tensor]:
+    """One backward of a plain PyTorch loop with the core, and the routers' gradients it leaves."""
+    model = upcycled_qwen2()
+    stgc = STGCMethod(threshold=0.0, loss_weight=loss_weight, loss_type=loss_type)
+    stgc.attach(model)
+    ids = _ids()
+    stgc.begin(ids)
+    model(input_ids=ids, labels=ids).loss.backward()
+    result = stgc.after_backward(logging=True)
+    assert result.finite and result.metrics["stgc/conflict_ratio/all"] > 0
+    return [layer.mlp.router.weight.grad.clone() for layer in model.model.layers]
+
+
+def test_a_loss_form_of_ones_own_runs_in_a_plain_loop() -> None:
+    """-log(1 - p_te) averaged over the flagged pairs, written here from the softmax, is the built-in
+    unlikelihood form: the same router gradients."""
+
+    def unlikelihood(router_logits, rows, experts, flagged):
+        p = router_logits.softmax(-1)[rows, experts]  # (P,)
+        return -(torch.log1p(-p) * flagged).sum() / flagged.sum().clamp(min=1)
+
+    own, built_in = _plain_loop_router_grads(unlikelihood), _plain_loop_router_grads("unlikelihood")
+    for a, b in zip(own, built_in, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    measuring = _plain_loop_router_grads("unlikelihood", loss_weight=0.0)  # the LM's gradient alone
+    assert all(not torch.allclose(a, b, atol=1e-6) for a, b in zip(measuring, built_in, strict=True))

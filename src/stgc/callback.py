@@ -14,6 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from stgc.method import Selection, Settings, STGCMethod
+from stgc.method.loss import LossForm
 from stgc.method.probes import SparseMoEProbe
 from stgc.report.layout import write_custom_scalars
 from stgc.report.picture import ConflictPictureData, ConflictPictureModel
@@ -32,7 +33,7 @@ class STGC(L.Callback):
         loss_weight: λ of the CEL; 0 only measures (how a baseline records the same statistics).
         loss_type: "negated_logits" (the reviewers' reading of the paper's Eq. 8; can raise a second
             choice's score), "negated_logits_per_expert" or "unlikelihood" (both always lower the
-            conflicting expert's score); see stgc.method.loss.
+            conflicting expert's score), or a `stgc.method.loss.LossForm` of your own; see stgc.method.loss.
         gradient: "exact" (the gradient w.r.t. all of the expert's weights) or "output" (w.r.t. the
             expert's output, routing weight included: the paper's cheaper approximation).
         mean: compare g_t with the sum over "all" the expert's tokens (the paper's ḡ_e, which holds
@@ -52,7 +53,7 @@ class STGC(L.Callback):
         self,
         threshold: float = Settings.threshold,
         loss_weight: float = Settings.loss_weight,
-        loss_type: str = Settings.loss_type,
+        loss_type: str | LossForm = Settings.loss_type,
         gradient: str = Settings.gradient,
         mean: str = Settings.mean,
         selection: str | Selection = Settings.selection,
@@ -94,7 +95,7 @@ class STGC(L.Callback):
         return self._generate_state_key(
             threshold=settings.threshold,
             loss_weight=settings.loss_weight,
-            loss_type=settings.loss_type,
+            loss_type=settings.loss_name,
             gradient=settings.gradient,
             mean=settings.mean,
             selection=settings.selection_name,

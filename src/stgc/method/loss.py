@@ -17,17 +17,27 @@ logits by scripts/cel_directions.py:
   lowers p_{t,e}.
 """
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 LOSS_TYPES = ("negated_logits", "negated_logits_per_expert", "unlikelihood")
 
 
+class LossForm(Protocol):
+    """A CEL form of one's own, passed as `loss_type=`: the loss of one layer, differentiable in the logits."""
+
+    def __call__(self, router_logits: Tensor, rows: Tensor, experts: Tensor, flagged: Tensor) -> Tensor:
+        """router_logits (N, E) float32 with grad; rows, experts, flagged (P,): the layer's (token,
+        expert) assignments and those the CEL applies to. A 0-d loss; 0 when nothing is flagged."""
+
+
 def conflict_elimination_loss(
     router_logits: Tensor,
     rows: Tensor,
     experts: Tensor,
-    loss_type: str = "negated_logits",
+    loss_type: "str | LossForm" = "negated_logits",
     flagged: Tensor | None = None,
 ) -> Tensor:
     """The CEL over the conflicting (token, expert) pairs: `rows` (into router_logits) and `experts`,
@@ -35,6 +45,13 @@ def conflict_elimination_loss(
 
     router_logits: (N, E) float32 with grad; rows, experts, flagged: (P,). Forms: see the module.
     """
+    if callable(loss_type):
+        return loss_type(
+            router_logits,
+            rows,
+            experts,
+            torch.ones_like(rows, dtype=torch.bool) if flagged is None else flagged,
+        )
     dtype = router_logits.dtype
     weights = torch.ones_like(rows, dtype=dtype) if flagged is None else flagged.to(dtype)  # (P,)
     if loss_type == "negated_logits":

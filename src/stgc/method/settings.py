@@ -3,7 +3,7 @@ which token gradient and which mean the cosines use, and how the CEL's assignmen
 
 from dataclasses import dataclass
 
-from stgc.method.loss import LOSS_TYPES
+from stgc.method.loss import LOSS_TYPES, LossForm
 from stgc.method.probes import GRADIENTS, MEANS
 from stgc.method.selection import SELECTIONS, Selection
 
@@ -14,7 +14,7 @@ class Settings:
 
     threshold: float = -0.1  # a token conflicts in an expert when cos(g_t, ḡ_e) < threshold
     loss_weight: float = 0.01  # λ of the CEL; 0 only measures
-    loss_type: str = "negated_logits"
+    loss_type: str | LossForm = "negated_logits"  # a name in LOSS_TYPES, or a form of one's own
     gradient: str = "exact"
     mean: str = "all"
     selection: str | Selection = "gradient"
@@ -24,8 +24,10 @@ class Settings:
             raise ValueError(f"threshold={self.threshold} must be a cosine in [-1, 1]")
         if self.loss_weight < 0:
             raise ValueError(f"loss_weight={self.loss_weight} must be >= 0")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type={self.loss_type!r} must be one of {LOSS_TYPES}")
+        if not callable(self.loss_type) and self.loss_type not in LOSS_TYPES:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} must be one of {LOSS_TYPES} or a stgc.method.loss.LossForm"
+            )
         if self.gradient not in GRADIENTS or self.mean not in MEANS:
             raise ValueError(
                 f"gradient={self.gradient!r} must be one of {GRADIENTS} and mean={self.mean!r} one of {MEANS}"
@@ -39,3 +41,9 @@ class Settings:
     def selection_name(self) -> str:
         """The selection as a checkpoint's state key names it: its name, or its class's."""
         return self.selection if isinstance(self.selection, str) else type(self.selection).__name__
+
+    @property
+    def loss_name(self) -> str:
+        """The loss form as the state key names it: its name, or its class's (or function's)."""
+        form = self.loss_type
+        return form if isinstance(form, str) else getattr(form, "__name__", type(form).__name__)
