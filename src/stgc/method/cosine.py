@@ -76,12 +76,13 @@ def linear_gradient_terms(
             dot = gram.sum(1)  # (n,)  Σ_j δ_iᵀδ_j (x_iᵀx_j + bias)
         else:
             weight = delta.T @ x if grad_weight is None else grad_weight.to(product)  # (d_out, d_in)  G
-            proj = (x @ weight.T).to(accumulate)  # (n, d_out)  G x_i
-            if bias:
-                proj += (
-                    delta.to(accumulate).sum(0) if grad_bias is None else grad_bias.to(accumulate)
-                )  # + Σ_j δ_j
-            dot = (delta.to(accumulate) * proj).sum(1)  # (n,)  δ_iᵀ (G x_i + Σ_j δ_j)
+            if x.shape[1] < delta.shape[1]:  # the narrower product: δ_iᵀ G x_i = (Gᵀ δ_i)ᵀ x_i
+                dot = (x.to(accumulate) * (delta @ weight).to(accumulate)).sum(1)  # (n,) via (n, d_in)
+            else:
+                dot = (delta.to(accumulate) * (x @ weight.T).to(accumulate)).sum(1)  # (n,) via (n, d_out)
+            if bias:  # + δ_iᵀ Σ_j δ_j
+                total = delta.to(accumulate).sum(0) if grad_bias is None else grad_bias.to(accumulate)
+                dot = dot + delta.to(accumulate) @ total
         return dot, sqnorm, dot.sum()  # Σ_i ⟨g_i, G⟩ = ⟨G, G⟩
 
 
