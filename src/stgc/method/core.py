@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import record_function
 
 from stgc.method import names
 from stgc.method.diagnostics import (
@@ -46,6 +45,7 @@ from stgc.method.probes import GRADIENTS, LayerConflicts, LayerProbe, SparseMoEP
 from stgc.method.selection import Selection, SelectionStep, selection_named
 from stgc.method.settings import Settings
 from stgc.method.statistics import LayerStats, layer_metrics, position_conflict_share
+from stgc.method.tracing import traced
 from stgc.moe import SparseMoE, short_layer_name
 from stgc.precision import autocast_off
 
@@ -159,7 +159,7 @@ class STGCMethod:
         switch_experts(self._previous_experts)
         self._previous_experts = {}
 
-    @record_function("stgc.after_backward")
+    @traced("stgc.after_backward")
     def after_backward(
         self, accumulation: int = 1, grad_scale: float = 1.0, logging: bool = False
     ) -> StepResult:
@@ -292,7 +292,7 @@ class STGCMethod:
         metrics[names.SKIPPED_NONFINITE] = summed.new_tensor(float(self.skipped_nonfinite))
         return metrics
 
-    @record_function("stgc.reroutes")
+    @traced("stgc.reroutes")
     def measure_reroutes(self) -> dict[str, Tensor]:
         """Once the optimizer has stepped after a logging step: of its flagged assignments, the share whose
         expert left the token's top-k under the updated router, and the mean change of p_{t,e} (flagged,

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import record_function
 
 from stgc.method.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
 from stgc.method.distributed import full_tensor, is_sharded
+from stgc.method.tracing import traced
 from stgc.moe.recompute import RECOMPUTE, current_frame
 
 REFERENCES = ("none", "keep", "use")  # see LayerProbe.start
@@ -243,7 +243,7 @@ class WeightSite:
             probe.handles.append(weight.register_hook(self._on_weight_grad))
         probe.sites.append(self)
 
-    @record_function("stgc.capture")
+    @traced("stgc.capture")
     def capture(self, expert: int, inputs: Tensor, outputs: Tensor) -> None:
         """Keep X by reference and ask autograd for Δ = ∂loss/∂outputs."""
         inputs = inputs.detach().reshape(-1, inputs.shape[-1])  # (n, d_in)
@@ -264,7 +264,7 @@ class WeightSite:
 
         outputs.register_hook(keep_output_grad)
 
-    @record_function("stgc.weight_hook")
+    @traced("stgc.weight_hook")
     def _on_weight_grad(self, grad: Tensor) -> None:
         """Fires with this micro-batch's weight gradient: G for each captured expert is at hand."""
         for entry in self._pending:
@@ -305,7 +305,7 @@ def capture_output_terms(probe: LayerProbe, expert: int, outputs: Tensor) -> Non
     """Ask autograd for Δ at one expert's output (n_e, H) and turn it into the "output" gradient's terms
     there: ⟨δ_i, Σδ⟩, ‖δ_i‖², ‖Σδ‖² (nothing is kept once the hook has run)."""
 
-    @record_function("stgc.output_hook")
+    @traced("stgc.output_hook")
     def output_terms(grad: Tensor) -> None:
         delta = grad.reshape(-1, grad.shape[-1]).to(
             torch.promote_types(grad.dtype, torch.float32)
