@@ -2,6 +2,7 @@
 the same update as the Lightning callback, whose cosines test_callback checks against brute force."""
 
 import lightning as L
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import TrainingArguments
@@ -96,3 +97,57 @@ def test_a_loss_form_of_ones_own_runs_in_a_plain_loop() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     measuring = _plain_loop_router_grads("unlikelihood", loss_weight=0.0)  # the LM's gradient alone
     assert all(not torch.allclose(a, b, atol=1e-6) for a, b in zip(measuring, built_in, strict=True))
+
+
+IMAGE_ID = 5  # stands in for a VLM's image token in these text models
+
+
+def _image_share(result, ids: torch.Tensor) -> float:
+    """Brute force over the result's assignments: the flagged share of those at image positions."""
+    is_image = ids.reshape(-1) == IMAGE_ID
+    flagged = image = 0
+    for layer in result.layers:
+        at_image = is_image[layer.rows] & layer.has_grad  # rows are the B*T positions
+        flagged += int((at_image & (layer.cosine < 0.0)).sum())
+        image += int(at_image.sum())
+    return flagged / image
+
+
+def test_the_modality_of_transformers_experts_comes_from_the_configs_image_token_id() -> None:
+    model = tiny_olmoe()
+    model.config.image_token_id = IMAGE_ID  # as a VLM's config names it
+    stgc = STGCMethod(threshold=0.0, loss_weight=0.0)
+    stgc.attach(model)
+    assert stgc.image_token_ids == [IMAGE_ID]
+    ids = _ids()
+    ids[:, :4] = IMAGE_ID  # each sequence opens with 4 image positions
+    stgc.begin({"input_ids": ids})
+    model(input_ids=ids, labels=ids).loss.backward()
+    result = stgc.after_backward(logging=True)
+    logged = result.metrics["stgc/conflict_ratio_image/all"]
+    assert float(logged) == pytest.approx(_image_share(result, ids))
+    assert "stgc/conflict_ratio_text/layer_0" in result.metrics
+
+
+class SaysModality(CausalLMModule):
+    """A LightningModule that gives each position's modality itself (stgc.method.modality.TokenModality)."""
+
+    def token_modality(self, batch):
+        (ids,) = batch
+        return (ids == IMAGE_ID).long()
+
+
+def test_a_lightning_module_can_supply_the_modality() -> None:
+    module = SaysModality(tiny_olmoe(), lr=LR)
+    ids = _ids()
+    ids[:, :4] = IMAGE_ID
+    module.train_dataloader = lambda: DataLoader(TensorDataset(ids), batch_size=8)
+    callback = STGC(loss_weight=0.0, threshold=0.0, histogram_every_n_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, log_every_n_steps=1, callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(module)
+    metrics = trainer.callback_metrics
+    assert {"stgc/conflict_ratio_image/all", "stgc/conflict_ratio_text/all"} <= set(metrics)
+    assert 0.0 <= float(metrics["stgc/conflict_ratio_image/all"]) <= 1.0

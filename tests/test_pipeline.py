@@ -62,6 +62,7 @@ def uninterrupted(easy_vqa_dir, tmp_path_factory) -> dict:
     return load(last(log_root, "stage3_stgc"))
 
 
+@pytest.mark.slow  # a chain of stages run twice, ~40 s: make test-slow
 def test_a_rerun_keeps_finished_stages_and_resumes_the_interrupted_one(
     easy_vqa_dir, tmp_path, uninterrupted
 ) -> None:

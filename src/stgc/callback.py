@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from stgc.method import Selection, Settings, STGCMethod
 from stgc.method.loss import LossForm
+from stgc.method.modality import TokenModality
 from stgc.method.probes import SparseMoEProbe
 from stgc.report.layout import write_custom_scalars
 from stgc.report.picture import ConflictPictureData, ConflictPictureModel
@@ -153,7 +154,8 @@ class STGC(L.Callback):
             and isinstance(pl_module, ConflictPictureModel)
             and isinstance(trainer.datamodule, ConflictPictureData)
         )
-        self.method.begin(batch, diagnostics=histogram, keep_reference=picture)
+        modality = pl_module.token_modality(batch) if isinstance(pl_module, TokenModality) else None
+        self.method.begin(batch, diagnostics=histogram, keep_reference=picture, modality=modality)
 
     @override
     def on_train_batch_end(

@@ -41,6 +41,7 @@ from stgc.method.hf_experts import (
     switch_experts,
 )
 from stgc.method.loss import conflict_elimination_loss
+from stgc.method.modality import image_token_ids, modality_of
 from stgc.method.probes import GRADIENTS, LayerConflicts, LayerProbe, SparseMoEProbe
 from stgc.method.selection import Selection, SelectionStep, selection_named
 from stgc.method.settings import Settings
@@ -110,6 +111,7 @@ class STGCMethod:
         has none, or frozen experts."""
         self.detach()
         self.probes = find_moe_probes(model)
+        self.image_token_ids = image_token_ids(model)  # for each routed token's modality
         self._transformers_models = [  # those whose experts the probes need switched while capturing
             m for m in outermost_transformers_models(model) if any(is_hf_experts(c) for c in m.modules())
         ]
@@ -136,13 +138,25 @@ class STGCMethod:
         return [probe.name for probe in self.probes]
 
     # -- one micro-batch ------------------------------------------------------------------------------
-    def begin(self, batch: Any = None, diagnostics: bool = False, keep_reference: bool = False) -> None:
+    def begin(
+        self,
+        batch: Any = None,
+        diagnostics: bool = False,
+        keep_reference: bool = False,
+        modality: Tensor | None = None,
+    ) -> None:
         """Capture the coming micro-batch's forward and backward. `batch` is what a Selection sees;
         `diagnostics` captures both token gradients (their Pearson correlation); `keep_reference` keeps
-        the micro-batch's sums for `conflict_share`. Transformers models run our experts meanwhile."""
+        the micro-batch's sums for `conflict_share`; `modality` (B, T) gives each input position's
+        (stgc.method.modality), else the batch's `input_ids` and the model's image token ids do.
+        Transformers models run our experts meanwhile."""
         self.end()
         self.capturing = True
         self._batch = batch
+        if modality is None and self.image_token_ids and isinstance(batch, dict) and "input_ids" in batch:
+            modality = modality_of(batch["input_ids"], self.image_token_ids)
+        for probe in self.probes:
+            probe.position_modality = None if modality is None else modality.reshape(-1)
         self._previous_experts = switch_experts(self._transformers_models, IMPLEMENTATION)
         gradients = GRADIENTS if diagnostics else (self.settings.gradient,)
         for probe in self.probes:
@@ -156,6 +170,7 @@ class STGCMethod:
         self._batch = None
         for probe in self.probes:
             probe.start(False)
+            probe.position_modality = None
         switch_experts(self._previous_experts)
         self._previous_experts = {}
 

@@ -7,6 +7,8 @@ sort, which also lets a probe capture each expert's X and Δ. No transformers co
 Notation: N tokens, H hidden, k experts per token, S = N·k assignments, n_e rows of expert e.
 """
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -109,7 +111,11 @@ class HFExpertsProbe(LayerProbe):
         self._experts = experts
 
     def routing(self) -> LayerRouting:
-        return self.last_routing
+        """The last captured forward's routing; its rows are the input's B*T positions, in order."""
+        routing, modality = self.last_routing, self.position_modality
+        if modality is not None and routing is not None and modality.numel() == routing.router_input.shape[0]:
+            routing = dataclasses.replace(routing, modality=modality)
+        return routing
 
     def expert_weights(self) -> list[list[Tensor]]:
         fused = [p.detach() for p in self._experts.parameters()]  # each (E, ...)

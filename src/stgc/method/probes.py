@@ -74,6 +74,7 @@ class LayerProbe(ABC):
         self.num_experts = num_experts
         self.top_k = top_k
         self.capturing = False
+        self.position_modality: Tensor | None = None  # (B*T,) per input position, when the model says
         self.capture_exact = False  # keep X and Δ of every expert linear
         self.capture_output = False  # keep Δ of every expert's output
         self.handles: list = []
@@ -352,7 +353,10 @@ class SparseMoEProbe(LayerProbe):
 
     def routing(self) -> LayerRouting:
         record = self.layer.last_routing
-        return LayerRouting(record.router_input, record.expert_rows, record.modality, record.token_index)
+        modality = record.modality  # the routing context's (LVLM), else the one given per position
+        if modality is None and self.position_modality is not None:
+            modality = self.position_modality.index_select(0, record.token_index)
+        return LayerRouting(record.router_input, record.expert_rows, modality, record.token_index)
 
     def expert_weights(self) -> list[list[Tensor]]:
         return [[p.detach() for p in expert.parameters()] for expert in self.layer.experts]
