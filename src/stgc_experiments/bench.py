@@ -6,7 +6,7 @@ its synthetic batch and its variants' `Trainer.fit` steps, so that every benchma
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +147,13 @@ def to_device(data: dict[str, torch.Tensor], device: str) -> dict[str, torch.Ten
     return {key: value.to(device) for key, value in data.items()}
 
 
-def fit_steps(module: LVLMModule, data: dict, variant: str, steps: int) -> StepTimer:
+def fit_steps(
+    module: LVLMModule, data: dict, variant: str, steps: int, watchers: Sequence[L.Callback] = ()
+) -> StepTimer:
     """`steps` training steps of one variant (a VARIANTS key) through Trainer.fit (a fresh trainer:
     global step 0 is STGC's first active step), logging to TensorBoard as a run does (a scratch folder,
-    so that a logging step pays for writing its metrics); their StepTimer."""
+    so that a logging step pays for writing its metrics); their StepTimer. `watchers` run after the
+    timer, before STGC."""
     change = VARIANTS[variant]
     callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
     timer = StepTimer()
@@ -158,7 +161,7 @@ def fit_steps(module: LVLMModule, data: dict, variant: str, steps: int) -> StepT
         **trainer_args(),
         devices=1,
         max_steps=steps,
-        callbacks=[timer, *callbacks],
+        callbacks=[timer, *watchers, *callbacks],
         logger=TensorBoardLogger(SCRATCH.name, name=variant),
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -234,7 +237,6 @@ def step_profile(module: LVLMModule, data: dict, variant: str, steps: int = 3) -
     """torch.profiler over `steps` steps of a variant, after two untimed ones: per step the wall time and
     operator count of each STGC part (the record_function ranges of stgc.method), of all aten operators,
     and the step time."""
-    timer = StepTimer()
 
     class Profiled(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -246,14 +248,7 @@ def step_profile(module: LVLMModule, data: dict, variant: str, steps: int = 3) -
             self.profiler.__exit__(None, None, None)
 
     profiled = Profiled()
-    change = VARIANTS[variant]
-    callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
-    trainer = L.Trainer(
-        **trainer_args(), devices=1, max_steps=2 + steps, callbacks=[timer, profiled, *callbacks],
-        logger=TensorBoardLogger(SCRATCH.name, name=f"profile_{variant}"), enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )  # fmt: skip
-    trainer.fit(module, DataLoader([data] * (2 + steps), batch_size=None))
+    timer = fit_steps(module, data, variant, 2 + steps, [profiled])
     events = profiled.profiler.events()
     parts = {part: {"ms": 0.0, "ops": 0} for part in PARTS}
     for event in events:
