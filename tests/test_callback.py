@@ -104,14 +104,28 @@ def test_sparse_moe_cosines_match_brute_force_per_token_gradients(gradient, mean
     assert worst <= 1e-6, worst
 
 
-@pytest.mark.parametrize(("gradient", "mean"), [("exact", "all"), ("output", "others")])
-def test_transformers_experts_cosines_match_brute_force(gradient, mean) -> None:
+def _olmoe():
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
-    model = tiny_olmoe().double()
+    return tiny_olmoe(), OlmoeSparseMoeBlock
+
+
+def _glm4v_moe():  # sigmoid router with a correction bias, group-limited top-k, a shared expert
+    from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextMoE
+
+    from support.moe_vlms import glm4v_moe
+
+    return glm4v_moe(), Glm4vMoeTextMoE
+
+
+@pytest.mark.parametrize("family", [_olmoe, _glm4v_moe])
+@pytest.mark.parametrize(("gradient", "mean"), [("exact", "all"), ("output", "others")])
+def test_transformers_experts_cosines_match_brute_force(family, gradient, mean) -> None:
+    model, moe_type = family()
+    model = model.double()
     previous = use_stgc_experts(model)
     probes = find_moe_probes(model)
-    captured = _moe_io(model, OlmoeSparseMoeBlock)
+    captured = _moe_io(model, moe_type)
     for probe in probes:
         probe.start(capturing=True, gradients=(gradient,))
     ids = next(iter(token_batches()))[0]

@@ -102,3 +102,27 @@ def test_the_expert_specific_forms_lower_p_te_for_any_logits_and_step(loss_type)
         lr = float(torch.empty(1).uniform_(0.01, 5.0, generator=generator))
         before, after = p_after_one_router_step(logits, expert, loss_type, lr)
         assert after < before, (logits, expert, lr)
+
+
+def test_sigmoid_forms_against_their_direct_formulas() -> None:
+    logits = torch.randn(5, 4, dtype=torch.float64)
+    rows, experts = torch.tensor([0, 0, 3]), torch.tensor([1, 2, 0])
+    s = logits.sigmoid()
+    unlikelihood = -torch.log(1 - s[rows, experts]).mean()
+    per_expert = -torch.log(torch.sigmoid(-logits[rows, experts])).sum() / (4 * 5)
+    q = torch.sigmoid(-logits[[0, 3]])  # the flagged tokens' targets
+    negated = -(q * torch.log(s[[0, 3]]) + (1 - q) * torch.log(1 - s[[0, 3]])).sum(-1).mean()
+    for loss_type, expected in (("unlikelihood", unlikelihood), ("negated_logits_per_expert", per_expert),
+                                ("negated_logits", negated)):  # fmt: skip
+        got = conflict_elimination_loss(logits, rows, experts, loss_type, scores="sigmoid")
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("loss_type", ["unlikelihood", "negated_logits_per_expert"])
+def test_sigmoid_forms_move_only_the_conflicting_experts_logit_down(loss_type) -> None:
+    logits = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    rows, experts = torch.tensor([1, 4]), torch.tensor([3, 0])
+    conflict_elimination_loss(logits, rows, experts, loss_type, scores="sigmoid").backward()
+    mask = torch.zeros(6, 5, dtype=torch.bool)
+    mask[rows, experts] = True
+    assert (logits.grad[mask] > 0).all() and (logits.grad[~mask] == 0).all()

@@ -17,6 +17,8 @@ def token_gradients(
     weight = (topk_weight * (topk_index == expert)).sum(dim=-1)  # (N,)
     if gradient == "output":
         return rows, weight[rows, None] * output_grads[rows]  # (n_e, H)
+    if rows.numel() == 0:  # no token chose this expert (vmap takes no empty batch)
+        return rows, inputs.new_zeros(0, sum(p.numel() for p in expert_params.values()))
 
     def token_objective(params, x, w, dy):
         return (w * expert_fn(params, x[None])[0] * dy).sum()

@@ -8,6 +8,8 @@ all-reduce and one host sync for the whole step; then the optimizer steps, and o
 stgc.integrations.transformers in transformers' Trainer.
 """
 
+import re
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -36,7 +38,9 @@ from stgc.method.distributed import (
 from stgc.method.hf_experts import (
     IMPLEMENTATION,
     HFExpertsProbe,
+    ModalitySplit,
     is_hf_experts,
+    modality_split_of,
     outermost_transformers_models,
     switch_experts,
 )
@@ -52,15 +56,26 @@ from stgc.precision import autocast_off
 
 
 def find_moe_probes(module: nn.Module) -> list[LayerProbe]:
-    """Probes for every MoE layer in `module`: this project's SparseMoE and transformers' experts."""
+    """Probes for every MoE layer in `module`: this project's SparseMoE and transformers' experts. A layer
+    with more than one MoE (ERNIE-4.5-VL's text and vision experts) names each by its path in the layer."""
     parents = {child: parent for parent in module.modules() for child in parent.children()}
-    probes: list[LayerProbe] = []
+    splits: dict[nn.Module, ModalitySplit] = {}
+    found: list[tuple[str, LayerProbe]] = []
     for name, child in module.named_modules():
         if isinstance(child, SparseMoE):
-            probes.append(SparseMoEProbe(short_layer_name(name), child))
+            found.append((name, SparseMoEProbe(short_layer_name(name), child)))
         elif is_hf_experts(child):
-            probes.append(HFExpertsProbe(short_layer_name(name), child, parents[child]))
-    return probes
+            split = modality_split_of(parents[child], parents)
+            if split is not None:
+                block, vision = split
+                split = (splits.setdefault(block, ModalitySplit(block)), vision)
+            found.append((name, HFExpertsProbe(short_layer_name(name), child, parents[child], split)))
+    counts = Counter(probe.name for _, probe in found)
+    for name, probe in found:
+        if counts[probe.name] > 1:  # "layers.1.mlp.text_moe.experts" -> "layer_1_text_moe"
+            inner = re.sub(r"^.*?layers\.\d+\.(mlp\.)?|\.experts$", "", name)
+            probe.name = f"{probe.name}_{inner.replace('.', '_')}"
+    return [probe for _, probe in found]
 
 
 @dataclass
@@ -186,6 +201,8 @@ class STGCMethod:
         if not self.capturing:
             raise RuntimeError("STGCMethod.after_backward without begin: nothing was captured")
         settings = self.settings
+        for probe in self.probes:
+            probe.verify_rule()
         layers = [probe.conflicts(settings.gradient, settings.mean) for probe in self.probes]
         conflicting = [c.has_grad & (c.cosine < settings.threshold) for c in layers]  # (S,) per layer
         penalised = self._select(layers, conflicting)
@@ -238,8 +255,13 @@ class STGCMethod:
                     layer_logits = probe.router_logits(router_input, *weights)  # (N, E): recomputed, tiny
                     losses.append(
                         conflict_elimination_loss(
-                            layer_logits, conflicts.rows, conflicts.expert, self.settings.loss_type, flagged
-                        )
+                            layer_logits,
+                            conflicts.rows,
+                            conflicts.expert,
+                            self.settings.loss_type,
+                            flagged,
+                            scores=probe.rule.scores,
+                        )  # fmt: skip
                     )
                 logits.append(layer_logits.detach())
                 parameters += weights
@@ -323,8 +345,15 @@ class STGCMethod:
                 after = probe.router_logits(router_input)  # (N, E)
             sums.append(
                 reroute_sums(
-                    before, after, conflicts.rows, conflicts.expert, flagged, conflicts.has_grad, probe.top_k
-                )
+                    before,
+                    after,
+                    conflicts.rows,
+                    conflicts.expert,
+                    flagged,
+                    conflicts.has_grad,
+                    probe.top_k,
+                    probe.rule,
+                )  # fmt: skip
             )
         summed = sum_over_ranks(torch.stack(sums))  # (layers, 5)
         metrics = {}

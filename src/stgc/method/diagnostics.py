@@ -10,6 +10,7 @@ from torch import Tensor
 
 from stgc.method import names
 from stgc.method.distributed import full_tensor
+from stgc.method.routers import SOFTMAX, RouterRule
 
 REROUTE_SUMS = ("flagged", "rerouted", "flagged_delta_p", "other", "other_delta_p")
 PEARSON_SUMS = ("n", "x", "y", "xx", "yy", "xy")
@@ -23,14 +24,15 @@ def reroute_sums(
     flagged: Tensor,
     valid: Tensor,
     top_k: int,
+    rule: RouterRule = SOFTMAX,
 ) -> Tensor:
     """(5,) float64 sums over one layer's (token, expert) assignments, the router applied to the same
     inputs before and after the optimizer step (logits (N, E)): flagged pairs; of them, those whose
     expert left the token's top-k; their change of p_{t,e}; the other pairs with a gradient; theirs.
-    rows, experts, flagged, valid: (S,)."""
-    p_before = logits_before.softmax(-1)[rows, experts]  # (S,)
-    p_after = logits_after.softmax(-1)[rows, experts]  # (S,)
-    top_after = logits_after.topk(top_k, dim=-1).indices.index_select(0, rows)  # (S, k)
+    p and the top-k are the router's `rule`'s. rows, experts, flagged, valid: (S,)."""
+    p_before = rule.score(logits_before)[rows, experts]  # (S,)
+    p_after = rule.score(logits_after)[rows, experts]  # (S,)
+    top_after = rule.choose(logits_after, top_k).index_select(0, rows)  # (S, k)
     rerouted = (top_after != experts[:, None]).all(dim=-1)  # (S,)
     delta_p = (p_after - p_before).double()
     flagged, other = flagged.double(), (valid & ~flagged.bool()).double()

@@ -15,11 +15,14 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
+from stgc.constants import MODALITIES
 from stgc.method.probes import LayerProbe, LayerRouting, WeightSite, capture_output_terms
+from stgc.method.routers import router_rule
 from stgc.moe.layer import expert_counts
 from stgc.precision import to_compute_dtype
 
 IMPLEMENTATION = "stgc"
+RULE_AGREEMENT = 0.95  # share of tokens whose chosen experts the rule must reproduce (ties differ in bf16)
 
 
 def _expert_linear(experts: nn.Module, name: str, expert: int, inputs: Tensor) -> Tensor:
@@ -69,6 +72,7 @@ def stgc_experts_forward(
         combined.index_add_(0, rows, weighted)
     if capturing:
         probe.last_routing = LayerRouting(tokens.detach(), list(rows.split(counts)), None)
+        probe.last_choice = top_k_index.detach().reshape(-1, top_k)  # (N, k): for verify_rule
     return combined.view_as(hidden_states)
 
 
@@ -87,10 +91,47 @@ def is_hf_experts(module: nn.Module) -> bool:
     )
 
 
-class HFExpertsProbe(LayerProbe):
-    """Probe for a transformers experts module; the router is its sibling (E, H) weight."""
+class ModalitySplit:
+    """ERNIE-4.5-VL's MoE block: text and vision tokens go to experts of their own (`text_moe`,
+    `vision_moe`), split by the token-type mask the block is called with. Remembers that mask at each
+    forward, so that each sub-block's probe knows the flat (B*T) positions of the tokens it routed."""
 
-    def __init__(self, name: str, experts: nn.Module, parent: nn.Module) -> None:
+    def __init__(self, block: nn.Module) -> None:
+        self.mask: Tensor | None = None  # (B*T,) bool: vision tokens; None when all went to text_moe
+        self.handle = block.register_forward_pre_hook(self._remember, with_kwargs=True)
+
+    def _remember(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        types = kwargs.get("moe_mm_token_type_ids", args[1] if len(args) > 1 else None)
+        self.mask = None if types is None or not types.any() else types.reshape(-1).bool()
+
+    def positions(self, vision: bool) -> Tensor | None:
+        """(N,) the flat positions the text or vision sub-block routed; None: every position (text)."""
+        if self.mask is None:
+            return None
+        return (self.mask if vision else ~self.mask).nonzero().squeeze(1)
+
+
+def modality_split_of(
+    sparse_block: nn.Module, parents: dict[nn.Module, nn.Module]
+) -> tuple[nn.Module, bool] | None:
+    """(the ERNIE-style block, whether `sparse_block` is its vision half), or None for other models."""
+    block = parents.get(sparse_block)
+    if block is not None and getattr(block, "text_moe", None) is not None and hasattr(block, "vision_moe"):
+        return block, sparse_block is block.vision_moe
+    return None
+
+
+class HFExpertsProbe(LayerProbe):
+    """Probe for a transformers experts module; the router is its sibling (E, H) weight. Where the experts
+    serve one modality of a modality-split block (ERNIE-4.5-VL), `split` says which: (its split, vision)."""
+
+    def __init__(
+        self,
+        name: str,
+        experts: nn.Module,
+        parent: nn.Module,
+        split: tuple[ModalitySplit, bool] | None = None,
+    ) -> None:
         router = _find_router(parent, experts)
         if router is None:
             raise ValueError(
@@ -101,21 +142,51 @@ class HFExpertsProbe(LayerProbe):
         has_bias = isinstance(bias, nn.Parameter) and bias.shape == (experts.num_experts,)
         top_k = getattr(router, "top_k", None) or experts.config.num_experts_per_tok
         super().__init__(name, router.weight, experts.num_experts, top_k, bias if has_bias else None)
+        self.rule = router_rule(router)
+        self.last_choice: Tensor | None = None
+        self.rule_verified = False
         up_name = "gate_up_proj" if experts.has_gate else "up_proj"
         self.up_site = WeightSite(
             self, getattr(experts, up_name), experts.has_bias, None, experts.is_transposed
         )
         self.down_site = WeightSite(self, experts.down_proj, experts.has_bias, None, experts.is_transposed)
         self.last_routing: LayerRouting | None = None
+        self.split = split
         experts._stgc_probe = self
         self._experts = experts
 
     def routing(self) -> LayerRouting:
-        """The last captured forward's routing; its rows are the input's B*T positions, in order."""
+        """The last captured forward's routing; its rows are the input's B*T positions, in order (or,
+        in a modality-split block, those of the modality's tokens: `positions`)."""
         routing, modality = self.last_routing, self.position_modality
-        if modality is not None and routing is not None and modality.numel() == routing.router_input.shape[0]:
+        if routing is None:
+            return routing
+        if self.split is not None:
+            split, vision = self.split
+            positions = split.positions(vision)
+            rows = routing.router_input.shape[0]
+            kind = MODALITIES["image" if vision else "text"]
+            constant = torch.full((rows,), kind, dtype=torch.long, device=routing.router_input.device)
+            return dataclasses.replace(routing, positions=positions, modality=constant)
+        if modality is not None and modality.numel() == routing.router_input.shape[0]:
             routing = dataclasses.replace(routing, modality=modality)
         return routing
+
+    def verify_rule(self) -> None:
+        if self.rule_verified or self.last_routing is None or self.last_choice is None:
+            return
+        with torch.no_grad():
+            logits = self.router_logits(self.last_routing.router_input)  # (N, E) float32
+            ours = self.rule.choose(logits, self.top_k).sort(-1).values  # (N, k)
+        agree = float((ours == self.last_choice.sort(-1).values).all(-1).float().mean())  # once a run
+        if agree < RULE_AGREEMENT:
+            raise ValueError(
+                f"STGC's router rule for {self.name} ({self.rule.scores}"
+                f"{', correction bias' if self.rule.bias_owner is not None else ''}) picks the router's "
+                f"experts for only {agree:.0%} of the tokens: this router family is not supported yet "
+                "(stgc.method.routers lists those that are)"
+            )
+        self.rule_verified = True
 
     def expert_weights(self) -> list[list[Tensor]]:
         fused = [p.detach() for p in self._experts.parameters()]  # each (E, ...)
@@ -124,6 +195,8 @@ class HFExpertsProbe(LayerProbe):
     def remove(self) -> None:
         super().remove()
         del self._experts._stgc_probe
+        if self.split is not None:
+            self.split[0].handle.remove()
 
 
 def _find_router(parent: nn.Module, experts: nn.Module) -> nn.Module | None:

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from stgc.method.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
 from stgc.method.distributed import full_tensor, is_sharded
+from stgc.method.routers import SOFTMAX
 from stgc.method.tracing import traced
 from stgc.moe.recompute import RECOMPUTE, current_frame
 
@@ -73,6 +74,7 @@ class LayerProbe(ABC):
         self.router_bias = router_bias  # (E,) or None: the router's logits are x Wᵀ (+ b)
         self.num_experts = num_experts
         self.top_k = top_k
+        self.rule = SOFTMAX  # how the router chooses and scores (stgc.method.routers)
         self.capturing = False
         self.position_modality: Tensor | None = None  # (B*T,) per input position, when the model says
         self.capture_exact = False  # keep X and Δ of every expert linear
@@ -93,6 +95,11 @@ class LayerProbe(ABC):
     @abstractmethod
     def expert_weights(self) -> list[list[Tensor]]:
         """For each expert, its weight tensors (the same shapes for every expert)."""
+
+    def verify_rule(self) -> None:
+        """Check once, on a captured forward, that `rule` reproduces the router's own choice (where the
+        probe sees that choice); ValueError when it does not."""
+        return None  # SparseMoE's router is softmax top-k by construction
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The parameters the CEL's gradient goes to: the router's weight, and its bias if it has one."""

@@ -1,0 +1,113 @@
+"""Each router family's rule (stgc.method.routers) against the router's own forward: the rule picks the
+router's experts, and one CEL step lowers the conflicting expert's routing weight as that router computes
+it, on tiny random models of transformers' MoE VLM families."""
+
+import pytest
+import torch
+
+from stgc.constants import MODALITIES
+from stgc.method import find_moe_probes
+from stgc.method.hf_experts import restore_experts, use_stgc_experts
+from stgc.method.loss import conflict_elimination_loss
+from stgc.method.routers import SOFTMAX
+from support.moe_vlms import FAMILIES, IMAGE, routed, router_of
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    builder, scores, biased = FAMILIES[request.param]
+    torch.manual_seed(0)
+    model = builder().eval()
+    return request.param, model, find_moe_probes(model), scores, biased
+
+
+def tokens_for(probe, count: int = 64) -> torch.Tensor:
+    return torch.randn(count, probe.router_weight.shape[1], generator=torch.Generator().manual_seed(1))
+
+
+def test_the_rule_picks_the_routers_own_experts(family) -> None:
+    name, model, probes, scores, biased = family
+    assert probes, name
+    for probe in probes:
+        assert probe.rule.scores == scores and (probe.rule.bias_owner is not None) == biased, name
+        tokens = tokens_for(probe)
+        _, chosen = routed(router_of(model, probe.router_weight), tokens)
+        ours = probe.rule.choose(probe.router_logits(tokens), probe.top_k)
+        assert torch.equal(ours.sort(-1).values, chosen.sort(-1).values), name
+
+
+@pytest.mark.parametrize("loss_type", ["unlikelihood", "negated_logits_per_expert"])
+def test_a_cel_step_lowers_the_conflicting_experts_weight_under_the_routers_rule(family, loss_type) -> None:
+    name, model, probes, scores, _ = family
+    probe = probes[0]
+    router = router_of(model, probe.router_weight)
+    tokens = tokens_for(probe, 16)
+    weights, chosen = routed(router, tokens)
+    original = probe.router_weight.detach().clone()
+    for token in range(tokens.shape[0]):
+        for slot in range(probe.top_k):
+            expert = chosen[token, slot]
+            logits = probe.router_logits(tokens[token : token + 1])  # (1, E), differentiable in the weight
+            loss = conflict_elimination_loss(
+                logits, torch.tensor([0]), expert[None], loss_type, scores=probe.rule.scores
+            )
+            (grad,) = torch.autograd.grad(loss, probe.router_weight)
+            with torch.no_grad():
+                probe.router_weight -= 0.5 * grad / grad.norm()
+                after_weights, after_chosen = routed(router, tokens[token : token + 1])
+                kept = after_chosen[0] == expert
+                after = after_weights[0][kept].sum()  # 0 when the expert left the token's top-k
+                if scores == "sigmoid":  # the other experts' logits of the token are left where they were
+                    others = torch.arange(probe.num_experts) != expert
+                    torch.testing.assert_close(probe.router_logits(tokens[token : token + 1])[0, others],
+                                               logits.detach()[0, others])  # fmt: skip
+                probe.router_weight.copy_(original)
+            assert after < weights[token, slot], (name, token, slot)
+
+
+def test_a_rule_that_does_not_pick_the_routers_experts_is_refused(family) -> None:
+    name, model, probes, scores, biased = family
+    if scores == "softmax" and not biased:
+        pytest.skip("the softmax rule is this family's own")
+    for probe in probes:
+        probe.rule = SOFTMAX  # what STGC applied to every router before the rules
+    previous = use_stgc_experts(model)
+    try:
+        for probe in probes:
+            probe.start(capturing=True)
+        ids = torch.randint(3, IMAGE - 4, (2, 24), generator=torch.Generator().manual_seed(2))
+        model(input_ids=ids)
+        with pytest.raises(ValueError, match="picks the router's experts for only"):
+            for probe in probes:
+                probe.verify_rule()
+    finally:
+        for probe in probes:
+            probe.start(False)
+            probe.remove()
+        restore_experts(previous)
+
+
+def test_ernies_text_and_vision_experts_are_probed_apart_at_their_own_positions() -> None:
+    torch.manual_seed(0)
+    model = FAMILIES["ernie4_5_vl_moe"][0]().eval()
+    probes = find_moe_probes(model)
+    assert [probe.name for probe in probes] == ["layer_1_text_moe", "layer_1_vision_moe"]
+    ids = torch.randint(3, IMAGE - 4, (2, 12), generator=torch.Generator().manual_seed(3))
+    types = torch.zeros_like(ids)
+    types[:, 3:7] = 1  # what the processor marks as vision tokens
+    previous = use_stgc_experts(model)
+    try:
+        for probe in probes:
+            probe.start(capturing=True)
+        model(input_ids=ids, moe_mm_token_type_ids=types)
+        for probe in probes:
+            vision = probe.name.endswith("vision_moe")
+            routing = probe.routing()
+            expected = (types.reshape(-1).bool() == vision).nonzero().squeeze(1)
+            assert torch.equal(routing.positions, expected), probe.name
+            assert (routing.modality == MODALITIES["image" if vision else "text"]).all()
+    finally:
+        for probe in probes:
+            probe.start(False)
+            probe.remove()
+        restore_experts(previous)
