@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data data-mix train train-mix study study-mix planted test test-slow test-all lint bench clean
+.PHONY: install data data-mix train train-mix study study-mix planted planted-pipeline test test-slow test-all lint bench clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ study-mix: data-mix
 planted: install
 	$(PY) scripts/planted.py --parts screen map control
 	$(PY) scripts/planted.py --parts map control --loss-type unlikelihood --loss-weight 1.0 --readme
+
+# Its pipeline level: easy-vqa's stage III through `stgc fit` with a planted question family (resumable;
+# about 45 min on 2 cores; results/planted/pipeline, docs/planted.md#the-pipeline-level).
+planted-pipeline: install data
+	$(PY) scripts/planted_pipeline.py --parts screen main --readme
 
 # The suite in two parts: `make test` (under 5 minutes of test time on 2 cores) and the end-to-end runs
 # marked slow, which the fast part covers more briefly; `make test-all` (what CI runs) is both.

@@ -104,24 +104,14 @@ def write_report(out: Path, chosen: str, center: Cell) -> dict:
         "cosine (exact/all) against the ground truth, over every step of the run. Construction and ground",
         "truth: [docs/planted.md](../../docs/planted.md).",
         "",
-        *tallies(summary),
+        *report.tallies(summary),
         "",
         report.table(summary),
         "",
         "Detection by cosine variant (AUC / precision / recall), baseline arm:",
         "",
-        "| cell | " + " | ".join(report.VARIANTS) + " |",
-        "| --- |" + " --- |" * len(report.VARIANTS),
+        *report.variant_table(summary),
     ]
-    for name, cell in summary["cells"].items():
-        baseline = next(
-            (roles["baseline"] for roles in cell["settings"].values() if "baseline" in roles), None
-        )
-        if baseline:
-            lines.append(f"| {name} | " + " | ".join(
-                f"{report.fmt(d['auc'])} / {report.fmt(d['precision'])} / {report.fmt(d['recall'])}"
-                for d in baseline["detection"].values()
-            ) + " |")  # fmt: skip
     (out / "results.md").write_text("\n".join(lines) + "\n")
     report.regime_map(summary, center.name, out / "regime_map.png")
     control = replace(center, construction="flip").name
@@ -129,54 +119,17 @@ def write_report(out: Path, chosen: str, center: Cell) -> dict:
     return summary
 
 
-def tallies(summary: dict) -> list[str]:
-    """A line per loss setting: over the cells, how often STGC and the oracle win, tie or lose."""
-    lines = []
-    for setting in summary["settings"]:
-        counts = {label: report.tally(summary, setting, role, key) for label, role, key in (
-            ("STGC − random", "stgc", "delta_vs_random"), ("STGC − baseline", "stgc", "delta_vs_baseline"),
-            ("oracle − baseline", "oracle", "delta_vs_baseline"))}  # fmt: skip
-        lines.append(f"- `{setting}`, over {sum(counts['STGC − random'].values())} cells: " + "; ".join(
-            f"{label} wins {c['wins']}, ties {c['ties']}, loses {c['loses']}" for label, c in counts.items()
-        ) + ".")  # fmt: skip
-    return lines
-
-
 def readme_section(summary: dict, shown: list[str]) -> str:
-    """The README's part: the tallies over the whole map, then per shown cell and setting STGC − baseline,
-    STGC − random, oracle − baseline and the AUC of STGC's cosine."""
+    """The README's part: the tallies over the whole map, then the shown cells' table."""
     lines = [
         f"Chosen on the screen seed: `{summary['chosen']}`; seed-level paired 95% intervals; "
         "every cell: [results/planted/results.md](results/planted/results.md).",
         "",
-        *tallies(summary),
+        *report.tallies(summary),
         "",
-        "| cell | setting | seeds | baseline acc | STGC − baseline | STGC − random | oracle − baseline | AUC |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        report.readme_table(summary, shown),
     ]
-    for name in shown:
-        for setting, arms in summary["cells"].get(name, {}).get("settings", {}).items():
-            if "stgc" not in arms:
-                continue
-            oracle = arms.get("oracle", {}).get("delta_vs_baseline")
-            lines.append(
-                f"| {name} | {setting} | {len(arms['stgc']['seeds'])} | {report.fmt(arms['baseline']['metric'], 4)} | "
-                f"{report.interval(arms['stgc']['delta_vs_baseline'])} | "
-                f"{report.interval(arms['stgc']['delta_vs_random'])} | {report.interval(oracle)} | "
-                f"{report.fmt(arms['baseline']['detection_auc'])} |"
-            )
     return "\n".join(lines)
-
-
-def write_readme(section: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = README_MARKERS
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md lacks the markers {README_MARKERS}")
-    head, rest = text.split(start)
-    _, tail = rest.split(end)
-    readme.write_text(f"{head}{start}\n{section}\n{end}{tail}")
 
 
 def main() -> None:
@@ -244,7 +197,7 @@ def main() -> None:
     print((args.out / "results.md").read_text())
     if args.readme:
         shown = [center.name, replace(center, top_k=1).name, replace(center, construction="flip").name]
-        write_readme(readme_section(summary, shown))
+        report.write_readme_section(ROOT / "README.md", README_MARKERS, readme_section(summary, shown))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from stgc.method.probes import LayerConflicts, LayerRouting
 from stgc.method.selection import SelectionStep
 from stgc_experiments.planted.meter import BINS, VARIANTS, roc_auc
 from stgc_experiments.planted.oracle import OracleSelection
-from stgc_experiments.planted.task import CLASSES, Cell, Task, assignment_families, planted_conflicts
+from stgc_experiments.planted.task import CLASSES, Cell, CellTruth, Task, planted_conflicts
 from support.fit import ENV, ROOT
 
 # Eight assignments over three experts. Expert 0: families 0, 0, 1 (majority 0: the 1 is planted);
@@ -75,11 +75,12 @@ def test_shares_and_the_dense_split_leave_out_the_planted_family() -> None:
     assert not (dense["family"] == 3).any()
 
 
-def test_assignment_families_follow_rows_and_positions() -> None:
-    batch = {"family": torch.tensor([5, 6, 7, 8])}
+def test_token_ids_follow_rows_and_positions() -> None:
+    truth = CellTruth(Cell())
+    batch = {"id": torch.tensor([5, 6, 7, 8])}
     rows = torch.tensor([1, 0, 1])
-    assert assignment_families(batch, rows, None).tolist() == [6, 5, 6]
-    assert assignment_families(batch, rows, torch.tensor([3, 2])).tolist() == [7, 8, 7]
+    assert truth.ids(batch, rows, None).tolist() == [6, 5, 6]
+    assert truth.ids(batch, rows, torch.tensor([3, 2])).tolist() == [7, 8, 7]
 
 
 def test_oracle_applies_the_cel_to_planted_pairs_only_and_no_more_than_the_gradient_flags() -> None:
@@ -87,8 +88,8 @@ def test_oracle_applies_the_cel_to_planted_pairs_only_and_no_more_than_the_gradi
         cosine=torch.zeros(8), rows=torch.arange(8), expert=EXPERT, has_grad=VALID, modality=None,
         finite=torch.tensor(True),
     )  # fmt: skip
-    routing = LayerRouting(torch.zeros(8, 2), [], None, None)
-    oracle = OracleSelection(Cell(experts=3, families=4))
+    routing = LayerRouting(torch.zeros(8, 2), [torch.zeros(0, dtype=torch.long)] * 3, None, None)  # 3 experts
+    oracle = OracleSelection(CellTruth(Cell(experts=3, families=4)))
     step = SelectionStep({"family": FAMILY}, [routing], seed=0)
     truth = torch.tensor([False, False, True, True, False, False, False, False])
     one = torch.tensor([True] + [False] * 7)

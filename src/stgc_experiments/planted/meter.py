@@ -7,6 +7,8 @@ callbacks (STGC releases the probes' terms in its own on_after_backward). STGC m
 gradients at every step (`histogram_every_n_steps=1`, no TensorBoard logger: nothing is drawn).
 """
 
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,7 +17,7 @@ from torch import Tensor
 
 from stgc import STGC
 from stgc.method.probes import GRADIENTS, MEANS
-from stgc_experiments.planted.task import Cell, assignment_families, planted_conflicts
+from stgc_experiments.planted.truth import GroundTruth
 
 BINS = 400  # cosine histogram over [-1, 1] per variant, for the detection ROC
 VARIANTS = tuple(f"{gradient}/{mean}" for gradient in GRADIENTS for mean in MEANS)
@@ -24,10 +26,12 @@ VARIANTS = tuple(f"{gradient}/{mean}" for gradient in GRADIENTS for mean in MEAN
 class PlantedMeter(L.Callback):
     """Counts, over a stage III fit, what the ground truth says of STGC's cosines and of routing."""
 
-    def __init__(self, stgc: STGC, cell: Cell, num_tokens: int) -> None:
+    def __init__(self, truth: GroundTruth, stgc: STGC | None = None, out: str | None = None) -> None:
+        """`stgc`: the callback it watches (None: the Trainer's STGC callback); `out`: where the summary is
+        written as JSON when the fit ends (None: not written)."""
+        self.truth = truth
         self.stgc = stgc
-        self.cell = cell
-        self.num_tokens = num_tokens  # the training set's size: flags are remembered per (token id, expert)
+        self.out = out
         # per variant: (2, BINS) cosine histograms of [other, planted] pairs; (4,) planted, flagged, both, pairs
         self.histograms = {variant: torch.zeros(2, BINS, dtype=torch.float64) for variant in VARIANTS}
         self.counts = {variant: torch.zeros(4, dtype=torch.float64) for variant in VARIANTS}
@@ -36,9 +40,23 @@ class PlantedMeter(L.Callback):
         )  # planted, planted rerouted, other, other rerouted
         self.persistence = torch.zeros(2, dtype=torch.float64)  # flagged at the last visit, flagged again
         self.curve: list[Tensor] = []  # per step (planted pairs, pairs) of the arm's own variant
-        self.last_flag: Tensor | None = None  # (tokens, E) int8: -1 not seen with that expert, else 0/1
+        self.last_flag: Tensor | None = None  # (token ids, E) int8: -1 not seen with that expert, else 0/1
         self._batch: Any = None
         self._pending: list[tuple] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.stgc is None:
+            found = [callback for callback in trainer.callbacks if isinstance(callback, STGC)]
+            if not found:
+                raise ValueError("PlantedMeter watches an STGC callback: the Trainer has none")
+            self.stgc = found[0]
+        if trainer.callbacks.index(self) > trainer.callbacks.index(self.stgc):
+            raise ValueError("PlantedMeter must come before STGC in the callbacks: it reads the probes first")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.out is not None and trainer.is_global_zero:
+            Path(self.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.out).write_text(json.dumps(self.summary()) + "\n")
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -55,27 +73,27 @@ class PlantedMeter(L.Callback):
             for variant in VARIANTS:
                 gradient, mean = variant.split("/")
                 conflicts = probe.conflicts(gradient, mean)
-                family = assignment_families(self._batch, conflicts.rows, routing.positions)  # (S,)
-                planted = planted_conflicts(family, conflicts.expert, conflicts.has_grad, self.cell)
-                flagged = conflicts.has_grad & (conflicts.cosine < self.stgc.method.settings.threshold)
-                self._count(variant, conflicts.cosine, conflicts.has_grad, planted, flagged)
+                labelled, planted = self.truth.label(self._batch, conflicts, routing)  # (S,) each
+                flagged = labelled & (conflicts.cosine < self.stgc.method.settings.threshold)
+                self._count(variant, conflicts.cosine, labelled, planted, flagged)
                 if variant == f"{self.stgc.method.settings.gradient}/{self.stgc.method.settings.mean}":
-                    truth = (conflicts, planted, flagged)
-            conflicts, planted, flagged = truth
-            self.curve.append(torch.stack([planted.sum(), conflicts.has_grad.sum()]).double())
-            self._remember_flags(probe.num_experts, conflicts, routing.positions, flagged)
+                    truth = (conflicts, labelled, planted, flagged)
+            conflicts, labelled, planted, flagged = truth
+            self.curve.append(torch.stack([planted.sum(), labelled.sum()]).double())
+            token = self.truth.ids(self._batch, conflicts.rows, routing.positions)  # (S,)
+            self._remember_flags(probe.num_experts, token, conflicts.expert, labelled, flagged)
             router_input = routing.router_input.detach()
-            self._pending.append((probe, router_input, conflicts, planted))
+            self._pending.append((probe, router_input, conflicts, labelled, planted))
 
     @torch.no_grad()
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """The optimizer has stepped: which pairs' experts left the token's top-k under the new router."""
-        for probe, router_input, conflicts, planted in self._pending:
-            top = probe.router_logits(router_input).topk(probe.top_k, dim=-1).indices  # (N, k)
+        for probe, router_input, conflicts, labelled, planted in self._pending:
+            top = probe.rule.choose(probe.router_logits(router_input), probe.top_k)  # (N, k)
             left = (top.index_select(0, conflicts.rows) != conflicts.expert[:, None]).all(-1)  # (S,)
-            other = conflicts.has_grad & ~planted
+            other = labelled & ~planted
             self.reroutes += torch.stack(
                 [planted.sum(), (planted & left).sum(), other.sum(), (other & left).sum()]
             ).double()
@@ -90,17 +108,21 @@ class PlantedMeter(L.Callback):
             [planted.sum(), flagged.sum(), (planted & flagged).sum(), valid.sum()]
         ).double()
 
-    def _remember_flags(self, num_experts: int, conflicts, positions: Tensor | None, flagged: Tensor) -> None:
+    def _remember_flags(
+        self, num_experts: int, token: Tensor, expert: Tensor, valid: Tensor, flagged: Tensor
+    ) -> None:
         """Of the pairs flagged at the token's last visit to the same expert, the share flagged again."""
-        if self.last_flag is None:
-            self.last_flag = torch.full((self.num_tokens, num_experts), -1, dtype=torch.int8)
-        rows = conflicts.rows if positions is None else positions.index_select(0, conflicts.rows)
-        token = self._batch["id"].index_select(0, rows)  # (S,)
-        valid = conflicts.has_grad
-        before = self.last_flag[token, conflicts.expert]  # (S,)
-        was_flagged = valid & (before == 1)
+        token, expert, flagged = token[valid], expert[valid], flagged[valid]
+        size = int(token.max()) + 1 if token.numel() else 0
+        if self.last_flag is None or self.last_flag.shape[0] < size:  # grows with the ids seen
+            rows = max(size, 1024) if self.last_flag is None else max(size, 2 * self.last_flag.shape[0])
+            grown = torch.full((rows, num_experts), -1, dtype=torch.int8)
+            if self.last_flag is not None:
+                grown[: self.last_flag.shape[0]] = self.last_flag
+            self.last_flag = grown
+        was_flagged = self.last_flag[token, expert] == 1  # (S_valid,)
         self.persistence += torch.stack([was_flagged.sum(), (was_flagged & flagged).sum()]).double()
-        self.last_flag[token[valid], conflicts.expert[valid]] = flagged[valid].to(torch.int8)
+        self.last_flag[token, expert] = flagged.to(torch.int8)
 
     def summary(self) -> dict[str, Any]:
         """The run's figures: per variant ROC-AUC, precision and recall at the threshold; reroute rates

@@ -5,15 +5,15 @@ from torch import Tensor
 
 from stgc.method.probes import LayerConflicts
 from stgc.method.selection import Selection, SelectionStep, random_like
-from stgc_experiments.planted.task import Cell, assignment_families, planted_conflicts
+from stgc_experiments.planted.truth import GroundTruth
 
 
 class OracleSelection(Selection):
     """In each layer, as many planted-conflicting pairs as the gradient flags, drawn at random among them
     (all of them when fewer are planted): what a perfect detector at STGC's rate would choose."""
 
-    def __init__(self, cell: Cell) -> None:
-        self.cell = cell
+    def __init__(self, truth: GroundTruth) -> None:
+        self.truth = truth
 
     def select(
         self, layers: list[LayerConflicts], flagged: list[Tensor], step: SelectionStep
@@ -21,7 +21,6 @@ class OracleSelection(Selection):
         generator = torch.Generator(flagged[0].device).manual_seed(step.seed)
         chosen = []
         for conflicts, mask, routing in zip(layers, flagged, step.routings, strict=True):
-            family = assignment_families(step.batch, conflicts.rows, routing.positions)  # (S,)
-            planted = planted_conflicts(family, conflicts.expert, conflicts.has_grad, self.cell)
+            _, planted = self.truth.label(step.batch, conflicts, routing)
             chosen.append(random_like(mask, planted, generator) & planted)
         return chosen

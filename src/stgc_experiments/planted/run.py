@@ -16,7 +16,7 @@ from stgc.method import Selection, Settings
 from stgc_experiments.planted.meter import PlantedMeter
 from stgc_experiments.planted.model import PlantedModel, PlantedModule, evaluate
 from stgc_experiments.planted.oracle import OracleSelection
-from stgc_experiments.planted.task import Cell, Task
+from stgc_experiments.planted.task import Cell, CellTruth, Task
 
 ARM_SELECTIONS = ("gradient", "random", "oracle")
 
@@ -79,7 +79,7 @@ def fit(module: PlantedModule, steps: int, callbacks: list[L.Callback]) -> None:
 
 def selection_of(arm: Arm, cell: Cell) -> str | Selection:
     if arm.selection == "oracle":
-        return OracleSelection(cell)
+        return OracleSelection(CellTruth(cell))
     return arm.selection
 
 
@@ -99,7 +99,7 @@ def train_arm(
         selection=selection_of(arm, cell),
         histogram_every_n_steps=1,  # both token gradients at every step: the meter compares all variants
     )
-    meter = PlantedMeter(stgc, cell, schedule.train_tokens)
+    meter = PlantedMeter(CellTruth(cell), stgc)
     module = PlantedModule(model, splits["train"], seed, lr=schedule.lr, batch_size=schedule.batch_size)
     start = time.perf_counter()
     fit(module, schedule.moe_steps, [meter, stgc])  # the meter first: it reads the probes before STGC

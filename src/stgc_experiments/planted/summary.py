@@ -157,6 +157,64 @@ def tally(summary: dict[str, Any], setting: str, role: str, key: str) -> dict[st
     return counts
 
 
+def tallies(summary: dict[str, Any]) -> list[str]:
+    """A line per loss setting: over the cells, how often STGC and the oracle win, tie or lose."""
+    lines = []
+    for setting in summary["settings"]:
+        counts = {label: tally(summary, setting, role, key) for label, role, key in (
+            ("STGC − random", "stgc", "delta_vs_random"), ("STGC − baseline", "stgc", "delta_vs_baseline"),
+            ("oracle − baseline", "oracle", "delta_vs_baseline"))}  # fmt: skip
+        lines.append(f"- `{setting}`, over {sum(counts['STGC − random'].values())} cells: " + "; ".join(
+            f"{label} wins {c['wins']}, ties {c['ties']}, loses {c['loses']}" for label, c in counts.items()
+        ) + ".")  # fmt: skip
+    return lines
+
+
+def variant_table(summary: dict[str, Any]) -> list[str]:
+    """Per cell, the baseline arm's detection by every cosine variant: AUC / precision / recall."""
+    lines = ["| cell | " + " | ".join(VARIANTS) + " |", "| --- |" + " --- |" * len(VARIANTS)]
+    for name, cell in summary["cells"].items():
+        baseline = next(
+            (roles["baseline"] for roles in cell["settings"].values() if "baseline" in roles), None
+        )
+        if baseline:
+            lines.append(f"| {name} | " + " | ".join(
+                f"{fmt(d['auc'])} / {fmt(d['precision'])} / {fmt(d['recall'])}" for d in baseline["detection"].values()
+            ) + " |")  # fmt: skip
+    return lines
+
+
+def readme_table(summary: dict[str, Any], shown: list[str]) -> str:
+    """The README's part: per shown cell and setting STGC − baseline, STGC − random, oracle − baseline and
+    the AUC of STGC's cosine (baseline arm)."""
+    lines = [
+        "| cell | setting | seeds | baseline acc | STGC − baseline | STGC − random | oracle − baseline | AUC |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in shown:
+        for setting, arms in summary["cells"].get(name, {}).get("settings", {}).items():
+            if "stgc" not in arms:
+                continue
+            oracle = arms.get("oracle", {}).get("delta_vs_baseline")
+            lines.append(
+                f"| {name} | {setting} | {len(arms['stgc']['seeds'])} | {fmt(arms['baseline']['metric'], 4)} | "
+                f"{interval(arms['stgc']['delta_vs_baseline'])} | {interval(arms['stgc']['delta_vs_random'])} | "
+                f"{interval(oracle)} | {fmt(arms['baseline']['detection_auc'])} |"
+            )
+    return "\n".join(lines)
+
+
+def write_readme_section(readme: Path, markers: tuple[str, str], section: str) -> None:
+    """Replace the text between the README's two markers with `section`."""
+    text = readme.read_text()
+    start, end = markers
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} lacks the markers {markers}")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    readme.write_text(f"{head}{start}\n{section}\n{end}{tail}")
+
+
 def regime_map(summary: dict[str, Any], center: str, path: Path) -> None:
     """STGC − baseline, STGC − random and oracle − baseline per cell: a row of panels per loss setting,
     a panel per factor varied from the center cell (the center in every panel)."""

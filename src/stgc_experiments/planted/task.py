@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from stgc_experiments.planted.truth import GroundTruth, minority
+
 INPUT_DIM = 16  # D
 CLASSES = 8  # C: at least the largest number of families (each needs its own shift)
 CONSTRUCTIONS = ("shift", "flip")
@@ -100,26 +102,35 @@ class Task:
         return {"x": x, "family": family, "id": torch.arange(count), **self.targets(x, family)}
 
 
+def side_of(family: Tensor, cell: Cell) -> tuple[Tensor, int]:
+    """Each token's side and the number of sides. A side is a set of families that agree: for "shift"
+    each family is its own (every family's label differs from every other's on every input), for "flip"
+    the base families are one side and the planted family the other."""
+    if cell.construction == "flip":
+        return (family == cell.families - 1).long(), 2
+    return family, cell.families
+
+
 def planted_conflicts(family: Tensor, expert: Tensor, valid: Tensor, cell: Cell) -> Tensor:
     """(S,) bool: the ground truth. An assignment (t, e) with a gradient is planted-conflicting when t's
-    side is not the majority side of the assignments with a gradient on e in this micro-batch (ties: the
-    lowest index). A side is a set of families that agree: for "shift" each family is its own (every
-    family's label differs from every other's on every input), for "flip" the base families are one side
-    and the planted family the other. So the flagged-by-truth tokens are exactly those whose targets
-    oppose what most of e's tokens ask of it.
+    side (side_of) is not the majority side of the assignments with a gradient on e in this micro-batch
+    (ties: the lowest index). So the flagged-by-truth tokens are exactly those whose targets oppose what
+    most of e's tokens ask of it.
 
     family, expert, valid: (S,) per assignment: the token's family, its expert, whether it has a gradient."""
-    side, sides = family, cell.families
-    if cell.construction == "flip":
-        side, sides = (family == cell.families - 1).long(), 2
-    counts = torch.zeros(cell.experts, sides, device=family.device)  # (E, sides)
-    counts.index_put_((expert, side), valid.float(), accumulate=True)
-    majority = counts.argmax(dim=1)  # (E,)
-    return valid & (side != majority[expert])
+    side, sides = side_of(family, cell)
+    return minority(side, expert, valid, cell.experts, sides)
 
 
-def assignment_families(batch: dict[str, Tensor], rows: Tensor, positions: Tensor | None) -> Tensor:
-    """(S,) the family of each assignment's token: `rows` index the routed tokens, `positions` map
-    routed tokens to the batch's flat positions (None: every token is routed, rows are positions)."""
-    family = batch["family"].reshape(-1)  # (B,)
-    return family.index_select(0, rows if positions is None else positions.index_select(0, rows))
+class CellTruth(GroundTruth):
+    """The minimal level's ground truth (planted_conflicts) for the meter and the oracle."""
+
+    def __init__(self, cell: Cell) -> None:
+        self.cell = cell
+        self.num_sides = side_of(torch.zeros(0, dtype=torch.long), cell)[1]
+
+    def sides(self, batch: dict[str, Tensor]) -> Tensor:
+        return side_of(batch["family"].reshape(-1), self.cell)[0]
+
+    def token_ids(self, batch: dict[str, Tensor]) -> Tensor:
+        return batch["id"].reshape(-1)
