@@ -14,6 +14,8 @@ from transformers import (
     Ernie4_5_VLMoeForConditionalGeneration,
     Glm4vMoeConfig,
     Glm4vMoeForConditionalGeneration,
+    Llama4Config,
+    Llama4ForConditionalGeneration,
     PreTrainedModel,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
@@ -84,12 +86,26 @@ def ernie4_5_vl_moe() -> PreTrainedModel:
     return _random_biases(Ernie4_5_VLMoeForConditionalGeneration(config))
 
 
+def llama4() -> PreTrainedModel:
+    config = Llama4Config(
+        text_config={**TEXT, "intermediate_size": 16, "intermediate_size_mlp": 64, "head_dim": 16,
+                     "num_local_experts": 4, "num_experts_per_tok": 2, "attention_chunk_size": 64,
+                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 128,
+                       "image_size": 56, "patch_size": 14, "pixel_shuffle_ratio": 0.5, "projector_input_dim": 64,
+                       "projector_output_dim": 64, "vision_output_dim": 64},
+        image_token_index=IMAGE, boi_token_index=START, eoi_token_index=END,
+    )  # fmt: skip
+    return Llama4ForConditionalGeneration(config)
+
+
 FAMILIES = {  # name -> (builder, the router's score family, whether its choice adds a correction bias)
     "qwen3_vl_moe": (qwen3_vl_moe, "softmax", False),
     "glm4v_moe": (glm4v_moe, "sigmoid", True),
     "deepseek_v3": (deepseek_v3, "sigmoid", True),
     "aria": (aria, "softmax", False),
     "ernie4_5_vl_moe": (ernie4_5_vl_moe, "softmax", True),
+    "llama4": (llama4, "sigmoid", False),
 }
 
 
@@ -108,8 +124,12 @@ def router_of(model: nn.Module, weight: nn.Parameter) -> nn.Module:
 
 def routed(router: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The router's own (N, k) weights and (N, k) chosen experts for (N, H) tokens, whichever order its
-    forward returns them in (Aria: indices first)."""
+    forward returns them in (Aria: indices first; Llama 4: a dense (N, E) score matrix and the logits)."""
     outputs = router(tokens)
+    if all(t.is_floating_point() for t in outputs):  # Llama 4: 0 for the experts not chosen
+        scores = outputs[0]
+        indices = scores.topk(router.top_k, dim=-1).indices
+        return scores.gather(1, indices), indices
     indices = next(t for t in outputs if not t.is_floating_point())
     weights = next(t for t in outputs if t.is_floating_point() and t.shape == indices.shape)
     return weights, indices

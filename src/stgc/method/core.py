@@ -44,6 +44,7 @@ from stgc.method.hf_experts import (
     outermost_transformers_models,
     switch_experts,
 )
+from stgc.method.llama4 import Llama4Probe, is_llama4_moe
 from stgc.method.loss import conflict_elimination_loss
 from stgc.method.modality import image_token_ids, modality_of
 from stgc.method.probes import GRADIENTS, LayerConflicts, LayerProbe, SparseMoEProbe
@@ -64,6 +65,8 @@ def find_moe_probes(module: nn.Module) -> list[LayerProbe]:
     for name, child in module.named_modules():
         if isinstance(child, SparseMoE):
             found.append((name, SparseMoEProbe(short_layer_name(name), child)))
+        elif is_llama4_moe(child):
+            found.append((name, Llama4Probe(short_layer_name(name), child)))
         elif is_hf_experts(child):
             split = modality_split_of(parents[child], parents)
             if split is not None:

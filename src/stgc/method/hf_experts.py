@@ -158,19 +158,22 @@ class HFExpertsProbe(LayerProbe):
     def routing(self) -> LayerRouting:
         """The last captured forward's routing; its rows are the input's B*T positions, in order (or,
         in a modality-split block, those of the modality's tokens: `positions`)."""
-        routing, modality = self.last_routing, self.position_modality
-        if routing is None:
-            return routing
-        if self.split is not None:
+        routing = self.last_routing
+        if routing is not None and self.split is not None:
             split, vision = self.split
             positions = split.positions(vision)
             rows = routing.router_input.shape[0]
             kind = MODALITIES["image" if vision else "text"]
             constant = torch.full((rows,), kind, dtype=torch.long, device=routing.router_input.device)
             return dataclasses.replace(routing, positions=positions, modality=constant)
-        if modality is not None and modality.numel() == routing.router_input.shape[0]:
-            routing = dataclasses.replace(routing, modality=modality)
-        return routing
+        return self.with_position_modality(routing)
+
+    def start(
+        self, capturing: bool, gradients: tuple[str, ...] = ("exact",), reference: str = "none"
+    ) -> None:
+        super().start(capturing, gradients, reference)
+        if capturing:  # a layer this micro-batch does not reach must not show the last one's routing
+            self.last_routing = self.last_choice = None
 
     def verify_rule(self) -> None:
         if self.rule_verified or self.last_routing is None or self.last_choice is None:

@@ -96,6 +96,21 @@ class LayerProbe(ABC):
     def expert_weights(self) -> list[list[Tensor]]:
         """For each expert, its weight tensors (the same shapes for every expert)."""
 
+    def with_position_modality(self, routing: LayerRouting | None) -> LayerRouting:
+        """`routing` with each token's modality from `position_modality`, when its rows are the input's
+        positions (as many as the model gave modalities for); no routing: one of no tokens (a layer the
+        micro-batch did not reach, e.g. ERNIE-4.5-VL's vision experts on a text-only batch)."""
+        if routing is None:
+            weight = self.router_weight
+            nothing = torch.zeros(0, dtype=torch.long, device=weight.device)
+            return LayerRouting(
+                weight.new_zeros(0, weight.shape[1]), [nothing] * self.num_experts, None, nothing
+            )
+        modality = self.position_modality
+        if modality is None or modality.numel() != routing.router_input.shape[0]:
+            return routing
+        return dataclasses.replace(routing, modality=modality)
+
     def verify_rule(self) -> None:
         """Check once, on a captured forward, that `rule` reproduces the router's own choice (where the
         probe sees that choice); ValueError when it does not."""
