@@ -1,7 +1,8 @@
-"""Tiny random transformers MoE models whose routers do not share one rule: Qwen3-VL-MoE (softmax),
-GLM-4.5V and DeepSeek-V3 (sigmoid, correction bias, group-limited top-k), Aria (softmax over the chosen
-logits), ERNIE-4.5-VL (softmax with a correction bias, experts per modality). Built from configs on the
-CPU; the correction biases are drawn at random, as a trained model's are not zero."""
+"""Tiny random transformers MoE models whose routers do not share one rule: Mixtral, Qwen3-MoE and
+Qwen3-VL-MoE (softmax), GLM-4.5V and DeepSeek-V3 (sigmoid, correction bias, group-limited top-k), Aria
+(softmax over the chosen logits), ERNIE-4.5-VL (softmax with a correction bias, experts per modality),
+Llama 4 (sigmoid top-k scaling the experts' input). Built from configs on the CPU; the correction biases
+are drawn at random, as a trained model's are not zero."""
 
 import torch
 from torch import nn
@@ -16,7 +17,11 @@ from transformers import (
     Glm4vMoeForConditionalGeneration,
     Llama4Config,
     Llama4ForConditionalGeneration,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedModel,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
 )
@@ -25,6 +30,15 @@ IMAGE, VIDEO, START, END = 100, 101, 98, 99  # token ids of image/video placehol
 TEXT = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 256}  # fmt: skip
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def mixtral() -> PreTrainedModel:
+    return MixtralForCausalLM(MixtralConfig(**TEXT, num_local_experts=4, num_experts_per_tok=2))
+
+
+def qwen3_moe() -> PreTrainedModel:
+    config = Qwen3MoeConfig(**TEXT, moe_intermediate_size=16, head_dim=16, num_experts=4, num_experts_per_tok=2)
+    return Qwen3MoeForCausalLM(config)
 
 
 def qwen3_vl_moe() -> PreTrainedModel:
@@ -100,6 +114,8 @@ def llama4() -> PreTrainedModel:
 
 
 FAMILIES = {  # name -> (builder, the router's score family, whether its choice adds a correction bias)
+    "mixtral": (mixtral, "softmax", False),
+    "qwen3_moe": (qwen3_moe, "softmax", False),
     "qwen3_vl_moe": (qwen3_vl_moe, "softmax", False),
     "glm4v_moe": (glm4v_moe, "sigmoid", True),
     "deepseek_v3": (deepseek_v3, "sigmoid", True),
