@@ -1,5 +1,6 @@
-"""The planted-conflict benchmark's pipeline level: easy-vqa's stage III through `stgc fit` with a planted
-instruction family ("opposite: <yes/no question>", answered flipped), against its ground truth
+"""The planted-conflict benchmark on the real pipeline: easy-vqa's stage III through `stgc fit`.
+
+A planted instruction family ("opposite: <yes/no question>", answered flipped) against its ground truth
 (docs/planted.md). Arms: baseline (λ = 0), STGC, its random control and the oracle, over seeds.
 
     python scripts/planted_pipeline.py --parts screen main --readme   # results/planted/pipeline (make planted-pipeline)
