@@ -171,3 +171,36 @@ def test_stgc_trains_each_family_and_logs_its_statistics(name) -> None:
     assert metrics["stgc/cel_loss/all"] > 0, name
     moved = [not torch.equal(b, w) for b, w in zip(before, routers, strict=True)]
     assert any(moved), name  # ERNIE's vision experts see no token of a text-only batch
+
+
+@pytest.mark.parametrize("name", [name for name in FAMILIES if name != "llama4"])  # Llama 4: its own test
+def test_the_stgc_experts_give_transformers_own_logits_and_gradients(name) -> None:
+    torch.manual_seed(0)
+    model = FAMILIES[name][0]().double()
+    ids = torch.randint(3, IMAGE - 4, (2, 12), generator=torch.Generator().manual_seed(5))
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        output = model(input_ids=ids, labels=ids)
+        output.loss.backward()
+        return output.logits.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    model.set_experts_implementation("eager")  # transformers' own loop (grouped_mm takes no float64)
+    logits, grads = run()
+    probes = find_moe_probes(model)
+    previous = use_stgc_experts(model)
+    try:
+        for probe in probes:
+            probe.start(capturing=True, gradients=("exact", "output"))
+        ours, our_grads = run()
+    finally:
+        for probe in probes:
+            probe.start(False)
+            probe.remove()
+        restore_experts(previous)
+    torch.testing.assert_close(ours, logits)
+    assert our_grads.keys() == grads.keys()
+    for key, grad in grads.items():
+        torch.testing.assert_close(our_grads[key], grad, msg=key)

@@ -79,6 +79,18 @@ def test_fsdp2_with_transformers_fused_experts_and_checkpointing(runs) -> None:
     assert_same_cosines(runs("fsdp2", "--checkpointing", "--hf-experts"), runs("single", "--hf-experts"))
 
 
+@pytest.mark.slow
+def test_ddp_and_fsdp2_on_a_sigmoid_router_equal_one_process(runs) -> None:
+    """GLM-4.5V's language model (sigmoid router, correction bias, group-limited top-k, a shared expert):
+    the same cosines and flags under DDP and FSDP2 as one process, and the same trained weights."""
+    single = runs("single", "--family", "glm4v_moe")
+    assert_same_cosines(runs("fsdp2", "--family", "glm4v_moe"), single)
+    assert_same_cosines(runs("ddp", "--family", "glm4v_moe"), single)
+    fsdp2, ddp = runs("fsdp2", "--family", "glm4v_moe"), runs("ddp", "--family", "glm4v_moe")
+    for name, value in ddp[0]["state_dict"].items():
+        torch.testing.assert_close(fsdp2[0]["state_dict"][name], value, rtol=0, atol=1e-5, msg=name)
+
+
 def test_checkpointing_gives_the_cosines_of_a_run_without(runs) -> None:
     assert_same_cosines(runs("single", "--checkpointing"), runs("single"))
 

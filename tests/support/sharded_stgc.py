@@ -6,6 +6,7 @@ python tests/support/sharded_stgc.py OUT_DIR {single,ddp,fsdp2} [--checkpointing
   ddp, fsdp2: 2 CPU processes (gloo); rank r trains on half r of each global batch
   --checkpointing: recompute the decoder layers in backward (non-reentrant, stgc's context_fn)
   --hf-experts: OLMoE's fused transformers experts instead of upcycled SparseMoE layers
+  --family NAME: a tiny model of support.moe_vlms.FAMILIES instead (e.g. glm4v_moe: a sigmoid router)
 """
 
 import sys
@@ -22,6 +23,7 @@ from stgc.callback import STGC  # noqa: E402
 from stgc.moe.recompute import enable_gradient_checkpointing  # noqa: E402
 from stgc.moe.upcycle import decoder_layers  # noqa: E402
 from support.lightning_models import VOCAB, CausalLMModule, tiny_olmoe, upcycled_qwen2  # noqa: E402
+from support.moe_vlms import FAMILIES  # noqa: E402
 from support.ranks import full_state_dict  # noqa: E402
 
 STEPS, RANKS, PER_RANK, LENGTH = 5, 2, 4, 12
@@ -90,11 +92,15 @@ class GlobalBatchModule(CausalLMModule):
 def main() -> None:
     out_dir, mode = Path(sys.argv[1]), sys.argv[2]
     model = tiny_olmoe() if "--hf-experts" in sys.argv else upcycled_qwen2()
+    if "--family" in sys.argv:
+        torch.manual_seed(0)
+        model = FAMILIES[sys.argv[sys.argv.index("--family") + 1]][0]()
     if "--checkpointing" in sys.argv:
         enable_gradient_checkpointing(model)
     strategies = {
         "single": "auto",
-        "ddp": "ddp",
+        # a VLM's vision tower gets no gradient from text-only batches
+        "ddp": "ddp_find_unused_parameters_true" if "--family" in sys.argv else "ddp",
         "fsdp2": ModelParallelStrategy(data_parallel_size=RANKS, tensor_parallel_size=1),
     }
     callback = RecordingSTGC()
