@@ -37,7 +37,9 @@ def mixtral() -> PreTrainedModel:
 
 
 def qwen3_moe() -> PreTrainedModel:
-    config = Qwen3MoeConfig(**TEXT, moe_intermediate_size=16, head_dim=16, num_experts=4, num_experts_per_tok=2)
+    config = Qwen3MoeConfig(
+        **TEXT, moe_intermediate_size=16, head_dim=16, num_experts=4, num_experts_per_tok=2
+    )
     return Qwen3MoeForCausalLM(config)
 
 
