@@ -39,6 +39,8 @@ class PlantedMeter(L.Callback):
             4, dtype=torch.float64
         )  # planted, planted rerouted, other, other rerouted
         self.persistence = torch.zeros(2, dtype=torch.float64)  # flagged at the last visit, flagged again
+        # Σ‖g_t‖² of the arm's own gradient over planted and other pairs: whose pull dominates the mean
+        self.sqnorms = torch.zeros(2, dtype=torch.float64)
         self.curve: list[Tensor] = []  # per step (planted pairs, pairs) of the arm's own variant
         self.last_flag: Tensor | None = None  # (token ids, E) int8: -1 not seen with that expert, else 0/1
         self._batch: Any = None
@@ -79,6 +81,10 @@ class PlantedMeter(L.Callback):
                 if variant == f"{self.stgc.method.settings.gradient}/{self.stgc.method.settings.mean}":
                     truth = (conflicts, labelled, planted, flagged)
             conflicts, labelled, planted, flagged = truth
+            if conflicts.sqnorm is not None:
+                sqnorm = conflicts.sqnorm.double()
+                other = labelled & ~planted
+                self.sqnorms += torch.stack([sqnorm[planted].sum(), sqnorm[other].sum()])
             self.curve.append(torch.stack([planted.sum(), labelled.sum()]).double())
             token = self.truth.ids(self._batch, conflicts.rows, routing.positions)  # (S,)
             self._remember_flags(probe.num_experts, token, conflicts.expert, labelled, flagged)
@@ -140,12 +146,19 @@ class PlantedMeter(L.Callback):
             }
         planted, planted_left, other, other_left = self.reroutes.tolist()
         flagged_before, again = self.persistence.tolist()
+        own = self.counts[f"{self.stgc.method.settings.gradient}/{self.stgc.method.settings.mean}"]
+        planted_pairs, pairs = own[0].item(), own[3].item()
+        sqnorm_planted, sqnorm_other = self.sqnorms.tolist()
         curve = torch.stack(self.curve) if self.curve else torch.zeros(0, 2, dtype=torch.float64)
         return {
             "detection": detection,
             "reroute_rate_planted": planted_left / planted if planted else None,
             "reroute_rate_other": other_left / other if other else None,
             "flag_persistence": again / flagged_before if flagged_before else None,
+            # mean ‖g_t‖² of planted and other labelled pairs, and the planted pairs' share of Σ‖g_t‖²
+            "grad_sqnorm_planted": sqnorm_planted / planted_pairs if planted_pairs else None,
+            "grad_sqnorm_other": sqnorm_other / (pairs - planted_pairs) if pairs > planted_pairs else None,
+            "grad_mass_planted": sqnorm_planted / (sqnorm_planted + sqnorm_other) if sqnorm_other else None,
             "planted_rate_curve": (curve[:, 0] / curve[:, 1].clamp(min=1)).tolist(),
             "histograms": {variant: h.long().tolist() for variant, h in self.histograms.items()},
         }
