@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from stgc.method.distributed import full_tensor
+
 SCORES = ("softmax", "sigmoid")
 
 
@@ -46,7 +48,8 @@ class RouterRule:
         """(N, k) the experts the router picks for logits (N, E), under its own rule."""
         choice = self.score(logits)
         if self.bias_owner is not None:
-            choice = choice + getattr(self.bias_owner, self.bias_name).reshape(-1).to(choice)
+            bias = full_tensor(getattr(self.bias_owner, self.bias_name))  # ERNIE's is a (sharded) parameter
+            choice = choice + bias.reshape(-1).to(choice)
         if self.groups > 1:  # DeepSeek-V3: a group's score is the sum of its two best choice scores
             grouped = choice.view(choice.shape[0], self.groups, -1)  # (N, G, E/G)
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
