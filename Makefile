@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data data-mix train train-mix study study-mix planted planted-pipeline test test-slow test-all lint bench clean
+.PHONY: install data data-mix data-vlm train train-mix study study-mix planted planted-pipeline test test-slow test-all lint bench clean
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 data: install
 	$(PY) scripts/prepare_easy_vqa.py --out data/easy_vqa
+
+# The tiny Qwen3-VL processor of configs/vlm/qwen3_vl_moe_tiny.yaml (a transformers MoE VLM with STGC).
+data-vlm: data
+	$(PY) scripts/prepare_tiny_vlm.py
 
 # Stages 0 -> III on easy-vqa; stage III with STGC and, beside it, the λ = 0 baseline (ARGS=--no-baseline skips it).
 train: data

@@ -42,6 +42,15 @@ def is_empty(batch: dict[str, Any]) -> bool:
     return "input_ids" not in batch
 
 
+def stack_images(images: list[torch.Tensor | dict[str, torch.Tensor] | None]) -> torch.Tensor | list:
+    """The batch's images: (B, 3, H, W); a processor model's stay a list of each row's pixel inputs
+    (None without an image), which the model concatenates (stgc.data.processor.concat_pixel_inputs),
+    so that evaluation can take the rows it generates for."""
+    if all(isinstance(image, torch.Tensor) for image in images):
+        return torch.stack(images).float()
+    return images
+
+
 class LlavaCollator:
     """Collate dataset items into a batch dict; drops "skipped" items (bad records in skip mode)."""
 
@@ -60,7 +69,7 @@ class LlavaCollator:
         batch = {
             "keys": [item["key"] for item in kept],
             "indices": [item["index"] for item in kept],
-            "images": torch.stack([item["image"] for item in kept]).float(),  # (B, 3, H, W)
+            "images": stack_images([item["image"] for item in kept]),
             "input_ids": pad(ids, self.pad_token_id),  # (B, L)
             "attention_mask": pad([torch.ones_like(i) for i in ids], 0),  # (B, L)
             "labels": pad([item["labels"] for item in kept], IGNORE_INDEX),  # (B, L)

@@ -9,10 +9,11 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from stgc.data.collate import LlavaCollator, pad_token_id
 from stgc.data.dataset import ImageTransform, LlavaDataset
+from stgc.data.processor import ProcessorTemplate
 from stgc.data.records import Record, load_records
 from stgc.data.sampler import EvalShardSampler, LengthGroupedSampler
 from stgc.data.templates import ChatTemplate, InstructionTemplate, PlainTemplate, Template
@@ -88,6 +89,7 @@ class LlavaDataModule(LightningDataModule):
             raise ValueError("train_json and test_json entries must be files; only val_json takes null")
         self.question_types = tuple(question_types)
         self.template: Template | None = None
+        self.processor: ProcessorMixin | None = None  # a processor model's, given by attach()
         self.collator: LlavaCollator | None = None
         self.transforms: dict[str, ImageTransform] = {}
         self.datasets: dict[str, LlavaDataset] = {}
@@ -107,9 +109,17 @@ class LlavaDataModule(LightningDataModule):
         train_transform: ImageTransform,
         eval_transform: ImageTransform,
         num_image_tokens: int,
+        processor: ProcessorMixin | None = None,
     ) -> None:
-        """Give the model-side inputs (for standalone use; setup() otherwise takes them from the model)."""
+        """Give the model-side inputs (for standalone use; setup() otherwise takes them from the model);
+        `processor`: a transformers processor model's (its tokenizer is `tokenizer`), for its image tokens."""
+        self.processor = processor
         self.template = self.make_template(tokenizer, num_image_tokens)
+        if processor is not None and not isinstance(self.template, ProcessorTemplate):
+            raise ValueError(
+                f"{type(self).__name__} ({type(self.template).__name__}): a processor model's images are its "
+                "own tokens, which only InstructionDataModule's template: chat places"
+            )
         self.collator = LlavaCollator(pad_token_id(tokenizer))
         self.transforms = {"train": train_transform, "eval": eval_transform}
 
@@ -126,6 +136,7 @@ class LlavaDataModule(LightningDataModule):
                 model.image_transform(True),
                 model.image_transform(False),
                 model.num_image_tokens,
+                getattr(model, "processor", None),
             )
         if stage in ("fit", "validate") and "train" not in self.datasets:
             train, val, skipped, val_skipped = [], [], Counter(), Counter()
@@ -316,9 +327,10 @@ class InstructionDataModule(LlavaDataModule):
     """Stages II/III: multi-turn conversations, loss on answers; eval has one sample per answer.
 
     `template` is the conversation format: "vicuna_v1" (USER: / ASSISTANT:, LLaVA-1.5's and
-    MoE-LLaVA's) or "chat" (the tokenizer's own chat template). `system_prompt`: for vicuna_v1,
-    None is Vicuna's sentence and "" none; for chat, a non-empty one is sent as the system message,
-    else the chat template's own default (if any) applies.
+    MoE-LLaVA's) or "chat" (the tokenizer's own chat template; with a transformers processor model,
+    stgc.vlm.TransformersVLMModule, its images as the processor's tokens: ProcessorTemplate).
+    `system_prompt`: for vicuna_v1, None is Vicuna's sentence and "" none; for chat, a non-empty one is
+    sent as the system message, else the chat template's own default (if any) applies.
     """
 
     TEMPLATES = {"vicuna_v1": InstructionTemplate, "chat": ChatTemplate}
@@ -333,4 +345,6 @@ class InstructionDataModule(LlavaDataModule):
 
     def make_template(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> Template:
         """The chosen conversation template with this module's system prompt (if set)."""
+        if self.processor is not None and self.hparams.template == "chat":
+            return ProcessorTemplate(self.processor, num_image_tokens, self.system_prompt)
         return self.TEMPLATES[self.hparams.template](tokenizer, num_image_tokens, self.system_prompt)

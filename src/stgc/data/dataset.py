@@ -9,11 +9,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import Dataset
 
+from stgc.data.processor import PixelInputs, ProcessorImages
 from stgc.data.records import Record, RecordError
 from stgc.data.sampler import PADDING_INDEX
 from stgc.data.templates import Template
 
-ImageTransform = Callable[[Image.Image], torch.Tensor]  # PIL image -> (3, H, W)
+# PIL image -> (3, H, W), or a processor model's pixel inputs (stgc.data.processor.ProcessorImages)
+ImageTransform = Callable[[Image.Image], torch.Tensor | PixelInputs]
 ANSWER_MODES = ("none", "all", "each")
 
 
@@ -95,7 +97,7 @@ class LlavaDataset(Dataset):
         item = {
             "key": record.key,  # (id, occurrence): unique, where ids repeat
             "index": idx,  # the sample's position in this dataset
-            "image": image,  # (3, H, W)
+            "image": image,  # (3, H, W), or pixel inputs (None for a text-only record)
             "input_ids": torch.tensor(encoded.input_ids),  # (L,)
             "labels": torch.tensor(encoded.labels),  # (L,)
         }
@@ -117,8 +119,11 @@ class LlavaDataset(Dataset):
             item["question_types"] = [t.question_type for t in record.turns[:complete]]
         return item
 
-    def load_image(self, record: Record) -> torch.Tensor:
-        """Transformed RGB image, or zeros of the transform's output shape for a text-only record."""
+    def load_image(self, record: Record) -> torch.Tensor | PixelInputs | None:
+        """Transformed RGB image, or for a text-only record zeros of the transform's output shape
+        (no pixel inputs for a processor model)."""
+        if record.image is None and isinstance(self.image_transform, ProcessorImages):
+            return None
         if record.image is None:
             if self._blank is None:
                 height, width = output_size(self.image_transform)

@@ -41,6 +41,7 @@ class Template:
     """Shared machinery: tokenize segments, concatenate, truncate; subclasses lay out the segments."""
 
     expands_turns = False  # whether eval makes one sample per answer (with prompt fields)
+    image_token_id = IMAGE_TOKEN_ID  # the input id of an image position
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> None:
         if tokenizer.eos_token_id is None:
@@ -61,10 +62,14 @@ class Template:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         return Segment(ids, train)
 
-    def prompt(self, text: str) -> list[Segment]:
-        """Untrained prompt text, with the image placeholder expanded to image-token ids."""
+    def image_ids(self, record: Record) -> list[int]:
+        """The ids the record's image occupies: num_image_tokens image-token positions."""
+        return [IMAGE_TOKEN_ID] * self.num_image_tokens
+
+    def prompt(self, text: str, record: Record) -> list[Segment]:
+        """Untrained prompt text, with the image placeholder expanded to the record's image ids."""
         before, placeholder, after = text.partition(IMAGE_PLACEHOLDER)
-        image = [Segment([IMAGE_TOKEN_ID] * self.num_image_tokens, False)] if placeholder else []
+        image = [Segment(self.image_ids(record), False)] if placeholder else []
         return [self.text(before), *image, self.text(after)]
 
     def answer(self, text: str, train: bool) -> list[Segment]:
@@ -76,7 +81,7 @@ class Template:
         segments = self.segments(record, turn)
         input_ids = [i for s in segments for i in s.ids]
         labels = [i if s.train else IGNORE_INDEX for s in segments for i in s.ids]
-        image_end = max((k + 1 for k, i in enumerate(input_ids) if i == IMAGE_TOKEN_ID), default=0)
+        image_end = max((k + 1 for k, i in enumerate(input_ids) if i == self.image_token_id), default=0)
         if image_end > max_length:
             raise record.error(
                 "too_long", f"prefix through the image ({image_end} tokens) exceeds max_length={max_length}"
@@ -95,7 +100,7 @@ class PlainTemplate(Template):
 
     def segments(self, record: Record, turn: int | None) -> list[Segment]:
         """Image (if any) then the first answer as the caption; the human text is dropped."""
-        image = self.prompt(IMAGE_PLACEHOLDER) if record.image else []
+        image = self.prompt(IMAGE_PLACEHOLDER, record) if record.image else []
         return [*image, *self.answer(record.turns[0].answer, train=True)]
 
 
@@ -120,7 +125,7 @@ class InstructionTemplate(Template):
         segments = []
         for i, t in enumerate(turns):
             prefix = f"{self.system_prompt} USER: " if i == 0 else "USER: "
-            segments += self.prompt(f"{prefix}{t.question} ASSISTANT:")
+            segments += self.prompt(f"{prefix}{t.question} ASSISTANT:", record)
             segments += self.answer(f" {t.answer}", train=turn is None or i == turn)
         return segments
 
@@ -192,7 +197,7 @@ class ChatTemplate(Template):
                     "set the tokenizer's eos_token to its end-of-turn token",
                 )
             segments += [
-                *self.prompt(untrained),
+                *self.prompt(untrained, record),
                 *self.answer(written[:end], train=turn is None or i == turn),
             ]
             prompts += untrained
