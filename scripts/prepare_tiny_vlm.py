@@ -1,7 +1,7 @@
-"""Write the tiny Qwen3-VL processor that configs/vlm/qwen3_vl_moe_tiny.yaml reads, over easy-vqa's words.
+"""Write the tiny processors that configs/vlm/*_tiny.yaml read (Qwen3-VL-MoE, GLM-4.5V), over easy-vqa's words.
 
-python scripts/prepare_tiny_vlm.py                 # data/vlm/qwen3_vl_tiny_processor (make data-vlm)
-python scripts/prepare_tiny_vlm.py --out DIR --data data/easy_vqa
+python scripts/prepare_tiny_vlm.py                 # data/vlm/<family>_tiny_processor (make data-vlm)
+python scripts/prepare_tiny_vlm.py --families glm4v_moe --out DIR --data data/easy_vqa
 """
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from stgc.easy_vqa.prepare import prepare
 from stgc_experiments import ROOT
-from stgc_experiments.tiny_vlm import save_qwen3_vl_processor
+from stgc_experiments.tiny_vlm import PROCESSORS, save_processor
 
 
 def main() -> None:
@@ -19,12 +19,16 @@ def main() -> None:
     parser.add_argument(
         "--data", type=Path, default=ROOT / "data" / "easy_vqa", help="easy-vqa (prepared if missing)"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "data" / "vlm" / "qwen3_vl_tiny_processor")
+    parser.add_argument("--families", nargs="+", choices=list(PROCESSORS), default=list(PROCESSORS))
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "data" / "vlm", help="<out>/<family>_tiny_processor"
+    )
     args = parser.parse_args()
     files = [args.data / f"instruct_{split}.json" for split in ("train", "test")]
     if not all(file.is_file() for file in files):
         prepare(args.data)
-    print(save_qwen3_vl_processor(files, args.out))
+    for family in args.families:
+        print(save_processor(family, files, args.out / f"{family}_tiny_processor"))
 
 
 if __name__ == "__main__":

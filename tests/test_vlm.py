@@ -16,7 +16,7 @@ from stgc.data.collate import answer_spans
 from stgc.method.names import CONFLICT_RATIO_IMAGE, CONFLICT_RATIO_TEXT, metric
 from stgc.vlm import TransformersVLMModule
 from stgc.vlm.parameters import parameter_groups
-from stgc_experiments.tiny_vlm import END_OF_TURN, qwen3_vl_processor, save_qwen3_vl_processor
+from stgc_experiments.tiny_vlm import END_OF_TURN, qwen3_vl_processor, save_processor
 from support.console import stgc
 from support.fit import ROOT
 
@@ -178,7 +178,7 @@ def vlm_fit(easy_vqa_dir, tmp_path_factory) -> dict:
     files = [easy_vqa_dir / "instruct_train.json", easy_vqa_dir / "instruct_test.json"]
     args = [
         "-c", "configs/trainer.yaml", "-c", CONFIG,
-        f"--model.init_args.processor={save_qwen3_vl_processor(files, root / 'processor')}",
+        f"--model.init_args.processor={save_processor('qwen3_vl_moe', files, root / 'processor')}",
         f"--data.init_args.train_json={files[0]}", f"--data.init_args.test_json={files[1]}",
         f"--data.init_args.image_folder={easy_vqa_dir / 'images'}",
         "--data.init_args.limit_records=36", "--data.init_args.val_fraction=0.2",
@@ -261,3 +261,22 @@ def test_the_30b_recipe_runs_on_a_tiny_stand_in_checkpoint(vlm_fit, easy_vqa_dir
     assert result.returncode == 0, result.stderr[-3000:]
     tags = set(EventAccumulator(str(tmp_path / "vlm" / "qwen3_vl_30b_a3b_stgc")).Reload().Tags()["scalars"])
     assert {metric(CONFLICT_RATIO_TEXT), "train/loss", "val/vqa_acc"} <= tags
+
+
+@pytest.mark.slow
+def test_glm4v_moe_fits_and_logs_image_and_text_conflicts(easy_vqa_dir, tmp_path) -> None:
+    """GLM-4.5V (Glm4vProcessor; a sigmoid router with a correction bias, group-limited top-k and a
+    shared expert) through the same module, DataModule and console script."""
+    files = [easy_vqa_dir / "instruct_train.json", easy_vqa_dir / "instruct_test.json"]
+    fit = stgc(
+        "fit", "-c", "configs/trainer.yaml", "-c", "configs/vlm/glm4v_moe_tiny.yaml",
+        f"--model.init_args.processor={save_processor('glm4v_moe', files, tmp_path / 'processor')}",
+        f"--data.init_args.train_json={files[0]}", f"--data.init_args.test_json={files[1]}",
+        f"--data.init_args.image_folder={easy_vqa_dir / 'images'}", "--data.init_args.limit_records=36",
+        "--data.init_args.val_fraction=0.2", "--trainer.limit_val_batches=1", "--trainer.max_steps=3",
+        "--trainer.limit_train_batches=3", "--trainer.callbacks.threshold=0.0",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    tags = set(EventAccumulator(str(tmp_path / "vlm" / "glm4v_moe_tiny_stgc")).Reload().Tags()["scalars"])
+    assert {metric(CONFLICT_RATIO_IMAGE), metric(CONFLICT_RATIO_TEXT), "train/loss", "val/vqa_acc"} <= tags

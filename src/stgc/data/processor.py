@@ -13,6 +13,17 @@ from stgc.data.templates import ChatTemplate
 
 # one image's pixel inputs; Qwen3-VL's: pixel_values (patches, dim), image_grid_thw (1, 3)
 PixelInputs = dict[str, torch.Tensor]
+# the tokens around an image's, as the released checkpoints' chat templates write them, where the
+# processor does not name them (Qwen3-VL's: vision_start_token, vision_end_token)
+IMAGE_BRACKETS = {"Glm4vProcessor": ("<|begin_of_image|>", "<|end_of_image|>")}
+
+
+def image_brackets(processor: ProcessorMixin) -> tuple[str, str]:
+    """The text before and after an image's tokens ("" where a family writes none)."""
+    named = IMAGE_BRACKETS.get(type(processor).__name__)
+    if named is not None:
+        return named
+    return getattr(processor, "vision_start_token", ""), getattr(processor, "vision_end_token", "")
 
 
 class ProcessorImages:
@@ -31,7 +42,8 @@ class ProcessorImages:
 
 class ProcessorTemplate(ChatTemplate):
     """ChatTemplate through the processor's tokenizer: the image placeholder becomes the processor's
-    image text (Qwen3-VL: <|vision_start|><|image_pad|><|vision_end|>) with its image token repeated
+    image text (Qwen3-VL: <|vision_start|><|image_pad|><|vision_end|>; GLM-4.5V:
+    <|begin_of_image|><|image|><|end_of_image|>) with its image token repeated
     as often as the processor repeats it for the record's image, whose size is read from its header.
     `num_image_tokens` only estimates sequence lengths (group_by_length)."""
 
@@ -41,7 +53,7 @@ class ProcessorTemplate(ChatTemplate):
         super().__init__(processor.tokenizer, num_image_tokens, system_prompt)
         self.processor = processor
         self.image_token_id = processor.image_token_id
-        start, end = getattr(processor, "vision_start_token", ""), getattr(processor, "vision_end_token", "")
+        start, end = image_brackets(processor)
         text = f"{start}{processor.image_token}{end}"
         self.image_text = self.text(text).ids  # the image's ids before its token is repeated
         if self.image_text.count(self.image_token_id) != 1:
