@@ -280,3 +280,24 @@ def test_glm4v_moe_fits_and_logs_image_and_text_conflicts(easy_vqa_dir, tmp_path
     assert fit.returncode == 0, fit.stderr[-3000:]
     tags = set(EventAccumulator(str(tmp_path / "vlm" / "glm4v_moe_tiny_stgc")).Reload().Tags()["scalars"])
     assert {metric(CONFLICT_RATIO_IMAGE), metric(CONFLICT_RATIO_TEXT), "train/loss", "val/vqa_acc"} <= tags
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_stgc_fit_on_two_processes(strategy, easy_vqa_dir, tmp_path) -> None:
+    """The tiny Qwen3-VL-MoE with STGC under configs/trainer/<strategy>.yaml on 2 CPU processes (FSDP2:
+    each decoder layer and vision block sharded, stgc.vlm's configure_model)."""
+    files = [easy_vqa_dir / "instruct_train.json", easy_vqa_dir / "instruct_test.json"]
+    fit = stgc(
+        "fit", "-c", "configs/trainer.yaml", "-c", CONFIG, "-c", f"configs/trainer/{strategy}.yaml",
+        "--trainer.accelerator=cpu", "--trainer.devices=2",
+        f"--model.init_args.processor={save_processor('qwen3_vl_moe', files, tmp_path / 'processor')}",
+        f"--data.init_args.train_json={files[0]}", f"--data.init_args.test_json={files[1]}",
+        f"--data.init_args.image_folder={easy_vqa_dir / 'images'}", "--data.init_args.limit_records=48",
+        "--data.init_args.val_fraction=0.2", "--trainer.limit_val_batches=1", "--trainer.max_steps=3",
+        "--trainer.limit_train_batches=3", "--trainer.callbacks.threshold=0.0",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    tags = set(EventAccumulator(str(tmp_path / "vlm" / "qwen3_vl_moe_tiny_stgc")).Reload().Tags()["scalars"])
+    assert {metric(CONFLICT_RATIO_IMAGE), metric(CONFLICT_RATIO_TEXT), "val/vqa_acc"} <= tags
