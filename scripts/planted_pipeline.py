@@ -15,7 +15,7 @@ from pathlib import Path
 from stgc.method.loss import LOSS_TYPES
 from stgc_experiments import ROOT
 from stgc_experiments.planted import summary as report
-from stgc_experiments.planted.questions import Questions, run_arm
+from stgc_experiments.planted.questions import PLANTED, Questions, run_arm
 from stgc_experiments.planted.run import Arm
 
 SCREEN_SEED = 100  # the screen chooses on its own seed, never one of the comparison's
@@ -74,10 +74,36 @@ def write_report(out: Path, chosen: str, cell: Questions) -> dict:
         "Detection by cosine variant (AUC / precision / recall), baseline arm:",
         "",
         *report.variant_table(summary),
+        "",
+        *arm_table(out, cell),
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     report.roc_figure(report.load_runs(out), [cell.name], out / "roc.png")
     return summary
+
+
+def arm_table(out: Path, cell: Questions) -> list[str]:
+    """Per arm, means over its seeds: accuracy per question type; how differently the experts serve the
+    planted and the base yes/no questions (planted_split); flag persistence; the planted pairs' share of
+    the labelled pairs and of their gradient mass Σ‖g_t‖² (where measured)."""
+    types = ("yes_no", "color", "shape", PLANTED)
+    lines = [
+        "Per arm (means over seeds): test accuracy per question type, routing, and whose gradients dominate:",
+        "",
+        "| arm | seeds | "
+        + " | ".join(types)
+        + " | planted split | flag persistence | planted share of pairs "
+        "| planted share of Σ‖g‖² |",
+        "|" + " --- |" * (len(types) + 6),
+    ]
+    for name, runs in report.load_runs(out).get(cell.name, {}).items():
+        mean = lambda get, runs=runs: report.mean_of(runs, get)  # noqa: E731
+        cells = [report.fmt(mean(lambda r, t=t: r["family_accuracy"].get(t))) for t in types]
+        cells += [report.fmt(mean(lambda r, k=k: r.get(k))) for k in ("planted_split", "flag_persistence")]
+        cells.append(report.fmt(mean(lambda r: r["detection"][report.OWN_VARIANT]["planted_rate"])))
+        cells.append(report.fmt(mean(lambda r: r.get("grad_mass_planted"))))
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:

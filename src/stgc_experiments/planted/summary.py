@@ -15,10 +15,13 @@ OWN_VARIANT = "exact/all"  # the arms' own cosine (STGC's defaults)
 FIGURES = (
     "accuracy",
     "accuracy_planted",
-    "purity",
+    "accuracy_base",
+    "purity",  # the minimal level's
+    "planted_split",  # the pipeline level's
     "reroute_rate_planted",
     "reroute_rate_other",
     "flag_persistence",
+    "grad_mass_planted",
 )
 
 
