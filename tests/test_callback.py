@@ -399,6 +399,7 @@ def _ddp_run(tmp_path, *flags):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 
 
+@pytest.mark.slow  # 2 processes, ~20 s; tests/test_ddp.py covers DDP in the default run
 def test_ddp_replicas_stay_identical_with_the_router_gradient_all_reduced(tmp_path) -> None:
     rank0, rank1 = _ddp_run(tmp_path)
     assert rank0["measured"] == rank1["measured"] == 3

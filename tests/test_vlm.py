@@ -196,6 +196,7 @@ def test_fit_logs_image_and_text_conflicts(vlm_fit) -> None:
     assert {metric(CONFLICT_RATIO_IMAGE), metric(CONFLICT_RATIO_TEXT), "train/loss", "val/vqa_acc"} <= tags
 
 
+@pytest.mark.slow
 def test_validate_of_the_checkpoint_logs_vqa_accuracy(vlm_fit) -> None:
     checkpoint = vlm_fit["folder"] / "checkpoints" / "last.ckpt"
     result = stgc("validate", *vlm_fit["args"], f"--ckpt_path={checkpoint}")
@@ -204,6 +205,7 @@ def test_validate_of_the_checkpoint_logs_vqa_accuracy(vlm_fit) -> None:
     assert {"val/vqa_acc", "val/vqa_acc_shape", "val/vqa_acc_color", "val/vqa_acc_yes_no"} <= set(tags)
 
 
+@pytest.mark.slow
 def test_predict_writes_a_row_per_test_answer(vlm_fit) -> None:
     checkpoint = vlm_fit["folder"] / "checkpoints" / "last.ckpt"
     result = stgc(
@@ -241,6 +243,7 @@ def test_trainable_groups_are_found_by_module_structure(vlm_data) -> None:
     assert {id(p) for p in model.parameters() if p.requires_grad} == groups["experts"] | groups["routers"]
 
 
+@pytest.mark.slow
 def test_the_30b_recipe_runs_on_a_tiny_stand_in_checkpoint(vlm_fit, easy_vqa_dir, tmp_path) -> None:
     """configs/vlm/qwen3_vl_moe_30b_a3b.yaml's model, data and STGC on a local checkpoint folder (model
     and processor) of the tiny model, one CPU process: FSDP2, bf16 and the real checkpoint stay untested."""
