@@ -142,7 +142,7 @@ def main() -> None:
         for seed in range(args.seeds):  # seed by seed: an unfinished run still has paired arms
             for arm in arms:
                 run_arm(arm, seed, cell, args.out, args.log_root, extra)
-    summary = write_report(args.out, arms[1].name, cell)
+    summary = write_report(args.out, chosen.get("name", arms[1].name), cell)
     print((args.out / "results.md").read_text())
     if args.readme:
         report.write_readme_section(
