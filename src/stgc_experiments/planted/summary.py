@@ -280,7 +280,7 @@ def roc_figure(runs: dict[str, dict[str, list]], cells: list[str], path: Path) -
     cells = [cell for cell in cells if "baseline" in runs.get(cell, {})]
     if not cells:
         return
-    figure, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(cells), figsize=(max(4.2 * len(cells), 6.5), 4), squeeze=False)
     for axis, cell in zip(axes[0], cells, strict=True):
         for variant in VARIANTS:
             histograms = sum(
