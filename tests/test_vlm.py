@@ -194,6 +194,10 @@ def test_fit_logs_image_and_text_conflicts(vlm_fit) -> None:
     assert vlm_fit["fit"].returncode == 0, vlm_fit["fit"].stderr[-3000:]
     tags = set(EventAccumulator(str(vlm_fit["folder"])).Reload().Tags()["scalars"])
     assert {metric(CONFLICT_RATIO_IMAGE), metric(CONFLICT_RATIO_TEXT), "train/loss", "val/vqa_acc"} <= tags
+    assert {
+        "train/aux_loss",
+        "train/lm_loss",
+    } <= tags  # the model's load-balancing loss (router_aux_loss_coef)
 
 
 @pytest.mark.slow

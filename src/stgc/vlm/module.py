@@ -53,6 +53,7 @@ class TransformersVLMModule(VQAEvaluation, SkipsBadSteps, KeepsRNGState):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         max_new_tokens: int = 8,
+        router_aux_loss_coef: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -69,6 +70,8 @@ class TransformersVLMModule(VQAEvaluation, SkipsBadSteps, KeepsRNGState):
             except RuntimeError as err:  # missing, unexpected or misshapen weights
                 raise ValueError(f"init_from={init_from!r} does not match the model: {err}") from err
         freeze_all_but(self.model, trainable)
+        if router_aux_loss_coef is not None:  # the model's own load-balancing loss, as MoE-LLaVA's stage III
+            self.model.config.get_text_config().router_aux_loss_coef = router_aux_loss_coef
         self.takes_token_types = "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -108,22 +111,29 @@ class TransformersVLMModule(VQAEvaluation, SkipsBadSteps, KeepsRNGState):
             inputs["mm_token_type_ids"] = (input_ids == self.model.config.image_token_id).int()  # (B, T)
         return inputs
 
-    def forward(self, batch: dict[str, Any]):
-        """The model's output on the batch's conversations; its loss is on the labelled answer tokens."""
+    def forward(self, batch: dict[str, Any], router_logits: bool = False):
+        """The model's output on the batch's conversations; its loss is on the labelled answer tokens, plus
+        with `router_logits` the model's load-balancing loss (`router_aux_loss_coef` times its aux_loss)."""
         ids = batch["input_ids"]
         return self.model(
             input_ids=ids,
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
             **self.vision_inputs(ids, batch["images"]),
+            **({"output_router_logits": True} if router_logits else {}),
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         if is_empty(batch):  # every record of the batch was bad (reported by the DataModule)
             return self.empty_batch_loss()
-        loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        coef = self.hparams.router_aux_loss_coef
+        output = self(batch, router_logits=coef is not None)
+        batch_size = batch["input_ids"].shape[0]
+        if coef is not None:
+            self.log("train/aux_loss", output.aux_loss, batch_size=batch_size)
+            self.log("train/lm_loss", output.loss - coef * output.aux_loss, batch_size=batch_size)
+        self.log("train/loss", output.loss, prog_bar=True, batch_size=batch_size)
+        return output.loss
 
     @torch.no_grad()
     def answer(self, batch: dict[str, Any]) -> list[str]:
