@@ -2,6 +2,9 @@
 router's experts, and one CEL step lowers the conflicting expert's routing weight as that router computes
 it, on tiny random models of transformers' MoE VLM families."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -25,6 +28,43 @@ def family(request):
 
 def tokens_for(probe, count: int = 64) -> torch.Tensor:
     return torch.randn(count, probe.router_weight.shape[1], generator=torch.Generator().manual_seed(1))
+
+
+@contextmanager
+def capturing(
+    model: torch.nn.Module, probes: list, gradients: tuple[str, ...] = ("exact",)
+) -> Iterator[None]:
+    """The probes capture and the model runs STGC's experts; afterwards the probes are removed and the
+    model's own experts implementation restored."""
+    previous = use_stgc_experts(model)
+    try:
+        for probe in probes:
+            probe.start(capturing=True, gradients=gradients)
+        yield
+    finally:
+        for probe in probes:
+            probe.start(False)
+            probe.remove()
+        restore_experts(previous)
+
+
+def logits_and_grads(
+    model: torch.nn.Module, ids: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The LM loss's logits and every parameter's gradient on `ids`."""
+    model.zero_grad()
+    output = model(input_ids=ids, labels=ids)
+    output.loss.backward()
+    return output.logits.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
+
+
+def assert_same_logits_and_grads(ours: tuple, reference: tuple) -> None:
+    torch.testing.assert_close(ours[0], reference[0])
+    assert ours[1].keys() == reference[1].keys()
+    for name, grad in reference[1].items():
+        torch.testing.assert_close(ours[1][name], grad, msg=name)
 
 
 def test_the_rule_picks_the_routers_own_experts(family) -> None:
@@ -75,20 +115,12 @@ def test_a_rule_that_does_not_pick_the_routers_experts_is_refused(family) -> Non
         pytest.skip("Llama 4's rule is built into its probe, which reads the router's own scores")
     for probe in probes:
         probe.rule = SOFTMAX  # what STGC applied to every router before the rules
-    previous = use_stgc_experts(model)
-    try:
-        for probe in probes:
-            probe.start(capturing=True)
+    with capturing(model, probes):
         ids = torch.randint(3, IMAGE - 4, (2, 24), generator=torch.Generator().manual_seed(2))
         model(input_ids=ids)
         with pytest.raises(ValueError, match="picks the router's experts for only"):
             for probe in probes:
                 probe.verify_rule()
-    finally:
-        for probe in probes:
-            probe.start(False)
-            probe.remove()
-        restore_experts(previous)
 
 
 def test_ernies_text_and_vision_experts_are_probed_apart_at_their_own_positions() -> None:
@@ -99,10 +131,7 @@ def test_ernies_text_and_vision_experts_are_probed_apart_at_their_own_positions(
     ids = torch.randint(3, IMAGE - 4, (2, 12), generator=torch.Generator().manual_seed(3))
     types = torch.zeros_like(ids)
     types[:, 3:7] = 1  # what the processor marks as vision tokens
-    previous = use_stgc_experts(model)
-    try:
-        for probe in probes:
-            probe.start(capturing=True)
+    with capturing(model, probes):
         model(input_ids=ids, moe_mm_token_type_ids=types)
         for probe in probes:
             vision = probe.name.endswith("vision_moe")
@@ -110,37 +139,17 @@ def test_ernies_text_and_vision_experts_are_probed_apart_at_their_own_positions(
             expected = (types.reshape(-1).bool() == vision).nonzero().squeeze(1)
             assert torch.equal(routing.positions, expected), probe.name
             assert (routing.modality == MODALITIES["image" if vision else "text"]).all()
-    finally:
-        for probe in probes:
-            probe.start(False)
-            probe.remove()
-        restore_experts(previous)
 
 
 def test_llama4s_experts_under_the_probe_give_transformers_own_logits_and_gradients() -> None:
     torch.manual_seed(0)
     model = FAMILIES["llama4"][0]().double()
     ids = torch.randint(3, IMAGE - 4, (2, 12), generator=torch.Generator().manual_seed(4))
-
-    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.zero_grad()
-        output = model(input_ids=ids, labels=ids)
-        output.loss.backward()
-        return output.logits.detach(), {
-            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
-        }
-
-    logits, grads = run()  # transformers' own dense experts
+    reference = logits_and_grads(model, ids)  # transformers' own dense experts
     probes = find_moe_probes(model)
     assert len(probes) == 2 and all(probe.rule.scores == "sigmoid" for probe in probes)
-    try:
-        for probe in probes:
-            probe.start(capturing=True, gradients=("exact", "output"))
-        ours, our_grads = run()
-        torch.testing.assert_close(ours, logits)
-        assert our_grads.keys() == grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(our_grads[name], grad, msg=name)
+    with capturing(model, probes, gradients=("exact", "output")):
+        assert_same_logits_and_grads(logits_and_grads(model, ids), reference)
         for probe in probes:  # each expert's tokens are those the router chose for it
             routing = probe.routing()
             _, chosen = routed(router_of(model, probe.router_weight), routing.router_input)
@@ -149,10 +158,6 @@ def test_llama4s_experts_under_the_probe_give_transformers_own_logits_and_gradie
             for gradient in ("exact", "output"):
                 conflicts = probe.conflicts(gradient, "all")
                 assert conflicts.has_grad.any() and torch.isfinite(conflicts.cosine).all()
-    finally:
-        for probe in probes:
-            probe.start(False)
-            probe.remove()
     assert "forward" not in vars(probes[0]._experts)  # transformers' own forward again
 
 
@@ -178,29 +183,9 @@ def test_the_stgc_experts_give_transformers_own_logits_and_gradients(name) -> No
     torch.manual_seed(0)
     model = FAMILIES[name][0]().double()
     ids = torch.randint(3, IMAGE - 4, (2, 12), generator=torch.Generator().manual_seed(5))
-
-    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.zero_grad()
-        output = model(input_ids=ids, labels=ids)
-        output.loss.backward()
-        return output.logits.detach(), {
-            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
-        }
-
     model.set_experts_implementation("eager")  # transformers' own loop (grouped_mm takes no float64)
-    logits, grads = run()
+    reference = logits_and_grads(model, ids)
     probes = find_moe_probes(model)
-    previous = use_stgc_experts(model)
-    try:
-        for probe in probes:
-            probe.start(capturing=True, gradients=("exact", "output"))
-        ours, our_grads = run()
-    finally:
-        for probe in probes:
-            probe.start(False)
-            probe.remove()
-        restore_experts(previous)
-    torch.testing.assert_close(ours, logits)
-    assert our_grads.keys() == grads.keys()
-    for key, grad in grads.items():
-        torch.testing.assert_close(our_grads[key], grad, msg=key)
+    with capturing(model, probes, gradients=("exact", "output")):
+        ours = logits_and_grads(model, ids)
+    assert_same_logits_and_grads(ours, reference)
