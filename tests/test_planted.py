@@ -10,10 +10,11 @@ import torch
 
 from stgc.method.probes import LayerConflicts, LayerRouting
 from stgc.method.selection import SelectionStep
-from stgc_experiments.planted.meter import BINS, VARIANTS, roc_auc
+from stgc_experiments.planted.meter import BINS, roc_auc
 from stgc_experiments.planted.oracle import OracleSelection
 from stgc_experiments.planted.task import CLASSES, Cell, CellTruth, Task, planted_conflicts
 from support.fit import ENV, ROOT
+from support.planted import assert_arms_complete
 
 # Eight assignments over three experts. Expert 0: families 0, 0, 1 (majority 0: the 1 is planted);
 # expert 1: families 2, 3, 3, and a family-2 token without a gradient (majority 3: the 2 is planted);
@@ -136,23 +137,7 @@ def test_quick_benchmark_writes_runs_summary_table_and_figures(tmp_path) -> None
     assert set(summary["cells"]) == {"share0.2_e4_k2_f3", "flip_share0.2_e4_k2_f3"}
     assert summary["settings"] == [summary["chosen"]]
     for cell in summary["cells"].values():
-        arms = cell["settings"][summary["chosen"]]
-        assert set(arms) == {"baseline", "stgc", "random", "oracle"}
-        for role, arm in arms.items():
-            assert arm["seeds"] == [0, 1]
-            for key in (
-                "detection_auc",
-                "precision",
-                "recall",
-                "reroute_rate_planted",
-                "reroute_rate_other",
-                "metric",
-            ):
-                assert key in arm
-            assert set(arm["detection"]) == set(VARIANTS)
-            deltas = ("delta_vs_baseline",) + (("delta_vs_random",) if role != "baseline" else ())
-            for key in deltas:
-                assert set(arm[key]) == {"mean", "low", "high", "seeds"}, (role, key)
+        assert_arms_complete(cell["settings"][summary["chosen"]], seeds=[0, 1])
     run = json.loads((out / "runs" / "share0.2_e4_k2_f3" / "baseline" / "seed0.json").read_text())
     assert run["threads"] == 1 and len(run["correct"]) == 512 and len(run["planted_rate_curve"]) == 12
     screen = json.loads((out / "screen.json").read_text())

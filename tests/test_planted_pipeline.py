@@ -11,7 +11,6 @@ from torchvision.transforms.functional import to_tensor
 
 from stgc.constants import IGNORE_INDEX
 from stgc.data import InstructionDataModule
-from stgc_experiments.planted.meter import VARIANTS
 from stgc_experiments.planted.questions import (
     BASE_PREFIX,
     CUE,
@@ -21,6 +20,7 @@ from stgc_experiments.planted.questions import (
     planted_split,
 )
 from support.fit import ENV, ROOT
+from support.planted import assert_arms_complete
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +102,7 @@ def test_quick_pipeline_writes_runs_summary_and_figures(tmp_path) -> None:
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     (cell,) = summary["cells"].values()
-    arms = cell["settings"][summary["chosen"]]
-    assert set(arms) == {"baseline", "stgc", "random", "oracle"}
-    for arm in arms.values():
-        assert arm["seeds"] == [0] and set(arm["detection"]) == set(VARIANTS)
-        for key in (
-            "detection_auc",
-            "precision",
-            "recall",
-            "reroute_rate_planted",
-            "reroute_rate_other",
-            "metric",
-        ):
-            assert key in arm
+    assert_arms_complete(cell["settings"][summary["chosen"]], seeds=[0])
     run = json.loads((out / "runs" / "easy_vqa_share0.2" / "baseline" / "seed0.json").read_text())
     assert set(run["family_accuracy"]) >= {"overall", "yes_no", PLANTED} and run["steps"] == 3
     assert len(run["correct"]) == len(run["questions"]) > 0 and 0 <= run["planted_split"] <= 1
