@@ -91,17 +91,27 @@ TOP_K, EXPERTS = 2, 4
 GIB = 2**30
 
 
-def counts(config: dict) -> dict[str, int]:
-    """Exact parameter counts of the upcycled LM (meta device) plus the vision tower and projector."""
+def on_meta(auto_class: type, config: dict) -> torch.nn.Module:
+    """The model of a config dict (with its `model_type`) built on the meta device: no memory, no download."""
     config = dict(config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+        return auto_class.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+
+
+def numel(parameters) -> int:
+    return sum(p.numel() for p in parameters)
+
+
+def counts(config: dict) -> dict[str, int]:
+    """Exact parameter counts of the upcycled LM (meta device) plus the vision tower and projector."""
+    model = on_meta(AutoModelForCausalLM, config)
+    with torch.device("meta"):
         upcycle(model, num_experts=EXPERTS, top_k=TOP_K, layers="every_other")
     hidden = config["hidden_size"]
     projector = 1024 * hidden + hidden + hidden * hidden + hidden  # mlp2x_gelu from ViT-L's 1024
-    trained = sum(p.numel() for layer in moe_layers(model).values() for p in layer.parameters())
-    largest_layer = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model))
-    total = sum(p.numel() for p in model.parameters()) + VISION_PARAMS + projector
+    trained = numel(p for layer in moe_layers(model).values() for p in layer.parameters())
+    largest_layer = max(numel(layer.parameters()) for layer in decoder_layers(model))
+    total = numel(model.parameters()) + VISION_PARAMS + projector
     mlps = [(TOP_K if i % 2 else 1, config["intermediate_size"]) for i in range(config["num_hidden_layers"])]
     return {
         "total": total,
@@ -114,18 +124,14 @@ def counts(config: dict) -> dict[str, int]:
 
 def vlm_counts(config: dict) -> dict:
     """Exact parameter counts of a transformers MoE VLM (meta device), its experts and routers trained."""
-    config = dict(config)
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(
-            AutoConfig.for_model(config.pop("model_type"), **config)
-        )
+    model = on_meta(AutoModelForImageTextToText, config)
     groups = parameter_groups(model)
     text = config["text_config"]
     layers = model.model.language_model.layers
     return {
-        "total": sum(p.numel() for p in model.parameters()),
-        "trained": sum(p.numel() for p in groups["experts"] + groups["routers"]),
-        "largest_layer": max(sum(p.numel() for p in layer.parameters()) for layer in layers),
+        "total": numel(model.parameters()),
+        "trained": numel(groups["experts"] + groups["routers"]),
+        "largest_layer": max(numel(layer.parameters()) for layer in layers),
         "hidden": text["hidden_size"],
         "mlps": [(text["num_experts_per_tok"], text["moe_intermediate_size"])] * len(layers),
     }
