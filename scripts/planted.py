@@ -104,13 +104,7 @@ def write_report(out: Path, chosen: str, center: Cell) -> dict:
         "cosine (exact/all) against the ground truth, over every step of the run. Construction and ground",
         "truth: [docs/planted.md](../../docs/planted.md).",
         "",
-        *report.tallies(summary),
-        "",
-        report.table(summary),
-        "",
-        "Detection by cosine variant (AUC / precision / recall), baseline arm:",
-        "",
-        *report.variant_table(summary),
+        *report.results_body(summary),
     ]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     report.regime_map(summary, center.name, out / "regime_map.png")

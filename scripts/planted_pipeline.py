@@ -67,13 +67,7 @@ def write_report(out: Path, chosen: str, cell: Questions) -> dict:
         "and recall: STGC's own cosine (exact/all) against the ground truth (the yes/no records' decision "
         "positions), over every step. Construction: [docs/planted.md](../../../docs/planted.md#the-pipeline-level).",
         "",
-        *report.tallies(summary),
-        "",
-        report.table(summary),
-        "",
-        "Detection by cosine variant (AUC / precision / recall), baseline arm:",
-        "",
-        *report.variant_table(summary),
+        *report.results_body(summary),
         "",
         *arm_table(out, cell),
     ]

@@ -173,6 +173,19 @@ def tallies(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def results_body(summary: dict[str, Any]) -> list[str]:
+    """results.md's common part: the tallies, the table of every cell and arm, detection by variant."""
+    return [
+        *tallies(summary),
+        "",
+        table(summary),
+        "",
+        "Detection by cosine variant (AUC / precision / recall), baseline arm:",
+        "",
+        *variant_table(summary),
+    ]
+
+
 def variant_table(summary: dict[str, Any]) -> list[str]:
     """Per cell, the baseline arm's detection by every cosine variant: AUC / precision / recall."""
     lines = ["| cell | " + " | ".join(VARIANTS) + " |", "| --- |" + " --- |" * len(VARIANTS)]
