@@ -171,33 +171,44 @@ def test_validation_scores_the_answers_that_greedy_generation_gives(vlm_data) ->
 
 
 # -- the console script ---------------------------------------------------------------------------
+# a fit's budget: 3 steps, τ = 0 (where a tiny random model has conflicts)
+FIT_STEPS = ("--trainer.max_steps=3", "--trainer.limit_train_batches=3", "--trainer.callbacks.threshold=0.0")
+
+
+def tiny_vlm_args(family: str, config: str, easy_vqa_dir, root, records: int = 36) -> list[str]:
+    """`stgc` arguments of a tiny VLM config on `records` easy-vqa records (one val batch), its processor
+    written under `root`, its logs there too."""
+    files = [easy_vqa_dir / "instruct_train.json", easy_vqa_dir / "instruct_test.json"]
+    return [
+        "-c", "configs/trainer.yaml", "-c", config,
+        f"--model.init_args.processor={save_processor(family, files, root / 'processor')}",
+        f"--data.init_args.train_json={files[0]}", f"--data.init_args.test_json={files[1]}",
+        f"--data.init_args.image_folder={easy_vqa_dir / 'images'}",
+        f"--data.init_args.limit_records={records}", "--data.init_args.val_fraction=0.2",
+        "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={root}",
+    ]  # fmt: skip
+
+
+def logged_tags(folder) -> set[str]:
+    return set(EventAccumulator(str(folder)).Reload().Tags()["scalars"])
+
+
 @pytest.fixture(scope="module")
 def vlm_fit(easy_vqa_dir, tmp_path_factory) -> dict:
     """`stgc fit` of the tiny Qwen3-VL-MoE with STGC on 36 easy-vqa records (3 steps, one val batch)."""
     root = tmp_path_factory.mktemp("vlm_fit")
-    files = [easy_vqa_dir / "instruct_train.json", easy_vqa_dir / "instruct_test.json"]
-    args = [
-        "-c", "configs/trainer.yaml", "-c", CONFIG,
-        f"--model.init_args.processor={save_processor('qwen3_vl_moe', files, root / 'processor')}",
-        f"--data.init_args.train_json={files[0]}", f"--data.init_args.test_json={files[1]}",
-        f"--data.init_args.image_folder={easy_vqa_dir / 'images'}",
-        "--data.init_args.limit_records=36", "--data.init_args.val_fraction=0.2",
-        "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={root}",
-    ]  # fmt: skip
-    fit = stgc("fit", *args, "--trainer.max_steps=3", "--trainer.limit_train_batches=3",
-               "--trainer.callbacks.threshold=0.0")  # fmt: skip
+    args = tiny_vlm_args("qwen3_vl_moe", CONFIG, easy_vqa_dir, root)
+    fit = stgc("fit", *args, *FIT_STEPS)
     folder = root / "vlm" / "qwen3_vl_moe_tiny_stgc"
     return {"args": args, "fit": fit, "folder": folder, "processor": root / "processor"}
 
 
 def test_fit_logs_image_and_text_conflicts(vlm_fit) -> None:
     assert vlm_fit["fit"].returncode == 0, vlm_fit["fit"].stderr[-3000:]
-    tags = set(EventAccumulator(str(vlm_fit["folder"])).Reload().Tags()["scalars"])
+    tags = logged_tags(vlm_fit["folder"])
     assert {metric(CONFLICT_RATIO_IMAGE), metric(CONFLICT_RATIO_TEXT), "train/loss", "val/vqa_acc"} <= tags
-    assert {
-        "train/aux_loss",
-        "train/lm_loss",
-    } <= tags  # the model's load-balancing loss (router_aux_loss_coef)
+    # the model's own load-balancing loss (router_aux_loss_coef)
+    assert {"train/aux_loss", "train/lm_loss"} <= tags
 
 
 @pytest.mark.slow
@@ -205,7 +216,7 @@ def test_validate_of_the_checkpoint_logs_vqa_accuracy(vlm_fit) -> None:
     checkpoint = vlm_fit["folder"] / "checkpoints" / "last.ckpt"
     result = stgc("validate", *vlm_fit["args"], f"--ckpt_path={checkpoint}")
     assert result.returncode == 0, result.stderr[-3000:]
-    tags = EventAccumulator(str(vlm_fit["folder"] / "validate")).Reload().Tags()["scalars"]
+    tags = logged_tags(vlm_fit["folder"] / "validate")
     assert {"val/vqa_acc", "val/vqa_acc_shape", "val/vqa_acc_color", "val/vqa_acc_yes_no"} <= set(tags)
 
 
@@ -266,7 +277,7 @@ def test_the_30b_recipe_runs_on_a_tiny_stand_in_checkpoint(vlm_fit, easy_vqa_dir
         f"--trainer.logger.init_args.save_dir={tmp_path}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    tags = set(EventAccumulator(str(tmp_path / "vlm" / "qwen3_vl_30b_a3b_stgc")).Reload().Tags()["scalars"])
+    tags = logged_tags(tmp_path / "vlm" / "qwen3_vl_30b_a3b_stgc")
     assert {metric(CONFLICT_RATIO_TEXT), "train/loss", "val/vqa_acc"} <= tags
 
 
@@ -274,18 +285,10 @@ def test_the_30b_recipe_runs_on_a_tiny_stand_in_checkpoint(vlm_fit, easy_vqa_dir
 def test_glm4v_moe_fits_and_logs_image_and_text_conflicts(easy_vqa_dir, tmp_path) -> None:
     """GLM-4.5V (Glm4vProcessor; a sigmoid router with a correction bias, group-limited top-k and a
     shared expert) through the same module, DataModule and console script."""
-    files = [easy_vqa_dir / "instruct_train.json", easy_vqa_dir / "instruct_test.json"]
-    fit = stgc(
-        "fit", "-c", "configs/trainer.yaml", "-c", "configs/vlm/glm4v_moe_tiny.yaml",
-        f"--model.init_args.processor={save_processor('glm4v_moe', files, tmp_path / 'processor')}",
-        f"--data.init_args.train_json={files[0]}", f"--data.init_args.test_json={files[1]}",
-        f"--data.init_args.image_folder={easy_vqa_dir / 'images'}", "--data.init_args.limit_records=36",
-        "--data.init_args.val_fraction=0.2", "--trainer.limit_val_batches=1", "--trainer.max_steps=3",
-        "--trainer.limit_train_batches=3", "--trainer.callbacks.threshold=0.0",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-    )  # fmt: skip
+    args = tiny_vlm_args("glm4v_moe", "configs/vlm/glm4v_moe_tiny.yaml", easy_vqa_dir, tmp_path)
+    fit = stgc("fit", *args, *FIT_STEPS)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    tags = set(EventAccumulator(str(tmp_path / "vlm" / "glm4v_moe_tiny_stgc")).Reload().Tags()["scalars"])
+    tags = logged_tags(tmp_path / "vlm" / "glm4v_moe_tiny_stgc")
     assert {metric(CONFLICT_RATIO_IMAGE), metric(CONFLICT_RATIO_TEXT), "train/loss", "val/vqa_acc"} <= tags
 
 
@@ -294,17 +297,14 @@ def test_glm4v_moe_fits_and_logs_image_and_text_conflicts(easy_vqa_dir, tmp_path
 def test_stgc_fit_on_two_processes(strategy, easy_vqa_dir, tmp_path) -> None:
     """The tiny Qwen3-VL-MoE with STGC under configs/trainer/<strategy>.yaml on 2 CPU processes (FSDP2:
     each decoder layer and vision block sharded, stgc.vlm's configure_model)."""
-    files = [easy_vqa_dir / "instruct_train.json", easy_vqa_dir / "instruct_test.json"]
-    fit = stgc(
-        "fit", "-c", "configs/trainer.yaml", "-c", CONFIG, "-c", f"configs/trainer/{strategy}.yaml",
-        "--trainer.accelerator=cpu", "--trainer.devices=2",
-        f"--model.init_args.processor={save_processor('qwen3_vl_moe', files, tmp_path / 'processor')}",
-        f"--data.init_args.train_json={files[0]}", f"--data.init_args.test_json={files[1]}",
-        f"--data.init_args.image_folder={easy_vqa_dir / 'images'}", "--data.init_args.limit_records=48",
-        "--data.init_args.val_fraction=0.2", "--trainer.limit_val_batches=1", "--trainer.max_steps=3",
-        "--trainer.limit_train_batches=3", "--trainer.callbacks.threshold=0.0",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-    )  # fmt: skip
+    args = tiny_vlm_args("qwen3_vl_moe", CONFIG, easy_vqa_dir, tmp_path, records=48)
+    strategy_args = [
+        "-c",
+        f"configs/trainer/{strategy}.yaml",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+    ]
+    fit = stgc("fit", *args, *strategy_args, *FIT_STEPS)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    tags = set(EventAccumulator(str(tmp_path / "vlm" / "qwen3_vl_moe_tiny_stgc")).Reload().Tags()["scalars"])
+    tags = logged_tags(tmp_path / "vlm" / "qwen3_vl_moe_tiny_stgc")
     assert {metric(CONFLICT_RATIO_IMAGE), metric(CONFLICT_RATIO_TEXT), "val/vqa_acc"} <= tags
