@@ -69,13 +69,14 @@ class PlantedMeter(L.Callback):
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         probes = [probe for probe in self.stgc.method.probes if probe.capturing]
         self._pending = []
+        sides = self.truth.sides(self._batch)  # (B*T,): once for every layer and variant
         for probe in probes:
             routing = probe.routing()
             truth = None
             for variant in VARIANTS:
                 gradient, mean = variant.split("/")
                 conflicts = probe.conflicts(gradient, mean)
-                labelled, planted = self.truth.label(self._batch, conflicts, routing)  # (S,) each
+                labelled, planted = self.truth.label(sides, conflicts, routing)  # (S,) each
                 flagged = labelled & (conflicts.cosine < self.stgc.method.settings.threshold)
                 self._count(variant, conflicts.cosine, labelled, planted, flagged)
                 if variant == f"{self.stgc.method.settings.gradient}/{self.stgc.method.settings.mean}":

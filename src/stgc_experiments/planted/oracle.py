@@ -19,8 +19,8 @@ class OracleSelection(Selection):
         self, layers: list[LayerConflicts], flagged: list[Tensor], step: SelectionStep
     ) -> list[Tensor]:
         generator = torch.Generator(flagged[0].device).manual_seed(step.seed)
-        chosen = []
+        chosen, sides = [], self.truth.sides(step.batch)  # (B*T,)
         for conflicts, mask, routing in zip(layers, flagged, step.routings, strict=True):
-            _, planted = self.truth.label(step.batch, conflicts, routing)
+            _, planted = self.truth.label(sides, conflicts, routing)
             chosen.append(random_like(mask, planted, generator) & planted)
         return chosen

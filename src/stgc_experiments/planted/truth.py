@@ -29,10 +29,10 @@ class GroundTruth(ABC):
     def token_ids(self, batch: Any) -> Tensor:
         """(B*T,) long: an id of each position's token, the same at every visit (>= 0 where labelled)."""
 
-    def label(self, batch: Any, conflicts: LayerConflicts, routing: LayerRouting) -> tuple[Tensor, Tensor]:
+    def label(self, sides: Tensor, conflicts: LayerConflicts, routing: LayerRouting) -> tuple[Tensor, Tensor]:
         """(S,) bool `labelled` (with a gradient and a side) and (S,) bool `planted` (⊆ labelled) of one
-        layer's assignments."""
-        side = self.sides(batch).index_select(0, flat_positions(conflicts.rows, routing.positions))  # (S,)
+        layer's assignments; `sides`: the micro-batch's (B*T,), `self.sides(batch)` computed once for all."""
+        side = sides.index_select(0, flat_positions(conflicts.rows, routing.positions))  # (S,)
         labelled = conflicts.has_grad & (side >= 0)
         num_experts = len(routing.expert_rows)
         return labelled, minority(side, conflicts.expert, labelled, num_experts, self.num_sides)
