@@ -26,6 +26,7 @@ from stgc.moe.upcycle import decoder_layers
 from stgc.optim import SkipsBadSteps
 from stgc.report.figures import as_display_image, conflict_figure, token_grid
 from stgc.report.layout import write_custom_scalars
+from stgc.trainable import check_groups, train_only
 
 PARAMETER_GROUPS = ("vision_tower", "projector", "lm", "experts", "routers", "dense_mlps")
 
@@ -61,11 +62,7 @@ class LVLMModule(VQAEvaluation, SkipsBadSteps, KeepsRNGState):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        unknown = sorted(set(trainable) - set(PARAMETER_GROUPS))
-        if unknown:
-            raise ValueError(
-                f"trainable={list(trainable)}: unknown groups {unknown}; choose from {PARAMETER_GROUPS}"
-            )
+        check_groups(trainable, PARAMETER_GROUPS)  # before the model is built
         self.tokenizer = load_tokenizer(tokenizer)
         vision_tower = VisionTower(
             vision_model, vision_pretrained, vision_feature_layer, vision_select_feature, vision_token_pool
@@ -86,7 +83,7 @@ class LVLMModule(VQAEvaluation, SkipsBadSteps, KeepsRNGState):
             if moe is not None:
                 upcycle(self.model.language_model, **moe)
             self._load(state_dict, init_from)
-        self._freeze_all_but(trainable)
+        train_only(self.model, parameter_groups(self.model), trainable, "(is `moe` set?)")
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.model.language_model)
         self.val_loss = MeanMetric()
@@ -109,15 +106,6 @@ class LVLMModule(VQAEvaluation, SkipsBadSteps, KeepsRNGState):
             raise ValueError(
                 f"init_from={path!r} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-
-    def _freeze_all_but(self, trainable: Sequence[str]) -> None:
-        groups = parameter_groups(self.model)
-        self.model.requires_grad_(False)
-        for group in trainable:
-            if not groups[group]:
-                raise ValueError(f"trainable group {group!r} has no parameters (is `moe` set?)")
-            for parameter in groups[group]:
-                parameter.requires_grad_(True)
 
     def configure_model(self) -> None:
         """Under ModelParallelStrategy (FSDP2): shard the model over the data-parallel mesh."""

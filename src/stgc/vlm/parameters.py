@@ -6,8 +6,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from stgc.method.hf_experts import is_hf_experts
+from stgc.trainable import train_only
 
-PARAMETER_GROUPS = ("vision_tower", "projector", "lm", "experts", "routers")
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # Qwen-VL, LLaVA-style, Idefics-style
 PROJECTORS = ("merger", "deepstack_merger_list", "multi_modal_projector")  # Qwen-VL's (in the tower), LLaVA's
 ROUTERS = ("gate", "router")  # the MoE block's child beside its experts
@@ -32,18 +32,7 @@ def parameter_groups(model: PreTrainedModel) -> dict[str, list[nn.Parameter]]:
 
 def freeze_all_but(model: PreTrainedModel, trainable: Sequence[str]) -> None:
     """Only the parameters of the `trainable` groups train; a group that names none is an error."""
-    unknown = sorted(set(trainable) - set(PARAMETER_GROUPS))
-    if unknown:
-        raise ValueError(
-            f"trainable={list(trainable)}: unknown groups {unknown}; choose from {PARAMETER_GROUPS}"
-        )
-    groups = parameter_groups(model)
-    model.requires_grad_(False)
-    for group in trainable:
-        if not groups[group]:
-            raise ValueError(f"trainable group {group!r} has no parameters in {type(model).__name__}")
-        for parameter in groups[group]:
-            parameter.requires_grad_(True)
+    train_only(model, parameter_groups(model), trainable, f"in {type(model).__name__}")
 
 
 def _first_child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
