@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stgc.method.loss import conflict_elimination_loss
+from stgc.method.loss import conflict_elimination_loss, conflict_elimination_losses
 
 
 def test_unlikelihood_is_minus_log_one_minus_p_over_pairs() -> None:
@@ -126,3 +126,48 @@ def test_sigmoid_forms_move_only_the_conflicting_experts_logit_down(loss_type) -
     mask = torch.zeros(6, 5, dtype=torch.bool)
     mask[rows, experts] = True
     assert (logits.grad[mask] > 0).all() and (logits.grad[~mask] == 0).all()
+
+
+def _direct(logits, rows, experts, flagged, loss_type: str, scores: str) -> torch.Tensor:
+    """One layer's CEL from its formula (the module docstring), on the flagged pairs only."""
+    rows, experts = rows[flagged], experts[flagged]
+    num_tokens, num_experts = logits.shape
+    if loss_type == "negated_logits":
+        z = logits[rows.unique()]
+        if scores == "sigmoid":
+            q, s = torch.sigmoid(-z).detach(), torch.sigmoid(z)  # the target: stopgrad
+            return -(q * s.log() + (1 - q) * (1 - s).log()).sum(-1).mean() if len(z) else z.sum()
+        return (
+            -(torch.softmax(-z, -1).detach() * torch.log_softmax(z, -1)).sum(-1).mean() if len(z) else z.sum()
+        )
+    score = logits.sigmoid() if scores == "sigmoid" else logits.softmax(-1)
+    if loss_type == "negated_logits_per_expert":
+        if scores == "sigmoid":
+            return -torch.log(1 - score[rows, experts]).sum() / (num_experts * num_tokens)
+        return -torch.log(torch.softmax(-logits, -1)[rows, experts]).sum() / (num_experts * num_tokens)
+    chosen = -torch.log(1 - score[rows, experts])
+    return chosen.mean() if len(chosen) else chosen.sum()
+
+
+@pytest.mark.parametrize("scores", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("loss_type", ["negated_logits", "negated_logits_per_expert", "unlikelihood"])
+def test_the_layers_cel_in_one_pass_is_each_layers_own(loss_type, scores) -> None:
+    """Layers of different token counts, one with nothing flagged: each value is its own layer's formula,
+    and the gradient reaches each layer's logits as that layer's own loss sends it."""
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for num_tokens, num_pairs, share in ((7, 10, 0.5), (3, 4, 0.0), (11, 15, 0.7)):
+        logits = torch.randn(num_tokens, 5, dtype=torch.float64, generator=generator).requires_grad_()
+        rows = torch.randint(num_tokens, (num_pairs,), generator=generator)
+        experts = torch.randint(5, (num_pairs,), generator=generator)
+        flagged = torch.rand(num_pairs, generator=generator) < share
+        layers.append((logits, rows, experts, flagged))
+    logits, rows, experts, flagged = zip(*layers, strict=True)
+    losses = conflict_elimination_losses(logits, rows, experts, loss_type, flagged, scores)
+    expected = torch.stack([_direct(*layer, loss_type, scores) for layer in layers])
+    torch.testing.assert_close(losses, expected)
+    assert losses[1] == 0
+    grads = torch.autograd.grad(losses.sum(), logits)
+    for layer_logits, grad, want in zip(logits, grads, expected, strict=True):
+        (own,) = torch.autograd.grad(want, layer_logits, allow_unused=True, materialize_grads=True)
+        torch.testing.assert_close(grad, own)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stgc.callback import STGC
+from stgc.constants import MODALITIES
 from stgc.method import diagnostics
 from stgc.method.diagnostics import expert_drift, pearson, pearson_sums, reroute_metrics, reroute_sums
 from stgc.method.loss import conflict_elimination_loss
@@ -427,3 +428,39 @@ def test_conflict_picture_compares_the_fixed_sample_with_the_batch_and_leaves_tr
     for with_picture, without in zip(seen["grads"], plain_seen["grads"], strict=True):
         assert torch.equal(with_picture, without)
     assert torch.equal(seen["rng"], plain_seen["rng"])
+
+
+def test_stats_of_all_layers_in_one_pass_are_each_layers_own_sums() -> None:
+    """Layers of different sizes, with and without modality and norms: every field equals the sums taken
+    directly over that layer's assignments."""
+    generator = torch.Generator().manual_seed(0)
+    layers, flags = [], []
+    for size, modality, with_norms in ((9, True, True), (4, False, False), (12, True, False)):
+        conflicts = LayerConflicts(
+            torch.rand(size, generator=generator) * 2 - 1, torch.arange(size),
+            torch.randint(3, (size,), generator=generator), torch.rand(size, generator=generator) > 0.2,
+            torch.randint(2, (size,), generator=generator) if modality else None, torch.tensor(True),
+        )  # fmt: skip
+        conflicts.sqnorm = torch.rand(size, generator=generator) if with_norms else None
+        layers.append(conflicts)
+        flags.append(conflicts.has_grad & (conflicts.cosine < 0))
+    losses = [torch.tensor(float(i)) for i in range(3)]
+    all_stats = LayerStats.of_layers(layers, flags, losses, 4)
+    for stats, c, flagged, loss in zip(all_stats, layers, flags, losses, strict=True):
+        valid = c.has_grad
+        norms = torch.ones(len(valid)) if c.sqnorm is None else c.sqnorm
+        for e in range(4):
+            assert stats.assignments[e] == (valid & (c.expert == e)).sum()
+            assert stats.conflicts[e] == (flagged & (c.expert == e)).sum()
+        assert float(stats.cosine) == pytest.approx(float(c.cosine[valid].sum()))
+        assert float(stats.cosine_sq) == pytest.approx(float(c.cosine[valid].square().sum()))
+        null = sum(
+            float(norms[i].sqrt() / norms[valid & (c.expert == c.expert[i])].sum().sqrt())
+            for i in range(len(valid)) if valid[i]
+        )  # fmt: skip
+        assert float(stats.cosine_null) == pytest.approx(null)
+        for name, value in MODALITIES.items():
+            is_modality = torch.zeros_like(valid) if c.modality is None else c.modality == value
+            assert getattr(stats, name) == (valid & is_modality).sum()
+            assert getattr(stats, f"{name}_conflicts") == (flagged & is_modality).sum()
+        assert stats.cel_loss == loss

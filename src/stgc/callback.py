@@ -19,7 +19,7 @@ from stgc.method.modality import TokenModality
 from stgc.method.probes import SparseMoEProbe
 from stgc.report.layout import write_custom_scalars
 from stgc.report.picture import ConflictPictureData, ConflictPictureModel
-from stgc.report.tensorboard import write_conflict_images
+from stgc.report.tensorboard import write_conflict_images, write_scalars
 
 REFUSED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy)  # FSDP2 (ModelParallelStrategy) is supported
 
@@ -205,15 +205,19 @@ class STGC(L.Callback):
     def _log(trainer: L.Trainer, metrics: dict[str, Tensor]) -> None:
         """Straight to the loggers, as Lightning's LearningRateMonitor does, with one host sync for all
         values (`LightningModule.log` costs ~0.2 ms a metric, and there are a few per layer and expert),
-        and into `trainer.callback_metrics`."""
+        TensorBoard's as one event; and into `trainer.callback_metrics`."""
         if not metrics:
             return
         trainer.callback_metrics.update(metrics)
         if trainer.loggers and trainer.is_global_zero:
             values = torch.stack([value.detach().float().reshape(()) for value in metrics.values()])
             scalars = dict(zip(metrics, values.tolist(), strict=True))  # the one device-to-host copy
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+                if isinstance(logger, TensorBoardLogger) and not logger._prefix:
+                    write_scalars(logger.experiment, scalars, step)
+                else:
+                    logger.log_metrics(scalars, step=step)
 
     def _conflict_picture(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
         """The module's drawing of where the DataModule's fixed sample conflicts with what this micro-batch

@@ -45,7 +45,7 @@ from stgc.method.hf_experts import (
     switch_experts,
 )
 from stgc.method.llama4 import Llama4Probe, is_llama4_moe
-from stgc.method.loss import conflict_elimination_loss
+from stgc.method.loss import conflict_elimination_losses
 from stgc.method.modality import image_token_ids, modality_of
 from stgc.method.probes import GRADIENTS, LayerConflicts, LayerProbe, SparseMoEProbe
 from stgc.method.selection import Selection, SelectionStep, selection_named
@@ -223,10 +223,7 @@ class STGCMethod:
         for parameter, router_grad in zip(parameters, router_grads, strict=True):
             add_to_grad(parameter, router_grad)  # this rank's shard of it under FSDP2
         num_experts = self.conflict_counts.shape[1]
-        stats = [
-            LayerStats.of(c, m, loss, num_experts, leave_one_out=settings.mean == "others")
-            for c, m, loss in zip(layers, conflicting, cel_losses, strict=True)
-        ]
+        stats = LayerStats.of_layers(layers, conflicting, cel_losses, num_experts, settings.mean == "others")
         self._count(stats)
         metrics = {}
         if logging:
@@ -248,30 +245,37 @@ class STGCMethod:
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Per layer the CEL value and the router logits (N, E), detached; when λ > 0 the gradients of
         `scale` · Σ_l CEL_l w.r.t. each layer's router weight (and bias) alone, in router_parameters'
-        order: one backward through the router-only graphs of all layers (zero where nothing is flagged)."""
-        losses, logits, parameters = [], [], []
+        order: one backward through the router-only graphs of all layers (zero where nothing is flagged).
+        The layers that share a number of experts and a score family compute their CEL in one pass."""
+        logits, parameters, groups = [], [], {}
         with torch.enable_grad():
-            for probe, conflicts, flagged in zip(self.probes, layers, penalised, strict=True):
+            for index, probe in enumerate(self.probes):
                 router_input = probe.routing().router_input.detach()  # (N, H)
                 with autocast_off(router_input):
                     weights = [full_tensor(p) for p in probe.router_parameters()]  # gathered under FSDP2
-                    layer_logits = probe.router_logits(router_input, *weights)  # (N, E): recomputed, tiny
-                    losses.append(
-                        conflict_elimination_loss(
-                            layer_logits,
-                            conflicts.rows,
-                            conflicts.expert,
-                            self.settings.loss_type,
-                            flagged,
-                            scores=probe.rule.scores,
-                        )  # fmt: skip
-                    )
-                logits.append(layer_logits.detach())
+                    logits.append(probe.router_logits(router_input, *weights))  # (N, E): recomputed, tiny
                 parameters += weights
+                groups.setdefault((probe.num_experts, probe.rule.scores), []).append(index)
+            losses: list[Tensor] = [None] * len(self.probes)
+            total = 0
+            for (_, scores), group in groups.items():
+                with autocast_off(logits[group[0]]):
+                    group_losses = conflict_elimination_losses(
+                        [logits[i] for i in group],
+                        [layers[i].rows for i in group],
+                        [layers[i].expert for i in group],
+                        self.settings.loss_type,
+                        [penalised[i] for i in group],
+                        scores,
+                    )
+                for i, loss in zip(group, group_losses.unbind(), strict=True):
+                    losses[i] = loss
+                total = total + group_losses.sum()
+            detached = [z.detach() for z in logits]
             if self.settings.loss_weight == 0:
-                return [loss.detach() for loss in losses], logits, []
-            grads = torch.autograd.grad(torch.stack(losses).sum() * scale, parameters)
-        return [loss.detach() for loss in losses], logits, list(grads)
+                return [loss.detach() for loss in losses], detached, []
+            grads = torch.autograd.grad(total * scale, parameters)
+        return [loss.detach() for loss in losses], detached, list(grads)
 
     @staticmethod
     def _agree_across_ranks(finite: Tensor, router_grads: list[Tensor]) -> tuple[bool, list[Tensor]]:

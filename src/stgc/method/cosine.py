@@ -62,6 +62,21 @@ def linear_gradient_terms(
     no autograd graph, since the cosines only select tokens.
     """
     _check_linear(x, delta, grad_weight, grad_bias, path)
+    dot, sqnorm = row_terms(x, delta, grad_weight, grad_bias, has_bias, path)
+    return dot, sqnorm, dot.sum()  # Σ_i ⟨g_i, G⟩ = ⟨G, G⟩
+
+
+@torch.no_grad()
+def row_terms(
+    x: Tensor,
+    delta: Tensor,
+    grad_weight: Tensor | None = None,
+    grad_bias: Tensor | None = None,
+    has_bias: bool = False,
+    path: CosinePath = "auto",
+) -> tuple[Tensor, Tensor]:
+    """`linear_gradient_terms` without its checks and ‖G‖² (the probes' hooks, which sum ‖G‖² = Σ_i ⟨g_i, G⟩
+    once per expert): ⟨g_i, G⟩ (n,) and ‖g_i‖² (n,)."""
     with autocast_off(x):  # the dtypes are chosen here, whatever autocast is doing
         bias = has_bias or grad_bias is not None
         accumulate, product = term_dtypes(x.dtype, delta.dtype)
@@ -73,17 +88,16 @@ def linear_gradient_terms(
             x, delta = x.to(product), delta.to(product)
         if _uses_gram(x.shape[0], x.shape[1], delta.shape[1], grad_weight is not None, path):
             gram = (delta @ delta.T).to(accumulate) * ((x @ x.T).to(accumulate) + bias)  # (n, n)
-            dot = gram.sum(1)  # (n,)  Σ_j δ_iᵀδ_j (x_iᵀx_j + bias)
+            return gram.sum(1), sqnorm  # Σ_j δ_iᵀδ_j (x_iᵀx_j + bias)
+        weight = delta.T @ x if grad_weight is None else grad_weight.to(product)  # (d_out, d_in)  G
+        if x.shape[1] < delta.shape[1]:  # the narrower product: δ_iᵀ G x_i = (Gᵀ δ_i)ᵀ x_i
+            dot = torch.linalg.vecdot(x.to(accumulate), (delta @ weight).to(accumulate))  # (n,) via (n, d_in)
         else:
-            weight = delta.T @ x if grad_weight is None else grad_weight.to(product)  # (d_out, d_in)  G
-            if x.shape[1] < delta.shape[1]:  # the narrower product: δ_iᵀ G x_i = (Gᵀ δ_i)ᵀ x_i
-                dot = (x.to(accumulate) * (delta @ weight).to(accumulate)).sum(1)  # (n,) via (n, d_in)
-            else:
-                dot = (delta.to(accumulate) * (x @ weight.T).to(accumulate)).sum(1)  # (n,) via (n, d_out)
-            if bias:  # + δ_iᵀ Σ_j δ_j
-                total = delta.to(accumulate).sum(0) if grad_bias is None else grad_bias.to(accumulate)
-                dot = dot + delta.to(accumulate) @ total
-        return dot, sqnorm, dot.sum()  # Σ_i ⟨g_i, G⟩ = ⟨G, G⟩
+            dot = torch.linalg.vecdot(delta.to(accumulate), (x @ weight.T).to(accumulate))  # via (n, d_out)
+        if bias:  # + δ_iᵀ Σ_j δ_j
+            total = delta.to(accumulate).sum(0) if grad_bias is None else grad_bias.to(accumulate)
+            dot = dot + delta.to(accumulate) @ total
+        return dot, sqnorm
 
 
 def term_dtypes(x_dtype: torch.dtype, delta_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:

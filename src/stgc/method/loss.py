@@ -27,11 +27,15 @@ The last two are softplus(z_{t,e}): gradient σ(z_{t,e}) > 0 on the conflicting 
 so a step lowers its score and leaves the token's other experts' scores where they were.
 """
 
+import itertools
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from stgc.method.flat import repeated
 
 LOSS_TYPES = ("negated_logits", "negated_logits_per_expert", "unlikelihood")
 
@@ -59,38 +63,74 @@ def conflict_elimination_loss(
     family, "softmax" or "sigmoid" (stgc.method.routers.RouterRule.scores). Forms: see the module.
     """
     if callable(loss_type):
-        return loss_type(
-            router_logits,
-            rows,
-            experts,
-            torch.ones_like(rows, dtype=torch.bool) if flagged is None else flagged,
+        return loss_type(router_logits, rows, experts, _all_flagged(rows) if flagged is None else flagged)
+    flags = None if flagged is None else [flagged]
+    return conflict_elimination_losses([router_logits], [rows], [experts], loss_type, flags, scores)[0]
+
+
+def conflict_elimination_losses(
+    router_logits: Sequence[Tensor],
+    rows: Sequence[Tensor],
+    experts: Sequence[Tensor],
+    loss_type: "str | LossForm" = "negated_logits",
+    flagged: Sequence[Tensor] | None = None,
+    scores: str = "softmax",
+) -> Tensor:
+    """(L,) the CEL of each of L layers that have the same number of experts and score family, each as
+    `conflict_elimination_loss` gives it, in one pass over all their pairs: the operators do not repeat
+    per layer (a model's dozens of MoE layers cost one layer's launches). Arguments: one per layer."""
+    if flagged is None:
+        flagged = [_all_flagged(r) for r in rows]
+    if callable(loss_type):  # a form of one's own is one layer's loss
+        return torch.stack(
+            [loss_type(*layer) for layer in zip(router_logits, rows, experts, flagged, strict=True)]
         )
-    dtype = router_logits.dtype
-    weights = torch.ones_like(rows, dtype=dtype) if flagged is None else flagged.to(dtype)  # (P,)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
+    logits = torch.cat(list(router_logits))  # (ΣN, E) the layers' tokens one after another
+    num_tokens = [z.shape[0] for z in router_logits]
+    starts = [0, *itertools.accumulate(num_tokens[:-1])]
+    pair_rows = torch.cat(
+        [r if start == 0 else r + start for r, start in zip(rows, starts, strict=True)]
+    )  # (P,)
+    weights = torch.cat(list(flagged)).to(logits.dtype)  # (P,)
+    layer_ids = torch.arange(len(num_tokens), device=logits.device)
+    pair_layer = repeated(layer_ids, [r.shape[0] for r in rows])  # (P,)
+    token_layer = repeated(layer_ids, num_tokens)  # (ΣN,)
+
+    def per_layer(values: Tensor, layer: Tensor) -> Tensor:  # (L,) sums of a layer's values
+        return values.new_zeros(len(num_tokens)).index_add_(0, layer, values)
+
     if loss_type == "negated_logits":
-        per_token = torch.zeros(router_logits.shape[0], dtype=weights.dtype, device=weights.device)
-        token_flagged = (per_token.index_add_(0, rows, weights) > 0).to(weights.dtype)  # (N,) once per token
+        token_flagged = (torch.zeros_like(logits[:, 0]).index_add_(0, pair_rows, weights) > 0).to(
+            logits.dtype
+        )
         if scores == "sigmoid":
-            target = torch.sigmoid(-router_logits.detach())  # (N, E)
-            per_expert = F.binary_cross_entropy_with_logits(router_logits, target, reduction="none")
-            cross_entropy = per_expert.sum(dim=-1)  # (N,)
+            target = torch.sigmoid(-logits.detach())  # (ΣN, E)
+            per_expert = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            cross_entropy = per_expert.sum(dim=-1)  # (ΣN,)
         else:
-            target = torch.softmax(-router_logits.detach(), dim=-1)  # (N, E)
-            cross_entropy = -(target * torch.log_softmax(router_logits, dim=-1)).sum(dim=-1)  # (N,)
-        return (cross_entropy * token_flagged).sum() / token_flagged.sum().clamp(min=1)
-    logits = router_logits.index_select(0, rows)  # (P, E)
+            target = torch.softmax(-logits.detach(), dim=-1)  # (ΣN, E)
+            cross_entropy = -(target * torch.log_softmax(logits, dim=-1)).sum(dim=-1)  # (ΣN,)
+        counted = per_layer(token_flagged, token_layer).clamp(min=1)  # once per token
+        return per_layer(cross_entropy * token_flagged, token_layer) / counted
+    pair_logits = logits.index_select(0, pair_rows)  # (P, E)
+    chosen = torch.cat(list(experts))[:, None]  # (P, 1)
     if scores == "sigmoid":  # both forms are softplus(z_{t,e}) = -log σ(-z_{t,e}) = -log(1 - σ(z_{t,e}))
-        softplus = F.softplus(logits.gather(1, experts[:, None])[:, 0])  # (P,)
-        if loss_type == "negated_logits_per_expert":
-            num_tokens, num_experts = router_logits.shape
-            return (softplus * weights).sum() / (num_experts * max(1, num_tokens))
-        return (softplus * weights).sum() / weights.sum().clamp(min=1)
-    if loss_type == "negated_logits_per_expert":
-        log_q = torch.log_softmax(-logits, dim=-1).gather(1, experts[:, None])[:, 0]  # (P,) log softmax(-z)_e
-        num_tokens, num_experts = router_logits.shape
-        return -(log_q * weights).sum() / (num_experts * max(1, num_tokens))
-    others = logits.scatter(1, experts[:, None], float("-inf"))  # (P, E) with z_e masked out
-    log_one_minus_p = torch.logsumexp(others, dim=-1) - torch.logsumexp(logits, dim=-1)  # log(1 - p_e)
-    return -(log_one_minus_p * weights).sum() / weights.sum().clamp(min=1)
+        per_pair = F.softplus(pair_logits.gather(1, chosen)[:, 0])  # (P,)
+    elif loss_type == "negated_logits_per_expert":
+        per_pair = -torch.log_softmax(-pair_logits, dim=-1).gather(1, chosen)[:, 0]  # (P,) -log softmax(-z)_e
+    else:
+        others = pair_logits.scatter(1, chosen, float("-inf"))  # (P, E) with z_e masked out
+        per_pair = torch.logsumexp(pair_logits, dim=-1) - torch.logsumexp(others, dim=-1)  # -log(1 - p_e)
+    total = per_layer(per_pair * weights, pair_layer)
+    if loss_type == "negated_logits_per_expert":  # over E·max(1, N), N counted on the device: no copy to it
+        return total / (
+            logits.shape[1]
+            * per_layer(torch.ones_like(token_layer, dtype=logits.dtype), token_layer).clamp(min=1)
+        )
+    return total / per_layer(weights, pair_layer).clamp(min=1)
+
+
+def _all_flagged(rows: Tensor) -> Tensor:
+    return torch.ones_like(rows, dtype=torch.bool)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from stgc.method.cosine import cosine_from_terms, leave_one_out_cosine, linear_gradient_terms
+from stgc.method.cosine import cosine_from_terms, leave_one_out_cosine, row_terms
 from stgc.method.distributed import full_tensor, is_sharded
+from stgc.method.flat import repeated
 from stgc.method.routers import SOFTMAX
 from stgc.method.tracing import traced
 from stgc.moe.recompute import RECOMPUTE, current_frame
@@ -81,12 +82,13 @@ class LayerProbe(ABC):
         self.capture_output = False  # keep Δ of every expert's output
         self.handles: list = []
         self.sites: list[WeightSite] = []  # the expert weights whose gradients give the exact terms
-        # gradient -> expert -> [⟨g_i,G⟩ (n_e,), ‖g_i‖² (n_e,), ‖G‖² ()], summed over the expert's linears
+        # gradient -> expert -> [⟨g_i,G⟩ (n_e,), ‖g_i‖² (n_e,)], summed over the expert's linears
         self._terms: dict[str, dict[int, list[Tensor]]] = {gradient: {} for gradient in GRADIENTS}
         self.reference_mode = "none"
-        # a kept micro-batch's sums: (site or "output", expert) -> (G, Σδ or None), and its ‖G‖² per expert
+        # a kept micro-batch's sums: (site or "output", expert) -> (G, Σδ or None), and per gradient its
+        # ‖G‖² per expert (E,) with the experts that had terms
         self.reference: dict[tuple, tuple[Tensor, Tensor | None]] = {}
-        self._reference_totals: dict[str, dict[int, Tensor]] = {gradient: {} for gradient in GRADIENTS}
+        self._reference_totals: dict[str, tuple[Tensor, set[int]]] = {}
 
     @abstractmethod
     def routing(self) -> LayerRouting:
@@ -151,19 +153,17 @@ class LayerProbe(ABC):
     def drop_reference(self) -> None:
         """Release the kept sums (they hold the experts' weight gradients of one micro-batch)."""
         self.reference.clear()
-        for totals in self._reference_totals.values():
-            totals.clear()
+        self._reference_totals.clear()
         self.reference_mode = "none"
 
-    def add_terms(
-        self, expert: int, dot: Tensor, sqnorm: Tensor, total_sqnorm: Tensor, gradient: str = "exact"
-    ) -> None:
-        """Add one linear's (or, for "output", the expert output's) terms to the expert's running sums."""
+    def add_terms(self, expert: int, dot: Tensor, sqnorm: Tensor, gradient: str = "exact") -> None:
+        """Add one linear's (or, for "output", the expert output's) ⟨g_i, G⟩ and ‖g_i‖² to the expert's
+        running sums (‖G‖² is their Σ_i ⟨g_i, G⟩, taken once per expert in `conflicts`)."""
         terms = self._terms[gradient].get(expert)
         if terms is None:
-            self._terms[gradient][expert] = [dot, sqnorm, total_sqnorm]
+            self._terms[gradient][expert] = [dot, sqnorm]
         else:
-            terms[0], terms[1], terms[2] = terms[0] + dot, terms[1] + sqnorm, terms[2] + total_sqnorm
+            terms[0], terms[1] = terms[0] + dot, terms[1] + sqnorm
 
     def conflicts(self, gradient: str = "exact", mean: str = "all") -> LayerConflicts:
         """Cosine of every (token, expert) assignment whose expert saw gradient this micro-batch, of the
@@ -171,34 +171,40 @@ class LayerProbe(ABC):
         `cosines` also holds the other gradient's, in the same order, when it was captured too. Against a
         kept reference, the cosines are with its sums (the tokens are not in them: `mean` plays no part)."""
         using = self.reference_mode == "use"
-        if using:
-            for name, totals in self._reference_totals.items():
-                for expert in list(self._terms[name]):
-                    if expert not in totals:  # no kept tokens in this expert: nothing to compare with
-                        del self._terms[name][expert]
-                    else:
-                        self._terms[name][expert][2] = totals[expert]
-        elif self.reference_mode == "keep":
+        if using:  # an expert without kept tokens has nothing to compare with
             for name, terms in self._terms.items():
-                self._reference_totals[name].update({expert: t[2] for expert, t in terms.items()})
+                kept = self._reference_totals[name][1] if name in self._reference_totals else set()
+                for expert in [e for e in terms if e not in kept]:
+                    del terms[expert]
         cosine_of = leave_one_out_cosine if mean == "others" and not using else cosine_from_terms
         routing = self.routing()
         experts = sorted(self._terms[gradient])  # those whose tokens saw gradient of the chosen kind
         if not experts:
             empty = torch.zeros(0, device=self.router_weight.device)
             return LayerConflicts(empty, empty.long(), empty.long(), empty.bool(), None, torch.tensor(True))
-        # all experts' assignments at once: the per-expert terms concatenated, each ‖G‖² spread over its rows
+        # all experts' assignments at once: no operator per expert
         rows = torch.cat([routing.expert_rows[e] for e in experts])  # (S,)
-        expert = torch.cat([torch.full_like(routing.expert_rows[e], e) for e in experts])  # (S,)
-        by_gradient, finite = {}, torch.tensor(True, device=rows.device)
+        counts = [
+            routing.expert_rows[e].shape[0] if e in self._terms[gradient] else 0
+            for e in range(self.num_experts)
+        ]
+        expert = repeated(torch.arange(self.num_experts, device=rows.device), counts)  # (S,)
+        by_gradient = {}
         for name, terms in self._terms.items():
             if not terms:
                 continue
-            dot, sqnorm, total = self._concatenated(terms, experts, routing.expert_rows)
+            dot, sqnorm = self._concatenated(terms, experts, routing.expert_rows)
+            if using:
+                expert_total = self._reference_totals[name][0]
+            else:  # ‖G_e‖² = Σ_i ⟨g_i, G_e⟩ over the expert's rows
+                expert_total = dot.new_zeros(self.num_experts).index_add_(0, expert, dot)  # (E,)
+                if self.reference_mode == "keep":
+                    self._reference_totals[name] = (expert_total, set(terms))
+            total = expert_total.index_select(0, expert)  # (S,)
             by_gradient[name] = cosine_of(dot, sqnorm, total)
             if name == gradient:
                 chosen_sqnorm = sqnorm
-                finite = dot.isfinite().all() & sqnorm.isfinite().all() & total.isfinite().all()
+                finite = (dot + sqnorm + total).isfinite().all()  # a NaN or inf in any term stays one
         modality = None if routing.modality is None else routing.modality.index_select(0, rows)  # (S,)
         return LayerConflicts(
             by_gradient[gradient],
@@ -214,18 +220,17 @@ class LayerProbe(ABC):
     @staticmethod
     def _concatenated(
         terms: dict[int, list[Tensor]], experts: list[int], expert_rows: list[Tensor]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """⟨g_i, G⟩, ‖g_i‖² and ‖G‖² (S,) over the `experts`' rows in order; NaN for an expert that the
-        terms do not reach (the other gradient, captured beside the chosen one, may miss one)."""
+    ) -> tuple[Tensor, Tensor]:
+        """⟨g_i, G⟩ and ‖g_i‖² (S,) over the `experts`' rows in order; NaN for an expert that the terms
+        do not reach (the other gradient, captured beside the chosen one, may miss one)."""
         like = next(iter(terms.values()))[0]
         parts = []
         for e in experts:
             if e in terms:
-                dot, sqnorm, total = terms[e]
-                parts.append((dot, sqnorm, total.expand_as(dot)))
+                parts.append(terms[e])
             else:
                 missing = like.new_full((expert_rows[e].numel(),), float("nan"))
-                parts.append((missing,) * 3)
+                parts.append((missing, missing))
         return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
     def remove(self) -> None:
@@ -310,13 +315,11 @@ class WeightSite:
         if mode == "use":  # against a kept micro-batch (LayerProbe.start): its G and Σδ replace our own
             kept = self.probe.reference.get((self, expert))
             if kept is not None:
-                dot, sqnorm, _ = linear_gradient_terms(
-                    inputs, output_grads, grad_weight=kept[0], grad_bias=kept[1], has_bias=self.has_bias
+                self.probe.add_terms(
+                    expert, *row_terms(inputs, output_grads, kept[0], kept[1], self.has_bias)
                 )
-                self.probe.add_terms(expert, dot, sqnorm, dot.new_zeros(()))  # ‖G‖²: the kept one
             return
-        terms = linear_gradient_terms(inputs, output_grads, grad_weight=grad_weight, has_bias=self.has_bias)
-        self.probe.add_terms(expert, *terms)
+        self.probe.add_terms(expert, *row_terms(inputs, output_grads, grad_weight, None, self.has_bias))
         if mode == "keep" and grad_weight is not None:
             self.probe.reference[(self, expert)] = (
                 grad_weight,
@@ -336,10 +339,10 @@ def capture_output_terms(probe: LayerProbe, expert: int, outputs: Tensor) -> Non
         if probe.reference_mode == "use":  # compare with a kept micro-batch's Σδ (see LayerProbe.start)
             kept = probe.reference.get(("output", expert))
             if kept is not None:
-                probe.add_terms(expert, delta @ kept[0], delta.square().sum(1), delta.new_zeros(()), "output")
+                probe.add_terms(expert, delta @ kept[0], delta.square().sum(1), "output")
             return
         total = delta.sum(0)  # (H,)
-        probe.add_terms(expert, delta @ total, delta.square().sum(1), total.square().sum(), "output")
+        probe.add_terms(expert, delta @ total, delta.square().sum(1), "output")
         if probe.reference_mode == "keep":
             probe.reference[("output", expert)] = (total, None)
 

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from stgc.constants import MODALITIES
 from stgc.method import names
+from stgc.method.flat import repeated
 from stgc.method.probes import LayerConflicts
-from stgc.moe.layer import expert_counts
 
 PER_EXPERT = ("assignments", "conflicts")  # the (E,) fields of LayerStats
 
@@ -44,36 +44,62 @@ class LayerStats:
         num_experts: int,
         leave_one_out: bool = False,
     ) -> "LayerStats":
-        """The sums of one micro-batch; `conflicting` (S,) flags conflicting assignments with a gradient.
+        """The sums of one micro-batch of one layer (`of_layers` for one)."""
+        return cls.of_layers([conflicts], [conflicting], [cel_loss], num_experts, leave_one_out)[0]
+
+    @classmethod
+    def of_layers(
+        cls,
+        layers: list[LayerConflicts],
+        conflicting: list[Tensor],
+        cel_losses: list[Tensor],
+        num_experts: int,
+        leave_one_out: bool = False,
+    ) -> list["LayerStats"]:
+        """The sums of one micro-batch per layer, all layers in one pass (no operator repeats per layer);
+        `conflicting[l]` (S_l,) flags layer l's conflicting assignments with a gradient.
 
         The null level is what the cosine would be if the expert's token gradients were orthogonal:
         cos(g_t, Σg) = ‖g_t‖ / √(Σ_j ‖g_j‖²), norm-matched — 1/√n_e for equal norms, less on average when
         the norms differ (near-zero losses make them differ) — and 0 when the token is left out of the
         sum (mean="others")."""
-        valid = conflicts.has_grad.double()  # (S,)
-        flagged = conflicting.double()  # (S,)
-        cosine = torch.where(conflicts.has_grad, conflicts.cosine.double(), 0.0)  # (S,)
+        count = len(layers)
+        layer_ids = torch.arange(count, device=layers[0].expert.device)
+        layer = repeated(layer_ids, [c.expert.shape[0] for c in layers])  # (P,) each assignment's layer
+        slot = layer * num_experts + torch.cat([c.expert for c in layers])  # (P,) the (layer, expert) pair
+        valid = torch.cat([c.has_grad for c in layers]).double()  # (P,)
+        flagged = torch.cat(conflicting).double()  # (P,)
+        cosine = torch.where(valid > 0, torch.cat([c.cosine for c in layers]).double(), 0.0)  # (P,)
+        sqnorm = torch.cat([c.has_grad.float() if c.sqnorm is None else c.sqnorm for c in layers])
+        sqnorm = sqnorm.double() * valid  # (P,) ‖g_t‖², or 1 where the norms are taken equal
+        unknown = valid.new_full((), -1.0)
+        modality = torch.cat(
+            [unknown.expand(c.expert.shape[0]) if c.modality is None else c.modality for c in layers]
+        )  # (P,) -1 where unknown
+
+        def per_layer(values: Tensor) -> Tensor:  # (L,)
+            return values.new_zeros(count).index_add_(0, layer, values)
+
+        def per_expert(values: Tensor) -> Tensor:  # (L * E,)
+            return values.new_zeros(count * num_experts).index_add_(0, slot, values)
+
         by_modality = {}
         for name, value in MODALITIES.items():
-            if conflicts.modality is None:
-                is_modality = torch.zeros_like(valid)
-            else:
-                is_modality = (conflicts.modality == value).double()  # (S,)
-            by_modality[name] = (valid * is_modality).sum()
-            by_modality[f"{name}_conflicts"] = (flagged * is_modality).sum()
-        assignments = expert_counts(conflicts.expert, num_experts, valid)  # (E,)
-        sqnorm = valid if conflicts.sqnorm is None else conflicts.sqnorm.double() * valid  # (S,)
-        expert_sqnorm = expert_counts(conflicts.expert, num_experts, sqnorm)  # (E,) Σ_j ‖g_j‖² per expert
-        null = (sqnorm / expert_sqnorm.index_select(0, conflicts.expert).clamp(min=1e-300)).sqrt()  # (S,)
-        return cls(
-            assignments=assignments,
-            conflicts=expert_counts(conflicts.expert, num_experts, flagged),
-            cosine=cosine.sum(),
-            cosine_sq=cosine.square().sum(),
-            cosine_null=torch.zeros_like(cosine.sum()) if leave_one_out else null.sum(),
-            cel_loss=cel_loss.detach().double(),
+            is_modality = (modality == value).double()  # (P,)
+            by_modality[name] = per_layer(valid * is_modality)
+            by_modality[f"{name}_conflicts"] = per_layer(flagged * is_modality)
+        expert_sqnorm = per_expert(sqnorm)  # Σ_j ‖g_j‖² per (layer, expert)
+        null = (sqnorm / expert_sqnorm.index_select(0, slot).clamp(min=1e-300)).sqrt()  # (P,)
+        sums = dict(
+            assignments=per_expert(valid).view(count, num_experts),
+            conflicts=per_expert(flagged).view(count, num_experts),
+            cosine=per_layer(cosine),
+            cosine_sq=per_layer(cosine.square()),
+            cosine_null=torch.zeros_like(valid[:1]).expand(count) if leave_one_out else per_layer(null),
+            cel_loss=torch.stack(cel_losses).detach().double(),
             **by_modality,
         )
+        return [cls(**{name: field[i] for name, field in sums.items()}) for i in range(count)]
 
     def vector(self) -> Tensor:
         """All fields in one flat float64 vector (field order), for one all-reduce."""

@@ -1,13 +1,21 @@
-"""What STGC writes to TensorBoard besides scalars, on histogram steps: a cosine histogram per layer, the
-layer × expert heatmap of conflict ratios, and the conflict picture."""
+"""What STGC writes to TensorBoard: a step's scalars as one event, and on histogram steps a cosine
+histogram per layer, the layer × expert heatmap of conflict ratios, and the conflict picture."""
 
 import numpy as np
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 from stgc.method import names
 from stgc.method.probes import LayerConflicts
 from stgc.method.statistics import LayerStats
 from stgc.report.figures import conflict_heatmap
+
+
+def write_scalars(writer: SummaryWriter, scalars: dict[str, float], step: int) -> None:
+    """All of a step's scalars in one event: what `add_scalar` writes for each, at a tenth of its cost
+    (~60 µs a scalar there, about half of a logging step's extra time on the quick bench shape)."""
+    values = [Summary.Value(tag=tag, simple_value=value) for tag, value in scalars.items()]
+    writer._get_file_writer().add_summary(Summary(value=values), step)
 
 
 def write_conflict_images(
