@@ -3,6 +3,7 @@ callback that times each training step and keeps the memory peak, and the config
 its synthetic batch and its variants' `Trainer.fit` steps, so that every benchmark measures the same way.
 """
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -15,10 +16,12 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from stgc import STGC
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data.dataset import output_size
+from stgc.method import Settings, STGCMethod
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers
 from stgc_experiments import ROOT
@@ -233,6 +236,42 @@ def _launched_ops(event: Any) -> int:
     return sum(1 if child.name.startswith("aten::") else _launched_ops(child) for child in event.cpu_children)
 
 
+def _part_counts(profiler: torch.profiler.profile, steps: int) -> dict[str, dict[str, float]]:
+    """Per STGC part (PARTS), its time and operators per step."""
+    parts = {part: {"ms": 0.0, "ops": 0} for part in PARTS}
+    for event in profiler.events():
+        if event.name in parts:
+            parts[event.name]["ms"] += event.cpu_time_total / 1e3 / steps
+            parts[event.name]["ops"] += _launched_ops(event) / steps
+    return parts
+
+
+def transformers_moe_profile(num_experts: int, steps: int = 2) -> dict[str, dict[str, float]]:
+    """`_part_counts` of STGC's steps (the configured callback's settings) on a tiny Qwen3-MoE built here:
+    transformers' fused experts, `num_experts` of them top-2 in each of its 2 layers, batch 8 x 64."""
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=num_experts, num_experts_per_tok=2,
+    )  # fmt: skip
+    model = Qwen3MoeForCausalLM(config)
+    settings = {f.name for f in dataclasses.fields(Settings)}
+    method = STGCMethod(**{key: value for key, value in stgc_args().items() if key in settings})
+    method.attach(model)
+    ids = torch.randint(256, (8, 64), generator=torch.Generator().manual_seed(0))
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    for step in range(2 + steps):
+        if step == 2:
+            profiler.__enter__()
+        method.begin({"input_ids": ids})
+        model(input_ids=ids, labels=ids).loss.backward()
+        method.after_backward()
+        model.zero_grad(set_to_none=True)
+    profiler.__exit__(None, None, None)
+    method.detach()
+    return _part_counts(profiler, steps)
+
+
 def step_profile(module: LVLMModule, data: dict, variant: str, steps: int = 3) -> dict[str, Any]:
     """torch.profiler over `steps` steps of a variant, after two untimed ones: per step the wall time and
     operator count of each STGC part (the record_function ranges of stgc.method), of all aten operators,
@@ -250,13 +289,8 @@ def step_profile(module: LVLMModule, data: dict, variant: str, steps: int = 3) -
     profiled = Profiled()
     timer = fit_steps(module, data, variant, 2 + steps, [profiled])
     events = profiled.profiler.events()
-    parts = {part: {"ms": 0.0, "ops": 0} for part in PARTS}
-    for event in events:
-        if event.name in parts:
-            parts[event.name]["ms"] += event.cpu_time_total / 1e3 / steps
-            parts[event.name]["ops"] += _launched_ops(event) / steps
     return {
         "step_ms": 1e3 * statistics.fmean(timer.times[2:]),
         "aten_ops": sum(1 for event in events if event.name.startswith("aten::")) / steps,
-        "parts": parts,
+        "parts": _part_counts(profiled.profiler, steps),
     }

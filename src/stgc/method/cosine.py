@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from stgc.method.grouped import Groups, grouped_matmul, per_expert_sums
 from stgc.precision import autocast_off
 
 CosinePath = Literal["auto", "gram", "gemm"]
@@ -74,9 +75,12 @@ def row_terms(
     grad_bias: Tensor | None = None,
     has_bias: bool = False,
     path: CosinePath = "auto",
+    groups: Groups | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`linear_gradient_terms` without its checks and ‖G‖² (the probes' hooks, which sum ‖G‖² = Σ_i ⟨g_i, G⟩
-    once per expert): ⟨g_i, G⟩ (n,) and ‖g_i‖² (n,)."""
+    once per expert): ⟨g_i, G⟩ (n,) and ‖g_i‖² (n,). With `groups`, x and delta hold every expert's rows
+    sorted by expert, grad_weight (E, d_out, d_in) and grad_bias (E, d_out) are per expert: all experts'
+    terms in one grouped product."""
     with autocast_off(x):  # the dtypes are chosen here, whatever autocast is doing
         bias = has_bias or grad_bias is not None
         accumulate, product = term_dtypes(x.dtype, delta.dtype)
@@ -86,17 +90,31 @@ def row_terms(
         )
         if x.dtype != product or delta.dtype != product:
             x, delta = x.to(product), delta.to(product)
-        if _uses_gram(x.shape[0], x.shape[1], delta.shape[1], grad_weight is not None, path):
+        if groups is None and _uses_gram(
+            x.shape[0], x.shape[1], delta.shape[1], grad_weight is not None, path
+        ):
             gram = (delta @ delta.T).to(accumulate) * ((x @ x.T).to(accumulate) + bias)  # (n, n)
             return gram.sum(1), sqnorm  # Σ_j δ_iᵀδ_j (x_iᵀx_j + bias)
-        weight = delta.T @ x if grad_weight is None else grad_weight.to(product)  # (d_out, d_in)  G
+        weight = (
+            delta.T @ x if grad_weight is None else grad_weight.to(product)
+        )  # (d_out, d_in) or (E, ...) G
+
+        def times(rows: Tensor, matrix: Tensor) -> Tensor:  # each row times G (its expert's)
+            return rows @ matrix if groups is None else grouped_matmul(rows, matrix, groups)
+
         if x.shape[1] < delta.shape[1]:  # the narrower product: δ_iᵀ G x_i = (Gᵀ δ_i)ᵀ x_i
-            dot = torch.linalg.vecdot(x.to(accumulate), (delta @ weight).to(accumulate))  # (n,) via (n, d_in)
+            dot = torch.linalg.vecdot(x.to(accumulate), times(delta, weight).to(accumulate))  # via (n, d_in)
         else:
-            dot = torch.linalg.vecdot(delta.to(accumulate), (x @ weight.T).to(accumulate))  # via (n, d_out)
-        if bias:  # + δ_iᵀ Σ_j δ_j
-            total = delta.to(accumulate).sum(0) if grad_bias is None else grad_bias.to(accumulate)
-            dot = dot + delta.to(accumulate) @ total
+            dot = torch.linalg.vecdot(
+                delta.to(accumulate), times(x, weight.mT).to(accumulate)
+            )  # via (n, d_out)
+        if bias:  # + δ_iᵀ Σ_j δ_j (over the expert's rows)
+            delta = delta.to(accumulate)
+            if groups is None:
+                total = delta.sum(0) if grad_bias is None else grad_bias.to(accumulate)
+                return dot + delta @ total, sqnorm
+            totals = per_expert_sums(delta, groups, len(groups.sizes)) if grad_bias is None else grad_bias
+            dot = dot + torch.linalg.vecdot(delta, totals.to(accumulate).index_select(0, groups.row_experts))
         return dot, sqnorm
 
 

@@ -10,12 +10,12 @@ Notation: N tokens, H hidden, k experts per token, S = N·k assignments, n_e row
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
 from stgc.constants import MODALITIES
+from stgc.method.grouped import Groups, grouped_matmul
 from stgc.method.probes import LayerProbe, LayerRouting, WeightSite, capture_output_terms
 from stgc.method.routers import router_rule
 from stgc.moe.layer import expert_counts
@@ -25,19 +25,20 @@ IMPLEMENTATION = "stgc"
 RULE_AGREEMENT = 0.95  # share of tokens whose chosen experts the rule must reproduce (ties differ in bf16)
 
 
-def _expert_linear(experts: nn.Module, name: str, expert: int, inputs: Tensor) -> Tensor:
-    """One expert's slice of a fused projection: (n_e, d_in) -> (n_e, d_out)."""
-    weight = getattr(experts, name)[expert]  # (d_out, d_in), or (d_in, d_out) when transposed
-    outputs = inputs @ weight if experts.is_transposed else F.linear(inputs, weight)
+def _grouped_linear(experts: nn.Module, name: str, inputs: Tensor, groups: Groups) -> Tensor:
+    """Every expert's slice of a fused projection on its own rows at once: (S, d_in) -> (S, d_out)."""
+    weight = getattr(experts, name)  # (E, d_out, d_in), or (E, d_in, d_out) when transposed
+    outputs = grouped_matmul(inputs, weight if experts.is_transposed else weight.transpose(-2, -1), groups)
     if experts.has_bias:
-        outputs = outputs + getattr(experts, f"{name}_bias")[expert]
+        outputs = outputs + getattr(experts, f"{name}_bias").index_select(0, groups.row_experts)
     return outputs
 
 
 def stgc_experts_forward(
     self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
 ) -> Tensor:
-    """Drop-in for transformers' eager experts forward; feeds the probe when STGC is capturing."""
+    """Drop-in for transformers' eager experts forward, all experts in one grouped product (as its
+    "grouped_mm"); feeds the probe when STGC is capturing, one capture per projection."""
     probe: HFExpertsProbe | None = getattr(self, "_stgc_probe", None)
     capturing = probe is not None and probe.capturing and torch.is_grad_enabled()
     tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, H)
@@ -46,32 +47,30 @@ def stgc_experts_forward(
     order = torch.argsort(flat_expert, stable=True)  # (S,) assignments grouped by expert
     # sentinel experts (index >= num_experts, e.g. under expert parallelism) sort last and are dropped
     in_range = flat_expert.clamp(max=self.num_experts)  # (S,) sentinels share one extra bin
-    counts = expert_counts(in_range, self.num_experts + 1)[: self.num_experts].tolist()  # the host sync
-    order = order[: sum(counts)]
+    counts = expert_counts(in_range, self.num_experts + 1)[: self.num_experts]  # (E,)
+    sizes = counts.tolist()  # the host sync
+    order = order[: sum(sizes)]
     rows = order // top_k  # (S,) token row of each assignment
+    groups = Groups(sizes, counts.cumsum(0, dtype=torch.int32), flat_expert.index_select(0, order))
     weights = top_k_weights.reshape(-1).index_select(0, order)  # (S,)
-    up_name = "gate_up_proj" if self.has_gate else "up_proj"
-    expert_outputs = []
     # (S, H) in the dtype the experts compute in: the tensor autograd keeps, and the probe captures
     routed = to_compute_dtype(tokens.index_select(0, rows))
-    for expert, expert_inputs in enumerate(routed.split(counts)):  # (n_e, H)
-        if expert_inputs.shape[0] == 0:
-            continue
-        up = _expert_linear(self, up_name, expert, expert_inputs)  # (n_e, 2I) or (n_e, I)
-        hidden = self._apply_gate(up) if self.has_gate else self.act_fn(up)  # (n_e, I)
-        out = _expert_linear(self, "down_proj", expert, hidden)  # (n_e, H)
-        if capturing and probe.capture_exact:
-            probe.up_site.capture(expert, expert_inputs, up)
-            probe.down_site.capture(expert, hidden, out)
-        if capturing and probe.capture_output:
-            capture_output_terms(probe, expert, out)
-        expert_outputs.append(out)
-    combined = torch.zeros_like(tokens)  # (N, H)
-    if expert_outputs:
-        weighted = torch.cat(expert_outputs) * weights[:, None].to(tokens.dtype)  # (S, H)
-        combined.index_add_(0, rows, weighted)
+    up = _grouped_linear(
+        self, "gate_up_proj" if self.has_gate else "up_proj", routed, groups
+    )  # (S, 2I) or (S, I)
+    hidden = self._apply_gate(up) if self.has_gate else self.act_fn(up)  # (S, I)
+    out = _grouped_linear(self, "down_proj", hidden, groups)  # (S, H)
+    if capturing and probe.capture_exact:
+        probe.up_site.capture(groups, routed, up)
+        probe.down_site.capture(groups, hidden, out)
+    if capturing and probe.capture_output:
+        capture_output_terms(probe, groups, out)
+    weighted = out * weights[:, None].to(tokens.dtype)  # (S, H)
+    combined = torch.zeros_like(tokens).index_add_(0, rows, weighted)  # (N, H)
     if capturing:
-        probe.last_routing = LayerRouting(tokens.detach(), list(rows.split(counts)), None)
+        probe.last_routing = LayerRouting(
+            tokens.detach(), list(rows.split(sizes)), None, row_experts=groups.row_experts
+        )
         probe.last_choice = top_k_index.detach().reshape(-1, top_k)  # (N, k): for verify_rule
     return combined.view_as(hidden_states)
 

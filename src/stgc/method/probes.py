@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from stgc.method.cosine import cosine_from_terms, leave_one_out_cosine, row_terms
 from stgc.method.distributed import full_tensor, is_sharded
 from stgc.method.flat import repeated
+from stgc.method.grouped import ALL, Groups, per_expert_sums
 from stgc.method.routers import SOFTMAX
 from stgc.method.tracing import traced
 from stgc.moe.recompute import RECOMPUTE, current_frame
@@ -43,6 +44,7 @@ class LayerRouting:
     positions: Tensor | None = (
         None  # (N,) each token's position in the flattened (B*T) input; None: row = position
     )
+    row_experts: Tensor | None = None  # (S,) the expert of each row of torch.cat(expert_rows), if known
 
 
 @dataclass
@@ -170,6 +172,14 @@ class LayerProbe(ABC):
         chosen `gradient`'s terms, against the sum over all the expert's tokens or over the `others`;
         `cosines` also holds the other gradient's, in the same order, when it was captured too. Against a
         kept reference, the cosines are with its sums (the tokens are not in them: `mean` plays no part)."""
+        routing = self.routing()
+        sizes = [rows.shape[0] for rows in routing.expert_rows]
+        for terms in self._terms.values():  # every expert's rows at once (a fused weight's): per expert
+            if ALL in terms:
+                parts = [part.split(sizes) for part in terms.pop(ALL)]
+                terms.update(
+                    {e: [dot, sqnorm] for e, (dot, sqnorm) in enumerate(zip(*parts, strict=True)) if sizes[e]}
+                )
         using = self.reference_mode == "use"
         if using:  # an expert without kept tokens has nothing to compare with
             for name, terms in self._terms.items():
@@ -177,18 +187,16 @@ class LayerProbe(ABC):
                 for expert in [e for e in terms if e not in kept]:
                     del terms[expert]
         cosine_of = leave_one_out_cosine if mean == "others" and not using else cosine_from_terms
-        routing = self.routing()
         experts = sorted(self._terms[gradient])  # those whose tokens saw gradient of the chosen kind
         if not experts:
             empty = torch.zeros(0, device=self.router_weight.device)
             return LayerConflicts(empty, empty.long(), empty.long(), empty.bool(), None, torch.tensor(True))
         # all experts' assignments at once: no operator per expert
         rows = torch.cat([routing.expert_rows[e] for e in experts])  # (S,)
-        counts = [
-            routing.expert_rows[e].shape[0] if e in self._terms[gradient] else 0
-            for e in range(self.num_experts)
-        ]
-        expert = repeated(torch.arange(self.num_experts, device=rows.device), counts)  # (S,)
+        counts = [size if e in self._terms[gradient] else 0 for e, size in enumerate(sizes)]
+        expert = routing.row_experts  # (S,)
+        if expert is None or counts != sizes:  # some experts' rows are not in the terms
+            expert = repeated(torch.arange(self.num_experts, device=rows.device), counts)
         by_gradient = {}
         for name, terms in self._terms.items():
             if not terms:
@@ -272,8 +280,9 @@ class WeightSite:
         probe.sites.append(self)
 
     @traced("stgc.capture")
-    def capture(self, expert: int, inputs: Tensor, outputs: Tensor) -> None:
-        """Keep X by reference and ask autograd for Δ = ∂loss/∂outputs."""
+    def capture(self, expert: int | Groups, inputs: Tensor, outputs: Tensor) -> None:
+        """Keep X by reference and ask autograd for Δ = ∂loss/∂outputs: of one expert, or of every expert
+        of a fused weight at once (`Groups`: the rows of all experts, sorted by expert)."""
         inputs = inputs.detach().reshape(-1, inputs.shape[-1])  # (n, d_in)
         frame = current_frame()
         if frame is not None and frame.phase == RECOMPUTE:  # X for the first forward's entry, no new one
@@ -296,8 +305,8 @@ class WeightSite:
     def _on_weight_grad(self, grad: Tensor) -> None:
         """Fires with this micro-batch's weight gradient: G for each captured expert is at hand."""
         for entry in self._pending:
-            grad_weight = grad if self.expert is not None else grad[entry[0]]
-            self._add_terms(entry, grad_weight.T if self.transposed else grad_weight)  # (d_out, d_in)
+            grad_weight = grad if self.expert is not None or isinstance(entry[0], Groups) else grad[entry[0]]
+            self._add_terms(entry, grad_weight.mT if self.transposed else grad_weight)  # (E,) d_out, d_in
         self._pending.clear()
 
     def _add_terms(self, entry: list, grad_weight: Tensor | None) -> None:
@@ -311,25 +320,50 @@ class WeightSite:
                 f"STGC: the recomputation of a checkpointed layer did not reach {self.probe.name}'s "
                 f"expert {expert}, so its inputs are missing"
             )
+        groups = expert if isinstance(expert, Groups) else None
+        if groups is not None and grad_weight is None:  # a sharded fused weight: G formed per expert
+            parts = zip(inputs.split(groups.sizes), output_grads.split(groups.sizes), strict=True)
+            for e, (expert_inputs, expert_output_grads) in enumerate(parts):
+                if expert_inputs.shape[0]:
+                    self._add_terms([e, expert_inputs, expert_output_grads], None)
+            return
+        key = ALL if groups is not None else expert
         mode = self.probe.reference_mode
         if mode == "use":  # against a kept micro-batch (LayerProbe.start): its G and Σδ replace our own
-            kept = self.probe.reference.get((self, expert))
+            kept = self.probe.reference.get((self, key))
             if kept is not None:
-                self.probe.add_terms(
-                    expert, *row_terms(inputs, output_grads, kept[0], kept[1], self.has_bias)
-                )
+                terms = row_terms(inputs, output_grads, kept[0], kept[1], self.has_bias, groups=groups)
+                self.probe.add_terms(key, *terms)
             return
-        self.probe.add_terms(expert, *row_terms(inputs, output_grads, grad_weight, None, self.has_bias))
+        terms = row_terms(inputs, output_grads, grad_weight, None, self.has_bias, groups=groups)
+        self.probe.add_terms(key, *terms)
         if mode == "keep" and grad_weight is not None:
-            self.probe.reference[(self, expert)] = (
-                grad_weight,
-                output_grads.sum(0) if self.has_bias else None,
-            )
+            self.probe.reference[(self, key)] = (grad_weight, self._bias_total(output_grads, groups))
+
+    def _bias_total(self, output_grads: Tensor, groups: Groups | None) -> Tensor | None:
+        """Σδ of the expert's rows (d_out,), or of each expert's (E, d_out); None without a bias."""
+        if not self.has_bias:
+            return None
+        return (
+            output_grads.sum(0)
+            if groups is None
+            else per_expert_sums(output_grads, groups, len(groups.sizes))
+        )
 
 
-def capture_output_terms(probe: LayerProbe, expert: int, outputs: Tensor) -> None:
-    """Ask autograd for Δ at one expert's output (n_e, H) and turn it into the "output" gradient's terms
-    there: ⟨δ_i, Σδ⟩, ‖δ_i‖², ‖Σδ‖² (nothing is kept once the hook has run)."""
+def capture_output_terms(probe: LayerProbe, expert: int | Groups, outputs: Tensor) -> None:
+    """Ask autograd for Δ at one expert's output (n_e, H), or at every expert's (`Groups`: rows sorted by
+    expert), and turn it into the "output" gradient's terms there: ⟨δ_i, Σδ⟩ and ‖δ_i‖², Σδ over the
+    expert's rows (nothing is kept once the hook has run)."""
+    groups = expert if isinstance(expert, Groups) else None
+    key = ALL if groups is not None else expert
+
+    def dot_with(delta: Tensor, total: Tensor) -> Tensor:  # ⟨δ_i, Σδ of its expert⟩ (n,)
+        return (
+            delta @ total
+            if groups is None
+            else torch.linalg.vecdot(delta, total.index_select(0, groups.row_experts))
+        )
 
     @traced("stgc.output_hook")
     def output_terms(grad: Tensor) -> None:
@@ -337,14 +371,16 @@ def capture_output_terms(probe: LayerProbe, expert: int, outputs: Tensor) -> Non
             torch.promote_types(grad.dtype, torch.float32)
         )  # (n_e, H)
         if probe.reference_mode == "use":  # compare with a kept micro-batch's Σδ (see LayerProbe.start)
-            kept = probe.reference.get(("output", expert))
+            kept = probe.reference.get(("output", key))
             if kept is not None:
-                probe.add_terms(expert, delta @ kept[0], delta.square().sum(1), "output")
+                probe.add_terms(key, dot_with(delta, kept[0]), delta.square().sum(1), "output")
             return
-        total = delta.sum(0)  # (H,)
-        probe.add_terms(expert, delta @ total, delta.square().sum(1), "output")
+        total = (
+            delta.sum(0) if groups is None else per_expert_sums(delta, groups, len(groups.sizes))
+        )  # (E,) H
+        probe.add_terms(key, dot_with(delta, total), delta.square().sum(1), "output")
         if probe.reference_mode == "keep":
-            probe.reference[("output", expert)] = (total, None)
+            probe.reference[("output", key)] = (total, None)
 
     outputs.register_hook(output_terms)
 
@@ -381,7 +417,9 @@ class SparseMoEProbe(LayerProbe):
         modality = record.modality  # the routing context's (LVLM), else the one given per position
         if modality is None and self.position_modality is not None:
             modality = self.position_modality.index_select(0, record.token_index)
-        return LayerRouting(record.router_input, record.expert_rows, modality, record.token_index)
+        return LayerRouting(
+            record.router_input, record.expert_rows, modality, record.token_index, record.row_experts
+        )
 
     def expert_weights(self) -> list[list[Tensor]]:
         return [[p.detach() for p in expert.parameters()] for expert in self.layer.experts]

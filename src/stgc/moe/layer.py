@@ -29,6 +29,7 @@ class RoutingRecord:
     topk_weight:   (N, k) float32 softmax probabilities of the chosen experts renormalised to sum to 1
     expert_rows:   E tensors; expert_rows[e] holds the rows (into the N routed tokens) that expert e
                    processed, in the order of the expert's input rows; capacity drops excluded
+    row_experts:   (S_kept,) the expert of each row of torch.cat(expert_rows)
     modality:      (N,) per routed token (0 text, 1 image), or None
     num_dropped:   assignments dropped by the capacity limit (0 when dropless)
     aux_loss:      load-balancing loss E * sum_i f_i * P_i (1.0 at uniform routing), with grad
@@ -41,6 +42,7 @@ class RoutingRecord:
     topk_index: Tensor
     topk_weight: Tensor
     expert_rows: list[Tensor]
+    row_experts: Tensor
     modality: Tensor | None
     num_dropped: int
     aux_loss: Tensor
@@ -146,6 +148,7 @@ class SparseMoE(nn.Module):
             topk_index=topk_index,
             topk_weight=topk_weight,
             expert_rows=list(rows.split(sizes)),
+            row_experts=flat_expert.index_select(0, order),
             modality=self._routed_modality(x),
             num_dropped=num_dropped,
             aux_loss=aux_loss,

@@ -1,0 +1,60 @@
+"""All experts' rows of a MoE layer in one tensor, sorted by expert, and a product over every expert at
+once (torch's grouped_mm): one operator per layer where a loop over experts launches one per expert.
+
+Notation: S rows (routed assignments) sorted by expert, E experts.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # grouped_mm's; float64 loops over experts
+ALL = -1  # the expert key of terms that cover every expert's rows, in expert order (stgc.method.probes)
+
+
+@dataclass
+class Groups:
+    """Where each expert's rows are in a tensor of all experts' rows, sorted by expert."""
+
+    sizes: list[int]  # (E,) rows per expert, on the host (the layer's one host sync)
+    offsets: Tensor  # (E,) int32 cumulative row counts on the device: grouped_mm's `offs`
+    row_experts: Tensor  # (S,) each row's expert
+
+
+def grouped_matmul(inputs: Tensor, weights: Tensor, groups: Groups) -> Tensor:
+    """(S, n): each row of `inputs` (S, k) times its expert's matrix in `weights` (E, k, n)."""
+    weights = weights.to(inputs.dtype)
+    if (
+        inputs.dtype in GROUPED_DTYPES
+        and _has_grouped_mm(inputs.device)
+        and _aligned(inputs)
+        and _aligned(weights)
+    ):
+        return F.grouped_mm(inputs, weights, offs=groups.offsets)
+    parts = inputs.split(groups.sizes)
+    return torch.cat([part @ weights[e] for e, part in enumerate(parts) if part.shape[0]])
+
+
+def per_expert_sums(rows: Tensor, groups: Groups, num_experts: int) -> Tensor:
+    """(E, d) the sum of each expert's rows of `rows` (S, d)."""
+    return rows.new_zeros(num_experts, rows.shape[1]).index_add_(0, groups.row_experts, rows)
+
+
+def _has_grouped_mm(device: torch.device) -> bool:
+    """grouped_mm runs on the CPU and on CUDA GPUs from Ampere (sm80) on."""
+    return device.type == "cpu" or (
+        device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
+def _aligned(tensor: Tensor) -> bool:
+    """grouped_mm's layout rule: 16-byte aligned data and strides (e.g. widths a multiple of 4 in float32)."""
+    size = tensor.element_size()
+    strides = [
+        stride
+        for stride, extent in zip(tensor.stride(), tensor.shape, strict=True)
+        if stride != 1 and extent > 1
+    ]
+    return tensor.data_ptr() % 16 == 0 and all(stride * size % 16 == 0 for stride in strides)
