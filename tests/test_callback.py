@@ -11,6 +11,7 @@ from stgc.callback import STGC
 from stgc.constants import MODALITIES
 from stgc.method import find_moe_probes
 from stgc.method.hf_experts import restore_experts, use_stgc_experts
+from stgc.method.probes import all_conflicts
 from stgc.moe import SparseMoE
 from support.brute_force import token_gradients
 from support.lightning_models import (
@@ -80,10 +81,10 @@ def test_sparse_moe_cosines_match_brute_force_per_token_gradients(gradient, mean
     ids = next(iter(token_batches()))[0]
     model(input_ids=ids, labels=ids).loss.backward()
     worst = 0.0
-    for probe, (name, (inputs, output)) in zip(probes, captured.items(), strict=True):
+    layers = all_conflicts(probes, gradient, mean)  # both layers in one pass, as after_backward takes them
+    for conflicts, (name, (inputs, output)) in zip(layers, captured.items(), strict=True):
         layer = dict(model.named_modules())[name]
         record = layer.last_routing
-        conflicts = probe.conflicts(gradient, mean)
         for expert_index, expert in enumerate(layer.experts):
             params = {k: v.detach() for k, v in expert.named_parameters()}
             rows, expected = _brute_force_cosines(
@@ -131,7 +132,8 @@ def test_transformers_experts_cosines_match_brute_force(family, gradient, mean, 
         probe.start(capturing=True, gradients=(gradient,))
     ids = next(iter(token_batches()))[0]
     model(input_ids=ids, labels=ids).loss.backward()
-    for probe, (name, (inputs, output)) in zip(probes, captured.items(), strict=True):
+    layers = all_conflicts(probes, gradient, mean)
+    for conflicts, (name, (inputs, output)) in zip(layers, captured.items(), strict=True):
         block = dict(model.named_modules())[name]
         _, topk_weight, topk_index = block.gate(inputs.detach())
         experts = block.experts
@@ -156,7 +158,7 @@ def test_transformers_experts_cosines_match_brute_force(family, gradient, mean, 
                 gradient,
                 mean,
             )
-            got_rows, got = _probe_cosines(probe.conflicts(gradient, mean), expert_index)
+            got_rows, got = _probe_cosines(conflicts, expert_index)
             order = torch.argsort(got_rows)
             assert torch.equal(got_rows[order], rows)
             atol = 1e-6 if dtype == torch.float64 else 1e-4

@@ -4,6 +4,7 @@ its synthetic batch and its variants' `Trainer.fit` steps, so that every benchma
 """
 
 import dataclasses
+import functools
 import statistics
 import tempfile
 import time
@@ -232,8 +233,22 @@ PARTS = ("stgc.capture", "stgc.weight_hook", "stgc.output_hook", "stgc.after_bac
 
 
 def _launched_ops(event: Any) -> int:
-    """The aten operators run directly under a profiler event (those inside another aten op not counted)."""
-    return sum(1 if child.name.startswith("aten::") else _launched_ops(child) for child in event.cpu_children)
+    """The aten operators run directly under a profiler event that compute something (those inside another
+    aten op, and views, which run no kernel, not counted)."""
+    return sum(
+        (not _is_view(child.name)) if child.name.startswith("aten::") else _launched_ops(child)
+        for child in event.cpu_children
+    )
+
+
+@functools.cache
+def _is_view(name: str) -> bool:
+    """Whether an aten operator only makes a view of its input (expand, select, split, ...)."""
+    try:
+        packet = getattr(torch.ops.aten, name.removeprefix("aten::"))
+    except AttributeError:
+        return False
+    return any(getattr(packet, overload).is_view for overload in packet.overloads())
 
 
 def _part_counts(profiler: torch.profiler.profile, steps: int) -> dict[str, dict[str, float]]:
@@ -246,12 +261,14 @@ def _part_counts(profiler: torch.profiler.profile, steps: int) -> dict[str, dict
     return parts
 
 
-def transformers_moe_profile(num_experts: int, steps: int = 2) -> dict[str, dict[str, float]]:
+def transformers_moe_profile(
+    num_experts: int, num_layers: int = 2, steps: int = 2
+) -> dict[str, dict[str, float]]:
     """`_part_counts` of STGC's steps (the configured callback's settings) on a tiny Qwen3-MoE built here:
-    transformers' fused experts, `num_experts` of them top-2 in each of its 2 layers, batch 8 x 64."""
+    transformers' fused experts, `num_experts` of them top-2 in each of its `num_layers`, batch 8 x 64."""
     torch.manual_seed(0)
     config = Qwen3MoeConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=num_layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=num_experts, num_experts_per_tok=2,
     )  # fmt: skip
     model = Qwen3MoeForCausalLM(config)

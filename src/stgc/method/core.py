@@ -47,7 +47,7 @@ from stgc.method.hf_experts import (
 from stgc.method.llama4 import Llama4Probe, is_llama4_moe
 from stgc.method.loss import conflict_elimination_losses
 from stgc.method.modality import image_token_ids, modality_of
-from stgc.method.probes import GRADIENTS, LayerConflicts, LayerProbe, SparseMoEProbe
+from stgc.method.probes import GRADIENTS, LayerConflicts, LayerProbe, SparseMoEProbe, all_conflicts
 from stgc.method.selection import Selection, SelectionStep, selection_named
 from stgc.method.settings import Settings
 from stgc.method.statistics import LayerStats, layer_metrics, position_conflict_share
@@ -206,7 +206,7 @@ class STGCMethod:
         settings = self.settings
         for probe in self.probes:
             probe.verify_rule()
-        layers = [probe.conflicts(settings.gradient, settings.mean) for probe in self.probes]
+        layers = all_conflicts(self.probes, settings.gradient, settings.mean)
         conflicting = [c.has_grad & (c.cosine < settings.threshold) for c in layers]  # (S,) per layer
         penalised = self._select(layers, conflicting)
         scale = settings.loss_weight / accumulation
@@ -417,7 +417,7 @@ class STGCMethod:
                 loss = loss_of_sample()
             weights = [site.weight for probe in self.probes for site in probe.sites]
             torch.autograd.grad(loss, weights, allow_unused=True)  # the probes' hooks see the gradients
-            layers = [probe.conflicts(settings.gradient, settings.mean) for probe in self.probes]
+            layers = all_conflicts(self.probes, settings.gradient, settings.mean)
             routings = [probe.routing() for probe in self.probes]
             for probe in self.probes:
                 probe.start(False)

@@ -15,6 +15,7 @@ Notation: N routed tokens of the layer, E experts, n_e rows processed by expert 
 """
 
 import dataclasses
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -168,10 +169,13 @@ class LayerProbe(ABC):
             terms[0], terms[1] = terms[0] + dot, terms[1] + sqnorm
 
     def conflicts(self, gradient: str = "exact", mean: str = "all") -> LayerConflicts:
-        """Cosine of every (token, expert) assignment whose expert saw gradient this micro-batch, of the
-        chosen `gradient`'s terms, against the sum over all the expert's tokens or over the `others`;
-        `cosines` also holds the other gradient's, in the same order, when it was captured too. Against a
-        kept reference, the cosines are with its sums (the tokens are not in them: `mean` plays no part)."""
+        """This layer's `all_conflicts`."""
+        return all_conflicts([self], gradient, mean)[0]
+
+    def _assignments(self, gradient: str) -> "_Assignments | None":
+        """The (token, expert) assignments whose expert saw gradient of the chosen kind, with each captured
+        gradient's terms over them; None when there are none. Against a kept reference, only the experts
+        that had kept tokens (the others have nothing to compare with)."""
         routing = self.routing()
         sizes = [rows.shape[0] for rows in routing.expert_rows]
         for terms in self._terms.values():  # every expert's rows at once (a fused weight's): per expert
@@ -180,50 +184,26 @@ class LayerProbe(ABC):
                 terms.update(
                     {e: [dot, sqnorm] for e, (dot, sqnorm) in enumerate(zip(*parts, strict=True)) if sizes[e]}
                 )
-        using = self.reference_mode == "use"
-        if using:  # an expert without kept tokens has nothing to compare with
+        if self.reference_mode == "use":
             for name, terms in self._terms.items():
                 kept = self._reference_totals[name][1] if name in self._reference_totals else set()
                 for expert in [e for e in terms if e not in kept]:
                     del terms[expert]
-        cosine_of = leave_one_out_cosine if mean == "others" and not using else cosine_from_terms
-        experts = sorted(self._terms[gradient])  # those whose tokens saw gradient of the chosen kind
+        experts = sorted(self._terms[gradient])
         if not experts:
-            empty = torch.zeros(0, device=self.router_weight.device)
-            return LayerConflicts(empty, empty.long(), empty.long(), empty.bool(), None, torch.tensor(True))
-        # all experts' assignments at once: no operator per expert
+            return None
         rows = torch.cat([routing.expert_rows[e] for e in experts])  # (S,)
         counts = [size if e in self._terms[gradient] else 0 for e, size in enumerate(sizes)]
         expert = routing.row_experts  # (S,)
         if expert is None or counts != sizes:  # some experts' rows are not in the terms
             expert = repeated(torch.arange(self.num_experts, device=rows.device), counts)
-        by_gradient = {}
-        for name, terms in self._terms.items():
-            if not terms:
-                continue
-            dot, sqnorm = self._concatenated(terms, experts, routing.expert_rows)
-            if using:
-                expert_total = self._reference_totals[name][0]
-            else:  # ‖G_e‖² = Σ_i ⟨g_i, G_e⟩ over the expert's rows
-                expert_total = dot.new_zeros(self.num_experts).index_add_(0, expert, dot)  # (E,)
-                if self.reference_mode == "keep":
-                    self._reference_totals[name] = (expert_total, set(terms))
-            total = expert_total.index_select(0, expert)  # (S,)
-            by_gradient[name] = cosine_of(dot, sqnorm, total)
-            if name == gradient:
-                chosen_sqnorm = sqnorm
-                finite = (dot + sqnorm + total).isfinite().all()  # a NaN or inf in any term stays one
+        terms = {
+            name: self._concatenated(terms, experts, routing.expert_rows)
+            for name, terms in self._terms.items()
+            if terms
+        }
         modality = None if routing.modality is None else routing.modality.index_select(0, rows)  # (S,)
-        return LayerConflicts(
-            by_gradient[gradient],
-            rows,
-            expert,
-            chosen_sqnorm > 0,
-            modality,
-            finite,
-            by_gradient,
-            chosen_sqnorm,
-        )
+        return _Assignments(rows, expert, terms, modality)
 
     @staticmethod
     def _concatenated(
@@ -245,6 +225,95 @@ class LayerProbe(ABC):
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+@dataclass
+class _Assignments:
+    """One layer's assignments with a gradient, as `all_conflicts` gathers them (expert: the layer's own)."""
+
+    rows: Tensor  # (S,)
+    expert: Tensor  # (S,)
+    terms: dict[str, tuple[Tensor, Tensor]]  # gradient -> ⟨g_i, G⟩, ‖g_i‖² (S,); NaN where not captured
+    modality: Tensor | None  # (S,)
+
+
+def all_conflicts(
+    probes: list[LayerProbe], gradient: str = "exact", mean: str = "all"
+) -> list[LayerConflicts]:
+    """Per layer, the cosine of every (token, expert) assignment whose expert saw gradient this micro-batch,
+    of the chosen `gradient`'s terms, against the sum over all the expert's tokens or over the `others`;
+    `cosines` also holds the other gradient's, in the same order, when it was captured too. Against a kept
+    reference, the cosines are with its sums (the tokens are not in them: `mean` plays no part). All layers
+    in one pass (no operator repeats per layer); `finite` is that of every layer's terms."""
+    found = [(probe, probe._assignments(gradient)) for probe in probes]
+    present = [(probe, layer) for probe, layer in found if layer is not None]
+    if not present:
+        return [_no_conflicts(probe) for probe in probes]
+    using = present[0][0].reference_mode == "use"
+    cosine_of = leave_one_out_cosine if mean == "others" and not using else cosine_from_terms
+    starts = [0, *itertools.accumulate(probe.num_experts for probe, _ in present)]  # each layer's first slot
+    slot = torch.cat(
+        [layer.expert + start for (_, layer), start in zip(present, starts, strict=False)]
+    )  # (P,)
+    sizes = [layer.rows.shape[0] for _, layer in present]
+    names = [name for name in GRADIENTS if any(name in layer.terms for _, layer in present)]
+    by_gradient: dict[str, Tensor] = {}
+    for name in names:
+        dot, sqnorm = (
+            torch.cat(column)
+            for column in zip(*(_terms_of(layer, name) for _, layer in present), strict=True)
+        )
+        if using:
+            expert_total = torch.cat([_kept_total(probe, name) for probe, _ in present])
+        else:  # ‖G_e‖² = Σ_i ⟨g_i, G_e⟩ over each expert's rows
+            expert_total = dot.new_zeros(starts[-1]).index_add_(0, slot, dot)  # (Σ E,)
+            for (probe, _), start in zip(present, starts, strict=False):
+                if probe.reference_mode == "keep":
+                    own = expert_total[start : start + probe.num_experts]
+                    probe._reference_totals[name] = (own, set(probe._terms[name]))
+        total = expert_total.index_select(0, slot)  # (P,)
+        by_gradient[name] = cosine_of(dot, sqnorm, total)
+        if name == gradient:
+            chosen_sqnorm = sqnorm
+            finite = (dot + sqnorm + total).isfinite().all()  # a NaN or inf in any term stays one
+    has_grad = (chosen_sqnorm > 0).split(sizes)
+    norms = chosen_sqnorm.split(sizes)
+    cosines = {name: cosine.split(sizes) for name, cosine in by_gradient.items()}
+    conflicts = {}
+    for index, (probe, layer) in enumerate(present):
+        own = {name: split[index] for name, split in cosines.items()}
+        conflicts[probe] = LayerConflicts(
+            own[gradient],
+            layer.rows,
+            layer.expert,
+            has_grad[index],
+            layer.modality,
+            finite,
+            own,
+            norms[index],
+        )
+    return [conflicts.get(probe) or _no_conflicts(probe) for probe in probes]
+
+
+def _terms_of(layer: _Assignments, gradient: str) -> tuple[Tensor, Tensor]:
+    """The layer's terms of `gradient`, NaN where it was not captured."""
+    if gradient in layer.terms:
+        return layer.terms[gradient]
+    like = next(iter(layer.terms.values()))[0]
+    missing = like.new_full(layer.rows.shape, float("nan"))
+    return missing, missing
+
+
+def _kept_total(probe: LayerProbe, gradient: str) -> Tensor:
+    """The kept micro-batch's ‖G_e‖² (E,) of `gradient` (NaN when it kept none)."""
+    kept = probe._reference_totals.get(gradient)
+    return kept[0] if kept is not None else probe.router_weight.new_full((probe.num_experts,), float("nan"))
+
+
+def _no_conflicts(probe: LayerProbe) -> LayerConflicts:
+    """A layer without assignments that saw gradient."""
+    empty = torch.zeros(0, device=probe.router_weight.device)
+    return LayerConflicts(empty, empty.long(), empty.long(), empty.bool(), None, torch.tensor(True))
 
 
 class WeightSite:
