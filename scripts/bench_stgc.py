@@ -45,13 +45,15 @@ from stgc_experiments.bench import (
     captured_experts,
     experts_time,
     fit_steps,
+    layer_operators,
     median_ratio,
+    method_profile,
     model_args,
     round_robin,
     step_profile,
     timed,
+    tiny_qwen3_moe,
     to_device,
-    transformers_moe_profile,
 )
 
 
@@ -259,16 +261,16 @@ def print_profile(shape: str, batch_shape: tuple[int, int], expert_counts: list[
         extra = profile["aten_ops"] - plain["aten_ops"]
         print(f"  {variant}: {profile['step_ms']:.1f} ms, +{extra:.0f} aten ops; {parts}")
     for experts in expert_counts:
-        ours = step_profile(build(shape, experts), data, "stgc_every_step", steps=2)["parts"]
-        theirs = transformers_moe_profile(experts)  # 2 MoE layers too
-        print(f"  {experts} experts, per MoE layer per step: SparseMoE {layer_ops(ours, layers)}; "
-              f"transformers' fused experts (Qwen3-MoE) {layer_ops(theirs, 2)}")  # fmt: skip
+        ours = layer_operators(
+            step_profile(build(shape, experts), data, "stgc_every_step", steps=2)["parts"], layers
+        )
+        theirs = layer_operators(method_profile(tiny_qwen3_moe(experts))["parts"], 2)  # 2 MoE layers too
+        print(f"  {experts} experts, per MoE layer per step: SparseMoE {operators(ours)}; "
+              f"transformers' fused experts (Qwen3-MoE) {operators(theirs)}")  # fmt: skip
 
 
-def layer_ops(parts: dict, layers: int) -> str:
-    """STGC's operators per MoE layer per step: in after_backward, and in its hooks during forward and backward."""
-    hooks = sum(parts[part]["ops"] for part in ("stgc.capture", "stgc.weight_hook", "stgc.output_hook"))
-    return f"after_backward {parts['stgc.after_backward']['ops'] / layers:.0f} ops, hooks {hooks / layers:.0f} ops"
+def operators(counts: dict[str, float]) -> str:
+    return f"after_backward {counts['after_backward']:.0f} ops, hooks {counts['hooks']:.0f} ops"
 
 
 def print_step_ratios(shape: str, times: dict[str, list[float]]) -> None:

@@ -3,10 +3,15 @@
 Prints, per precision (bf16-mixed, 16-mixed):
 
   * the step-time ratio STGC / plain against the floor 1 + s/3 (s = the experts' share of a plain step),
+    and those of gradient="output" and of a step that logs (as scripts/bench_stgc.py measures them),
   * host-device syncs per training step with and without STGC (counted; on CUDA also seen by
     torch.cuda's sync debug mode),
   * peak GPU memory with and without STGC,
-  * the largest cosine error of STGC's low-precision terms against float64 on one step's captures.
+  * the largest cosine error of STGC's low-precision terms against float64 on one step's captures;
+
+and then the operators STGC runs per MoE layer per step on transformers' fused experts (a tiny
+Qwen3-MoE at 8 and 64 experts: they should not grow with the experts), and a tiny Qwen3-VL-MoE of
+configs/vlm/qwen3_vl_moe_tiny.yaml under bf16 autocast (its grouped experts on the GPU: finite terms).
 
 Every run is a real `Trainer.fit` of LVLMModule (the easy-vqa model's shape, stage III's MoE) with the
 STGC callback as users add it, on synthetic stage III batches.
@@ -25,6 +30,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from stgc import STGC
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
@@ -33,9 +39,10 @@ from stgc.host_syncs import HostSyncCounter
 from stgc.method.cosine import cosine_from_terms, linear_gradient_terms
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers
-from stgc_experiments.bench import StepTimer, timed
+from stgc_experiments.bench import StepTimer, layer_operators, method_profile, timed, tiny_qwen3_moe
 
 CONFIGS = Path("configs/easy_vqa")
+VLM_CONFIG = Path("configs/vlm/qwen3_vl_moe_tiny.yaml")
 TINY_LM = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 
 
@@ -112,14 +119,17 @@ class StepProbe(StepTimer):
                 self._warnings = None
 
 
-def fit(args: argparse.Namespace, precision: str, with_stgc: bool, batch_size: int, text_tokens: int) -> dict:
-    """`args.steps` training steps (after 2 warm-up steps) of one variant; its times, syncs, peak memory."""
+def fit(
+    args: argparse.Namespace, precision: str, stgc: dict | None, batch_size: int, text_tokens: int
+) -> dict:
+    """`args.steps` training steps (after 2 warm-up steps) of one variant (plain, or STGC with the
+    arguments `stgc` changes); its times, syncs, peak memory."""
     steps = args.steps
     module = build(args.tiny, args.data)
     probe = StepProbe(count_at=3)
     callbacks = [probe]
-    if with_stgc:
-        callbacks.append(STGC(log_every_n_steps=10**6, histogram_every_n_steps=0))
+    if stgc is not None:
+        callbacks.append(STGC(**{"log_every_n_steps": 10**6, "histogram_every_n_steps": 0} | stgc))
     data = DataLoader(StageThreeBatches(module, batch_size * (steps + 2), text_tokens), batch_size=batch_size)
     trainer = L.Trainer(
         accelerator="auto", devices=1, precision=precision, max_steps=steps + 2, logger=False,
@@ -213,6 +223,27 @@ def cosine_error(module: LVLMModule, batch: dict, precision: str) -> float:
     return float((cosine(low).double() - cosine(high)).abs().max())
 
 
+def transformers_experts(tiny: bool) -> dict:
+    """STGC's operators per MoE layer per step on a tiny Qwen3-MoE at 8 and 64 experts, and a tiny
+    Qwen3-VL-MoE (configs/vlm/qwen3_vl_moe_tiny.yaml's model) under bf16 autocast: its operators and
+    whether every step's terms were finite. On the GPU when there is one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    report = {}
+    for experts in (8,) if tiny else (8, 64):
+        profile = method_profile(tiny_qwen3_moe(experts).to(device))
+        report[f"qwen3_moe_{experts}_experts"] = layer_operators(profile["parts"], 2)
+    config = OmegaConf.to_container(OmegaConf.load(VLM_CONFIG).model.init_args.model_config)
+    model_type = config.pop("model_type")
+    config["text_config"] |= {"vocab_size": 256}  # text only: the processor's ids are not needed
+    vlm = AutoModelForImageTextToText.from_config(AutoConfig.for_model(model_type, **config)).to(device)
+    profile = method_profile(vlm, autocast=torch.bfloat16)
+    layers = vlm.config.text_config.num_hidden_layers
+    report["qwen3_vl_moe_tiny_bf16"] = layer_operators(profile["parts"], layers) | {
+        "finite": profile["finite"]
+    }
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny LM and small batches (CPU, the tests)")
@@ -226,13 +257,17 @@ def main() -> None:
     precisions = ["bf16-mixed", "16-mixed"] if torch.cuda.is_available() else ["bf16-mixed"]
     report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     for precision in precisions:
-        plain = fit(args, precision, False, batch_size, text_tokens)
-        stgc = fit(args, precision, True, batch_size, text_tokens)
+        plain = fit(args, precision, None, batch_size, text_tokens)
+        stgc = fit(args, precision, {}, batch_size, text_tokens)
+        output = fit(args, precision, {"gradient": "output"}, batch_size, text_tokens)
+        logging = fit(args, precision, {"log_every_n_steps": 1}, batch_size, text_tokens)
         share = experts_share(plain["module"], plain["batch"], precision)
         row = {
             "plain_step_ms": plain["step_ms"],
             "stgc_step_ms": stgc["step_ms"],
             "ratio": stgc["step_ms"] / plain["step_ms"],
+            "ratio_output": output["step_ms"] / plain["step_ms"],
+            "ratio_logging": logging["step_ms"] / plain["step_ms"],
             "experts_share_s": share,
             "floor": 1 + share / 3,
             "syncs_per_step": {"plain": plain["syncs_per_step"], "stgc": stgc["syncs_per_step"]},
@@ -242,6 +277,8 @@ def main() -> None:
         }
         report[precision] = row
         print(f"[{precision}] {json.dumps(row)}", flush=True)
+    report["transformers_experts"] = transformers_experts(args.tiny)
+    print(f"[transformers experts] {json.dumps(report['transformers_experts'])}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

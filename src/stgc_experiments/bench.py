@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import PreTrainedModel, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from stgc import STGC
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
@@ -261,32 +261,48 @@ def _part_counts(profiler: torch.profiler.profile, steps: int) -> dict[str, dict
     return parts
 
 
-def transformers_moe_profile(
-    num_experts: int, num_layers: int = 2, steps: int = 2
-) -> dict[str, dict[str, float]]:
-    """`_part_counts` of STGC's steps (the configured callback's settings) on a tiny Qwen3-MoE built here:
-    transformers' fused experts, `num_experts` of them top-2 in each of its `num_layers`, batch 8 x 64."""
+def tiny_qwen3_moe(num_experts: int, num_layers: int = 2) -> PreTrainedModel:
+    """A tiny Qwen3-MoE built here (transformers' fused experts): `num_experts` top-2 in each of its layers."""
     torch.manual_seed(0)
     config = Qwen3MoeConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=num_layers,
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=num_experts, num_experts_per_tok=2,
     )  # fmt: skip
-    model = Qwen3MoeForCausalLM(config)
+    return Qwen3MoeForCausalLM(config)
+
+
+def method_profile(
+    model: torch.nn.Module, steps: int = 2, autocast: torch.dtype | None = None
+) -> dict[str, Any]:
+    """`_part_counts` of STGC's steps (the configured callback's settings, stgc.method on its own) on a
+    transformers causal LM, batch 8 x 64 on its device, after two untimed steps (under `autocast` when
+    given); "finite": whether every step's terms were."""
+    device = next(model.parameters()).device
     settings = {f.name for f in dataclasses.fields(Settings)}
     method = STGCMethod(**{key: value for key, value in stgc_args().items() if key in settings})
     method.attach(model)
-    ids = torch.randint(256, (8, 64), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(model.config.get_text_config().vocab_size, (8, 64), generator=generator).to(device)
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    finite = True
     for step in range(2 + steps):
         if step == 2:
             profiler.__enter__()
         method.begin({"input_ids": ids})
-        model(input_ids=ids, labels=ids).loss.backward()
-        method.after_backward()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        finite = method.after_backward().finite and finite
         model.zero_grad(set_to_none=True)
     profiler.__exit__(None, None, None)
     method.detach()
-    return _part_counts(profiler, steps)
+    return {"parts": _part_counts(profiler, steps), "finite": finite}
+
+
+def layer_operators(parts: dict[str, dict[str, float]], layers: int) -> dict[str, float]:
+    """STGC's operators per MoE layer per step: in after_backward, and in its hooks in forward and backward."""
+    hooks = sum(parts[part]["ops"] for part in ("stgc.capture", "stgc.weight_hook", "stgc.output_hook"))
+    return {"after_backward": parts["stgc.after_backward"]["ops"] / layers, "hooks": hooks / layers}
 
 
 def step_profile(module: LVLMModule, data: dict, variant: str, steps: int = 3) -> dict[str, Any]:
