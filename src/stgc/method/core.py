@@ -204,8 +204,7 @@ class STGCMethod:
         if not self.capturing:
             raise RuntimeError("STGCMethod.after_backward without begin: nothing was captured")
         settings = self.settings
-        for probe in self.probes:
-            probe.verify_rule()
+        self._verify_rules()
         layers = all_conflicts(self.probes, settings.gradient, settings.mean)
         conflicting = [c.has_grad & (c.cosine < settings.threshold) for c in layers]  # (S,) per layer
         penalised = self._select(layers, conflicting)
@@ -231,6 +230,17 @@ class STGCMethod:
             router_inputs = [probe.routing().router_input.detach() for probe in self.probes]
             self._pending = PendingReroute(router_inputs, logits, layers, penalised)
         return StepResult(True, layers, stats, metrics)
+
+    def _verify_rules(self) -> None:
+        """Until each probe's router rule is accepted: the tokens whose experts it reproduces, counted over
+        all ranks (one all-reduce and one host sync, on the first steps only), so that a rule that fails
+        stops every rank at once rather than leaving the others waiting in the step's collective."""
+        unverified = [probe for probe in self.probes if not probe.rule_verified]  # alike on every rank
+        if not unverified:
+            return
+        counts = sum_over_ranks(torch.stack([probe.rule_counts() for probe in unverified]))  # (U, 2)
+        for probe, (agreeing, tokens) in zip(unverified, counts.tolist(), strict=True):
+            probe.check_rule(agreeing, tokens)
 
     def _select(self, layers: list[LayerConflicts], conflicting: list[Tensor]) -> list[Tensor]:
         """The assignments the CEL applies to, as the selection chooses them."""

@@ -31,6 +31,7 @@ from stgc.method.tracing import traced
 from stgc.moe.recompute import RECOMPUTE, current_frame
 
 REFERENCES = ("none", "keep", "use")  # see LayerProbe.start
+RULE_AGREEMENT = 0.95  # share of tokens whose chosen experts the rule must reproduce (ties differ in bf16)
 GRADIENTS = ("exact", "output")  # which token gradient the cosines are of (see the module docstring)
 MEANS = ("all", "others")  # compared with the sum over all of the expert's tokens, or over the others
 
@@ -79,6 +80,7 @@ class LayerProbe(ABC):
         self.num_experts = num_experts
         self.top_k = top_k
         self.rule = SOFTMAX  # how the router chooses and scores (stgc.method.routers)
+        self.rule_verified = True  # SparseMoE's router is softmax top-k by construction
         self.capturing = False
         self.position_modality: Tensor | None = None  # (B*T,) per input position, when the model says
         self.capture_exact = False  # keep X and Δ of every expert linear
@@ -116,10 +118,24 @@ class LayerProbe(ABC):
             return routing
         return dataclasses.replace(routing, modality=modality)
 
-    def verify_rule(self) -> None:
-        """Check once, on a captured forward, that `rule` reproduces the router's own choice (where the
-        probe sees that choice); ValueError when it does not."""
-        return None  # SparseMoE's router is softmax top-k by construction
+    def rule_counts(self) -> Tensor:
+        """(2,) float64: of the last captured forward's tokens, those whose experts `rule` chooses as the
+        router did, and all of them; zeros where the probe does not see the router's choice."""
+        return torch.zeros(2, dtype=torch.float64, device=self.router_weight.device)
+
+    def check_rule(self, agreeing: float, tokens: float) -> None:
+        """Accept `rule` once it reproduced at least RULE_AGREEMENT of `tokens` (counted over all ranks,
+        so that every rank decides alike); ValueError when it did not."""
+        if tokens == 0:
+            return  # nothing seen yet: checked on a later step
+        if agreeing / tokens < RULE_AGREEMENT:
+            raise ValueError(
+                f"STGC's router rule for {self.name} ({self.rule.scores}"
+                f"{', correction bias' if self.rule.bias_owner is not None else ''}) picks the router's "
+                f"experts for only {agreeing / tokens:.0%} of the tokens: this router family is not "
+                "supported yet (stgc.method.routers lists those that are)"
+            )
+        self.rule_verified = True
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The parameters the CEL's gradient goes to: the router's weight, and its bias if it has one."""
