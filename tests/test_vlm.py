@@ -8,17 +8,18 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stgc.constants import IGNORE_INDEX
 from stgc.data import InstructionDataModule
 from stgc.data.collate import answer_spans
+from stgc.method import STGCMethod
 from stgc.method.names import CONFLICT_RATIO_IMAGE, CONFLICT_RATIO_TEXT, metric
 from stgc.vlm import TransformersVLMModule
 from stgc.vlm.parameters import parameter_groups
-from stgc_experiments.tiny_vlm import END_OF_TURN, qwen3_vl_processor, save_processor
+from stgc_experiments.tiny_vlm import END_OF_TURN, qwen3_vl_processor
 from support.console import stgc
 from support.fit import ROOT
+from support.vlm import FIT_STEPS, datamodule, logged_tags, tiny_vlm_args
 
 CONFIG = "configs/vlm/qwen3_vl_moe_tiny.yaml"
 RECIPE = "configs/vlm/qwen3_vl_moe_30b_a3b.yaml"
@@ -49,19 +50,6 @@ def vlm_data(tmp_path_factory) -> dict:
     module_args = yaml.safe_load((ROOT / CONFIG).read_text())["model"]["init_args"]
     module = TransformersVLMModule(**{**module_args, "processor": str(folder / "processor")})
     return {"json": folder / "data.json", "images": images, "module": module, "args": module.hparams}
-
-
-def datamodule(vlm_data: dict, **kwargs) -> InstructionDataModule:
-    """An InstructionDataModule (template: chat) attached to the tiny module, its fit splits built."""
-    module = vlm_data["module"]
-    data = InstructionDataModule(
-        train_json=str(vlm_data["json"]), val_json=str(vlm_data["json"]), image_folder=str(vlm_data["images"]),
-        template="chat", question_types=("shape", "color", "yes_no"), **kwargs,
-    )  # fmt: skip
-    transform = module.image_transform(False)
-    data.attach(module.tokenizer, transform, transform, module.num_image_tokens, module.processor)
-    data.setup("fit")
-    return data
 
 
 def test_labels_are_exactly_the_answers_and_their_end_of_turn(vlm_data) -> None:
@@ -127,8 +115,9 @@ def test_a_processor_model_takes_only_the_chat_template(vlm_data) -> None:
 
 
 def test_records_cut_by_max_length_are_counted_skips(vlm_data) -> None:
-    batch = next(iter(datamodule(vlm_data, max_length=14, batch_size=3).train_dataloader()))
-    # the square image's 4 tokens end after 14 tokens; the others keep their prompts, not their answers
+    batch = next(iter(datamodule(vlm_data, max_length=15, batch_size=3).train_dataloader()))
+    # the square image's text (4 tokens in brackets) ends after 15 tokens, the wide one's (2) at 15; the
+    # others keep their prompts, not their answers
     assert dict(batch["skipped"]) == {("a", 2): "too_long", ("a", 1): "all_masked", ("b", 1): "all_masked"}
 
 
@@ -171,28 +160,6 @@ def test_validation_scores_the_answers_that_greedy_generation_gives(vlm_data) ->
 
 
 # -- the console script ---------------------------------------------------------------------------
-# a fit's budget: 3 steps, τ = 0 (where a tiny random model has conflicts)
-FIT_STEPS = ("--trainer.max_steps=3", "--trainer.limit_train_batches=3", "--trainer.callbacks.threshold=0.0")
-
-
-def tiny_vlm_args(family: str, config: str, easy_vqa_dir, root, records: int = 36) -> list[str]:
-    """`stgc` arguments of a tiny VLM config on `records` easy-vqa records (one val batch), its processor
-    written under `root`, its logs there too."""
-    files = [easy_vqa_dir / "instruct_train.json", easy_vqa_dir / "instruct_test.json"]
-    return [
-        "-c", "configs/trainer.yaml", "-c", config,
-        f"--model.init_args.processor={save_processor(family, files, root / 'processor')}",
-        f"--data.init_args.train_json={files[0]}", f"--data.init_args.test_json={files[1]}",
-        f"--data.init_args.image_folder={easy_vqa_dir / 'images'}",
-        f"--data.init_args.limit_records={records}", "--data.init_args.val_fraction=0.2",
-        "--trainer.limit_val_batches=1", f"--trainer.logger.init_args.save_dir={root}",
-    ]  # fmt: skip
-
-
-def logged_tags(folder) -> set[str]:
-    return set(EventAccumulator(str(folder)).Reload().Tags()["scalars"])
-
-
 @pytest.fixture(scope="module")
 def vlm_fit(easy_vqa_dir, tmp_path_factory) -> dict:
     """`stgc fit` of the tiny Qwen3-VL-MoE with STGC on 36 easy-vqa records (3 steps, one val batch)."""
@@ -308,3 +275,29 @@ def test_stgc_fit_on_two_processes(strategy, easy_vqa_dir, tmp_path) -> None:
     assert fit.returncode == 0, fit.stderr[-3000:]
     tags = logged_tags(tmp_path / "vlm" / "qwen3_vl_moe_tiny_stgc")
     assert {metric(CONFLICT_RATIO_IMAGE), metric(CONFLICT_RATIO_TEXT), "val/vqa_acc"} <= tags
+
+
+def test_gradient_checkpointing_gives_the_cosines_and_gradients_of_a_run_without(vlm_data) -> None:
+    """The same batch through the same weights with and without recomputation: STGC's cosines of every
+    layer and the experts' gradients agree (each expert's inputs are captured in the recomputation)."""
+    batch = next(iter(datamodule(vlm_data, batch_size=3).train_dataloader()))
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        args = {**vlm_data["args"], "gradient_checkpointing": checkpointing}
+        module = TransformersVLMModule(**args)
+        module.train()
+        assert module.model.is_gradient_checkpointing == checkpointing
+        method = STGCMethod(threshold=0.0, loss_weight=0.0)
+        method.attach(module)
+        method.begin(batch)
+        module(batch).loss.backward()
+        layers = method.after_backward().layers
+        experts = {name: p.grad.clone() for name, p in module.named_parameters() if "experts" in name}
+        runs.append(([c.cosine for c in layers], experts))
+    (plain, plain_grads), (recomputed, recomputed_grads) = runs
+    assert len(plain) == 2 and all(c.numel() for c in plain)
+    for a, b in zip(plain, recomputed, strict=True):
+        torch.testing.assert_close(a, b)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(recomputed_grads[name], grad, msg=name)

@@ -1,11 +1,13 @@
 """Conversation templates: a Record becomes input_ids and labels, built segment by segment.
 
 Each text segment is tokenized on its own (add_special_tokens=False) and the ids are concatenated,
-so label boundaries are exact for any tokenizer. The image placeholder becomes num_image_tokens
-IMAGE_TOKEN_ID positions, where the model splices the projected patch embeddings. Every trained
-answer ends with the tokenizer's eos token, where generation stops.
+so label boundaries are exact for any tokenizer. The image placeholder becomes the image's ids
+(num_image_tokens IMAGE_TOKEN_ID positions, where the model splices the projected patch embeddings; a
+processor model's own image text, stgc.data.processor). Every trained answer ends with the tokenizer's
+eos token, where generation stops.
 """
 
+import itertools
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
@@ -22,10 +24,12 @@ DEFAULT_SYSTEM_PROMPT = (
 
 @dataclass(frozen=True)
 class Segment:
-    """A run of token ids; train says whether the LM loss is taken on them."""
+    """A run of token ids; train says whether the LM loss is taken on them, image whether they are an
+    image's (which a cut by max_length may not split)."""
 
     ids: list[int]
     train: bool
+    image: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,6 @@ class Template:
     """Shared machinery: tokenize segments, concatenate, truncate; subclasses lay out the segments."""
 
     expands_turns = False  # whether eval makes one sample per answer (with prompt fields)
-    image_token_id = IMAGE_TOKEN_ID  # the input id of an image position
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int) -> None:
         if tokenizer.eos_token_id is None:
@@ -69,7 +72,7 @@ class Template:
     def prompt(self, text: str, record: Record) -> list[Segment]:
         """Untrained prompt text, with the image placeholder expanded to the record's image ids."""
         before, placeholder, after = text.partition(IMAGE_PLACEHOLDER)
-        image = [Segment(self.image_ids(record), False)] if placeholder else []
+        image = [Segment(self.image_ids(record), False, image=True)] if placeholder else []
         return [self.text(before), *image, self.text(after)]
 
     def answer(self, text: str, train: bool) -> list[Segment]:
@@ -77,11 +80,13 @@ class Template:
         return [self.text(text, train), Segment([self.tokenizer.eos_token_id], train)]
 
     def encode(self, record: Record, max_length: int, turn: int | None = None) -> Encoded:
-        """Encode and cut to max_length from the end; raise RecordError if the image or every label is lost."""
+        """Encode and cut to max_length from the end; raise RecordError if the image's ids (all of them)
+        or every label is lost."""
         segments = self.segments(record, turn)
         input_ids = [i for s in segments for i in s.ids]
         labels = [i if s.train else IGNORE_INDEX for s in segments for i in s.ids]
-        image_end = max((k + 1 for k, i in enumerate(input_ids) if i == self.image_token_id), default=0)
+        ends = itertools.accumulate(len(s.ids) for s in segments)
+        image_end = max((end for end, s in zip(ends, segments, strict=True) if s.image), default=0)
         if image_end > max_length:
             raise record.error(
                 "too_long", f"prefix through the image ({image_end} tokens) exceeds max_length={max_length}"

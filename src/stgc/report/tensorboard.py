@@ -26,11 +26,13 @@ def write_conflict_images(
     stats: list[LayerStats],
     picture: np.ndarray | None = None,
 ) -> None:
-    """The cosines of each layer's assignments with a gradient as a histogram, the heatmap, and the
+    """The cosines of each layer's assignments with a gradient as a histogram (none for a layer without
+    one: ERNIE-4.5-VL's last vision experts, whose image tokens reach no label), the heatmap, and the
     conflict picture when there is one (H, W, 3)."""
     for name, conflicts in zip(layer_names, layers, strict=True):
         cosine = conflicts.cosine[conflicts.has_grad].detach().float().cpu()
-        writer.add_histogram(names.metric(names.COSINE_HISTOGRAM, name), cosine, step)
+        if cosine.numel():
+            writer.add_histogram(names.metric(names.COSINE_HISTOGRAM, name), cosine, step)
     writer.add_image(
         names.CONFLICT_RATIO_HEATMAP, conflict_heatmap(layer_names, stats), step, dataformats="HWC"
     )

@@ -1,6 +1,7 @@
 """The LightningModule of a transformers MoE vision-language model: trains it on the answers of
 LLaVA-format conversations (InstructionDataModule, template: chat) and scores it on VQA as LVLMModule does."""
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -19,14 +20,30 @@ from transformers import (
 
 from stgc.checkpoint import KeepsRNGState
 from stgc.data.collate import is_empty, pad_token_id, prompt_batch
-from stgc.data.processor import PixelInputs, ProcessorImages, concat_pixel_inputs
+from stgc.data.processor import PixelInputs, ProcessorImages, concat_pixel_inputs, image_text_ids
 from stgc.evaluation import VQAEvaluation
 from stgc.module import checkpoint_state_dict
+from stgc.moe.recompute import enable_gradient_checkpointing
 from stgc.optim import SkipsBadSteps
 from stgc.vlm.parameters import freeze_all_but
 
-# special token ids a config built from scratch takes from the processor when it does not give them
-PROCESSOR_TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+# special token ids a config built from scratch takes from the processor when it does not give them: config
+# parameter -> the processor's attribute, an id or a token; Llama 4 puts image features at <|patch|> tokens
+# (its processor's image_token, <|image|>, only opens the global tile)
+PROCESSOR_TOKEN_IDS = {
+    **{name: name for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                               "image_start_token_id", "image_end_token_id", "video_start_token_id",
+                               "video_end_token_id")},
+    "image_token_index": "img_patch_token", "boi_token_index": "start_of_img_token",
+    "eoi_token_index": "end_of_img_token",
+}  # fmt: skip
+# the token types a model's forward may take (1 at image positions, 0 elsewhere), each from the config's
+# ids of its image positions: Qwen-VL's and ERNIE-4.5-VL's M-RoPE its image tokens; ERNIE-4.5-VL's MoE
+# (its vision experts) these and the image's brackets too, as its processor counts them
+TOKEN_TYPES = {
+    "mm_token_type_ids": ("image_token_id",),
+    "moe_mm_token_type_ids": ("image_token_id", "image_start_token_id", "image_end_token_id"),
+}
 TYPICAL_IMAGE_SIDE = 448  # pixels: the image whose token count estimates lengths (group_by_length)
 
 
@@ -34,7 +51,9 @@ class TransformersVLMModule(VQAEvaluation, SkipsBadSteps, KeepsRNGState):
     """Any `AutoModelForImageTextToText` with its `AutoProcessor`, both from local folders: a checkpoint
     (`model_path`) or a config to build at random (`model_config`, with its `model_type`); `trainable`
     picks the groups that train (stgc.vlm.parameters: vision_tower, projector, lm, experts, routers);
-    `init_from` starts from a Lightning checkpoint of this module.
+    `init_from` starts from a Lightning checkpoint of this module; `gradient_checkpointing` recomputes
+    the decoder layers (MoE layers included) and vision blocks in backward, the probes marked as for
+    LVLMModule (stgc.moe.recompute).
 
     Batches are the LLaVA DataModules' with `images` a list of each row's pixel inputs (the processor's;
     None for a text-only row). Validation, test, predict and the optimizer are stgc.evaluation's, as
@@ -54,6 +73,7 @@ class TransformersVLMModule(VQAEvaluation, SkipsBadSteps, KeepsRNGState):
         warmup_ratio: float = 0.03,
         max_new_tokens: int = 8,
         router_aux_loss_coef: float | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -72,21 +92,28 @@ class TransformersVLMModule(VQAEvaluation, SkipsBadSteps, KeepsRNGState):
         freeze_all_but(self.model, trainable)
         if router_aux_loss_coef is not None:  # the model's own load-balancing loss, as MoE-LLaVA's stage III
             self.model.config.get_text_config().router_aux_loss_coef = router_aux_loss_coef
-        self.takes_token_types = "mm_token_type_ids" in inspect.signature(self.model.forward).parameters
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        taken = inspect.signature(self.model.forward).parameters
+        config = self.model.config
+        self.token_types = {  # name -> the image positions' ids, for the token types the model takes
+            name: [getattr(config, attribute) for attribute in attributes]
+            for name, attributes in TOKEN_TYPES.items()
+            if name in taken
+        }
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
 
     # -- what the DataModules need from the model (its `processor` too) ------------------------------
     @property
     def num_image_tokens(self) -> int:
-        """The processor's token count of a typical image: only an estimate of lengths, as each
-        record's image is given its own count (stgc.data.processor.ProcessorTemplate)."""
-        side = [(TYPICAL_IMAGE_SIDE, TYPICAL_IMAGE_SIDE)]
-        return self.processor._get_num_multimodal_tokens(image_sizes=side)["num_image_tokens"][0]
+        """The length of the processor's text of a typical image: only an estimate of lengths, as each
+        record's image is given its own (stgc.data.processor.ProcessorTemplate)."""
+        return len(image_text_ids(self.processor, TYPICAL_IMAGE_SIDE, TYPICAL_IMAGE_SIDE))
 
     def image_transform(self, train: bool) -> ProcessorImages:
         """The processor's image side, for training and evaluation alike (it does not augment)."""
-        return ProcessorImages(self.processor.image_processor)
+        return ProcessorImages(self.processor)
 
     # -- set-up ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -104,11 +131,12 @@ class TransformersVLMModule(VQAEvaluation, SkipsBadSteps, KeepsRNGState):
     def vision_inputs(
         self, input_ids: torch.Tensor, images: list[PixelInputs | None]
     ) -> dict[str, torch.Tensor]:
-        """The pixel inputs of the rows' images and, for a model that takes them (Qwen-VL's M-RoPE), the
-        token types of `input_ids` (B, T): 1 at image tokens, 0 elsewhere; none without images."""
+        """The pixel inputs of the rows' images and the token types of `input_ids` (B, T) that the model
+        takes (TOKEN_TYPES: Qwen-VL's M-RoPE, ERNIE-4.5-VL's vision experts); none without images."""
         inputs = concat_pixel_inputs(images)
-        if inputs and self.takes_token_types:
-            inputs["mm_token_type_ids"] = (input_ids == self.model.config.image_token_id).int()  # (B, T)
+        if inputs:
+            for name, ids in self.token_types.items():  # compared id by id: no tensor copied to the device
+                inputs[name] = functools.reduce(torch.logical_or, (input_ids == i for i in ids)).int()
         return inputs
 
     def forward(self, batch: dict[str, Any], router_logits: bool = False):
@@ -174,9 +202,12 @@ def load_model(path: str | None, config: dict[str, Any] | None, processor: Proce
     config = dict(config)
     model_type = config.pop("model_type")
     accepted = inspect.signature(CONFIG_MAPPING[model_type].__init__).parameters
-    for name in PROCESSOR_TOKEN_IDS:
-        if name in accepted and name not in config and getattr(processor, name, None) is not None:
-            config[name] = getattr(processor, name)
+    for name, attribute in PROCESSOR_TOKEN_IDS.items():
+        value = getattr(processor, attribute, None)
+        if name in accepted and name not in config and value is not None:
+            config[name] = (
+                processor.tokenizer.convert_tokens_to_ids(value) if isinstance(value, str) else value
+            )
     if isinstance(config.get("text_config"), dict):
         config["text_config"] = {"vocab_size": len(processor.tokenizer), **config["text_config"]}
     return AutoModelForImageTextToText.from_config(AutoConfig.for_model(model_type, **config))

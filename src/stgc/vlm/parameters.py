@@ -6,6 +6,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from stgc.method.hf_experts import is_hf_experts
+from stgc.method.llama4 import is_llama4_moe
 from stgc.trainable import train_only
 
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # Qwen-VL, LLaVA-style, Idefics-style
@@ -15,11 +16,11 @@ ROUTERS = ("gate", "router")  # the MoE block's child beside its experts
 
 def parameter_groups(model: PreTrainedModel) -> dict[str, list[nn.Parameter]]:
     """vision_tower (without its projector), projector, lm (the language model and its head), and of
-    every MoE block (a module with transformers `experts`) its experts and its router."""
+    every MoE block (a module with transformers `experts`, or Llama 4's) its experts and its router."""
     vision = _first_child(model, VISION_TOWERS)
     projector = [p for name in PROJECTORS for p in _parameters(_first_child(model, (name,)))]
     projector_ids = {id(p) for p in projector}
-    blocks = [m for m in model.modules() if is_hf_experts(getattr(m, "experts", None))]
+    blocks = [m for m in model.modules() if is_hf_experts(getattr(m, "experts", None)) or is_llama4_moe(m)]
     language_model = _first_child(model, ("language_model",))
     return {
         "vision_tower": [p for p in _parameters(vision) if id(p) not in projector_ids],
