@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 data: install
 	$(PY) scripts/prepare_easy_vqa.py --out data/easy_vqa
 
-# The tiny Qwen3-VL processor of configs/vlm/qwen3_vl_moe_tiny.yaml (a transformers MoE VLM with STGC).
+# The tiny processors of configs/vlm/*_tiny.yaml (transformers MoE VLMs with STGC).
 data-vlm: data
 	$(PY) scripts/prepare_tiny_vlm.py
 

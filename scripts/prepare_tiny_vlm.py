@@ -1,5 +1,6 @@
-"""Write the tiny processors that configs/vlm/*_tiny.yaml read (Qwen3-VL-MoE, GLM-4.5V, Llama 4,
-ERNIE-4.5-VL), over easy-vqa's words.
+"""Write the tiny processors that configs/vlm/*_tiny.yaml read, over easy-vqa's words.
+
+Qwen3-VL-MoE, GLM-4.5V, Llama 4, ERNIE-4.5-VL and Aria, each its family's own processor class.
 
 python scripts/prepare_tiny_vlm.py                 # data/vlm/<family>_tiny_processor (make data-vlm)
 python scripts/prepare_tiny_vlm.py --families glm4v_moe --out DIR --data data/easy_vqa

@@ -1,7 +1,8 @@
 """stgc.vlm.TransformersVLMModule on the families whose image text is not one repeated token in brackets,
-each with its own offline processor: Llama 4 (tiles, their separators and the global tile) and
-ERNIE-4.5-VL (token types in the batch, experts per modality). The ids of a record are those the processor
-itself gives for its conversation, labels are its answers, and `stgc fit` logs image and text conflicts."""
+each with its own offline processor: Llama 4 (tiles, their separators and the global tile),
+ERNIE-4.5-VL (token types in the batch, experts per modality) and Aria (a pixel mask, a projector's
+queries). The ids of a record are those the processor itself gives for its conversation, labels are its
+answers, and `stgc fit` logs image and text conflicts."""
 
 import json
 
@@ -25,8 +26,11 @@ FAMILIES = {
     "llama4": ("configs/vlm/llama4_tiny.yaml", "<|image|>", {"wide.png": 12, "square.png": 20, "tile.png": 4}),
     "ernie4_5_vl_moe": ("configs/vlm/ernie4_5_vl_moe_tiny.yaml", "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>",
                         {"wide.png": 2, "square.png": 4, "tile.png": 4}),
+    "aria": ("configs/vlm/aria_tiny.yaml", "<fim_prefix><|img|><fim_suffix>",
+             {"wide.png": 4, "square.png": 4, "tile.png": 4}),
 }  # fmt: skip
-# (width, height); Llama 4 at 56-pixel tiles: 1 tile, 1x2 tiles and the global one, 2x2 and the global one
+# (width, height); Llama 4 at 56-pixel tiles: 1 tile, 1x2 tiles and the global one, 2x2 and the global one;
+# Aria: one crop of 4 tokens each, its pixel mask half the crop for wide.png
 SIZES = {"tile.png": (56, 56), "wide.png": (112, 56), "square.png": (64, 64)}
 RECORDS = [
     {"id": "wide", "image": "wide.png", "conversations": [

@@ -1,7 +1,8 @@
 """Offline tiny processors of transformers MoE VLMs for configs/vlm/*_tiny.yaml: a word-level tokenizer built
 here with the family's special tokens and a chat template (ChatML; Llama 4's own), and the family's own
 image and video processors at a few patches (Qwen3-VL-MoE: Qwen3VLProcessor; GLM-4.5V: Glm4vProcessor;
-Llama 4: Llama4Processor at 56-pixel tiles; ERNIE-4.5-VL: Ernie4_5_VLMoeProcessor).
+Llama 4: Llama4Processor at 56-pixel tiles; ERNIE-4.5-VL: Ernie4_5_VLMoeProcessor; Aria: AriaProcessor
+at 4 tokens an image).
 scripts/prepare_tiny_vlm.py writes them over easy-vqa's words (make data-vlm)."""
 
 import json
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AriaImageProcessor,
+    AriaProcessor,
     Ernie4_5_VLMoeImageProcessor,
     Ernie4_5_VLMoeProcessor,
     Ernie4_5_VLMoeVideoProcessor,
@@ -43,6 +46,8 @@ ERNIE_TOKENS = {"image_token": "<|IMAGE_PLACEHOLDER|>", "image_start_token": "<|
                 "video_start_token": "<|VIDEO_START|>", "video_end_token": "<|VIDEO_END|>"}  # fmt: skip
 LLAMA4_TOKENS = ["<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>",
                  "<|tile_y_separator|>"]  # fmt: skip
+ARIA_TOKENS = ["<fim_prefix>", "<fim_suffix>"]  # around Aria's image token, as its chat template writes it
+ARIA_IMAGE = {"image_token": "<|img|>"}  # read off the tokenizer by name
 PATCH, MERGE = 16, 2  # Qwen3-VL's patch side and 2x2 merge: a token per 32x32 pixels
 MIN_PIXELS, MAX_PIXELS = 32 * 32, 64 * 64  # images resized to between 1 and 4 tokens
 TILE = 56  # Llama 4's tile side: 4x4 patches of 14 pixels, 2x2 after its pixel shuffle, so 4 tokens a tile
@@ -137,11 +142,24 @@ def ernie4_5_vl_moe_processor(texts: Iterable[str]) -> Ernie4_5_VLMoeProcessor:
     )
 
 
+def aria_processor(texts: Iterable[str]) -> AriaProcessor:
+    """Aria's processor (AriaProcessor) over word_tokenizer(texts) with its named image token, in ChatML
+    (Aria's own template ships with its checkpoints, not with transformers): each image one crop at its
+    processor's size (980 pixels, padded; the pixel mask marks the image) of 4 tokens (size_conversion),
+    the projector's queries in configs/vlm/aria_tiny.yaml."""
+    return AriaProcessor(
+        image_processor=AriaImageProcessor(),
+        tokenizer=word_tokenizer(texts, ARIA_TOKENS, named=ARIA_IMAGE),
+        size_conversion={980: 4},
+    )
+
+
 PROCESSORS = {
     "qwen3_vl_moe": qwen3_vl_processor,
     "glm4v_moe": glm4v_processor,
     "llama4": llama4_processor,
     "ernie4_5_vl_moe": ernie4_5_vl_moe_processor,
+    "aria": aria_processor,
 }
 
 

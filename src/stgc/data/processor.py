@@ -1,7 +1,7 @@
 """The data path of transformers processor models (Qwen3-VL, GLM-4.5V, Llama 4, ...): the conversation in
 the tokenizer's chat template with each image as the ids the processor itself writes for that image (its
 image tokens, as many as it makes; Llama 4's tiles and their separators), and the image as the processor's
-pixel inputs (Qwen3-VL: patches and their grid; Llama 4: its tiles)."""
+pixel inputs (Qwen3-VL: patches and their grid; Llama 4: its tiles; Aria: its crops and their pixel mask)."""
 
 from typing import Any
 
@@ -13,12 +13,16 @@ from stgc.data.records import Record
 from stgc.data.templates import ChatTemplate
 
 # one image's pixel inputs; Qwen3-VL's: pixel_values (patches, dim), image_grid_thw (1, 3); Llama 4's:
-# pixel_values (tiles, 3, side, side)
+# pixel_values (tiles, 3, side, side); Aria's: pixel_values (crops, 3, side, side) and the image's pixels
+# among them, pixel_mask (crops, side, side)
 PixelInputs = dict[str, torch.Tensor]
 # the tokens around an image's, as the released checkpoints' chat templates write them, where the
 # processor does not name them (Qwen3-VL's: vision_start_token, vision_end_token; ERNIE-4.5-VL's:
 # image_start_token, image_end_token; Llama 4's processor writes its own)
-IMAGE_BRACKETS = {"Glm4vProcessor": ("<|begin_of_image|>", "<|end_of_image|>")}
+IMAGE_BRACKETS = {
+    "Glm4vProcessor": ("<|begin_of_image|>", "<|end_of_image|>"),
+    "AriaProcessor": ("<fim_prefix>", "<fim_suffix>"),
+}
 BRACKET_NAMES = (("vision_start_token", "vision_end_token"), ("image_start_token", "image_end_token"))
 
 
@@ -69,7 +73,7 @@ class ProcessorTemplate(ChatTemplate):
     writes for the record's image (image_text_ids), whose size is read from its header; once per size.
     Qwen3-VL: <|vision_start|><|image_pad|>...<|vision_end|>; GLM-4.5V: <|begin_of_image|><|image|>...
     <|end_of_image|>; Llama 4: <|image_start|>, each tile's <|patch|> tokens with tile separators, then
-    the global tile's <|image|><|patch|>..., <|image_end|>.
+    the global tile's <|image|><|patch|>..., <|image_end|>; Aria: <fim_prefix><|img|>...<fim_suffix>.
     `num_image_tokens` only estimates sequence lengths (group_by_length)."""
 
     def __init__(

@@ -28,14 +28,15 @@ from stgc.optim import SkipsBadSteps
 from stgc.vlm.parameters import freeze_all_but
 
 # special token ids a config built from scratch takes from the processor when it does not give them: config
-# parameter -> the processor's attribute, an id or a token; Llama 4 puts image features at <|patch|> tokens
-# (its processor's image_token, <|image|>, only opens the global tile)
+# parameter -> the processor's attributes, an id or a token, the first it has; Llama 4 puts image features
+# at <|patch|> tokens (its processor's image_token, <|image|>, only opens the global tile); Aria at its
+# image_token_id
 PROCESSOR_TOKEN_IDS = {
-    **{name: name for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                               "image_start_token_id", "image_end_token_id", "video_start_token_id",
-                               "video_end_token_id")},
-    "image_token_index": "img_patch_token", "boi_token_index": "start_of_img_token",
-    "eoi_token_index": "end_of_img_token",
+    **{name: (name,) for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                                  "image_start_token_id", "image_end_token_id", "video_start_token_id",
+                                  "video_end_token_id")},
+    "image_token_index": ("img_patch_token", "image_token_id"), "boi_token_index": ("start_of_img_token",),
+    "eoi_token_index": ("end_of_img_token",),
 }  # fmt: skip
 # the token types a model's forward may take (1 at image positions, 0 elsewhere), each from the config's
 # ids of its image positions: Qwen-VL's and ERNIE-4.5-VL's M-RoPE its image tokens; ERNIE-4.5-VL's MoE
@@ -202,9 +203,10 @@ def load_model(path: str | None, config: dict[str, Any] | None, processor: Proce
     config = dict(config)
     model_type = config.pop("model_type")
     accepted = inspect.signature(CONFIG_MAPPING[model_type].__init__).parameters
-    for name, attribute in PROCESSOR_TOKEN_IDS.items():
-        value = getattr(processor, attribute, None)
-        if name in accepted and name not in config and value is not None:
+    for name, attributes in PROCESSOR_TOKEN_IDS.items():
+        values = [getattr(processor, a) for a in attributes if getattr(processor, a, None) is not None]
+        if name in accepted and name not in config and values:
+            value = values[0]
             config[name] = (
                 processor.tokenizer.convert_tokens_to_ids(value) if isinstance(value, str) else value
             )
