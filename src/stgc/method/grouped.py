@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # grouped_mm's; float64 loops over experts
+# the dtypes grouped_mm runs in on each device (torch's CUDA kernel: bfloat16; float16 only with cuBLASLt's
+# grouped GEMM, not asked for here); other dtypes (float64, float32 on a GPU) loop over the experts
+GROUPED_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
 ALL = -1  # the expert key of terms that cover every expert's rows, in expert order (stgc.method.probes)
 
 
@@ -26,15 +28,10 @@ class Groups:
 def grouped_matmul(inputs: Tensor, weights: Tensor, groups: Groups) -> Tensor:
     """(S, n): each row of `inputs` (S, k) times its expert's matrix in `weights` (E, k, n)."""
     weights = weights.to(inputs.dtype)
-    if (
-        inputs.dtype in GROUPED_DTYPES
-        and _has_grouped_mm(inputs.device)
-        and _aligned(inputs)
-        and _aligned(weights)
-    ):
+    if _has_grouped_mm(inputs.device, inputs.dtype) and _aligned(inputs) and _aligned(weights):
         return F.grouped_mm(inputs, weights, offs=groups.offsets)
-    parts = inputs.split(groups.sizes)
-    return torch.cat([part @ weights[e] for e, part in enumerate(parts) if part.shape[0]])
+    parts = [part @ weights[e] for e, part in enumerate(inputs.split(groups.sizes)) if part.shape[0]]
+    return torch.cat(parts) if parts else inputs.new_zeros(0, weights.shape[-1])
 
 
 def per_expert_sums(rows: Tensor, groups: Groups, num_experts: int) -> Tensor:
@@ -42,11 +39,11 @@ def per_expert_sums(rows: Tensor, groups: Groups, num_experts: int) -> Tensor:
     return rows.new_zeros(num_experts, rows.shape[1]).index_add_(0, groups.row_experts, rows)
 
 
-def _has_grouped_mm(device: torch.device) -> bool:
-    """grouped_mm runs on the CPU and on CUDA GPUs from Ampere (sm80) on."""
-    return device.type == "cpu" or (
-        device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    )
+def _has_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether grouped_mm runs in `dtype` there: on the CPU, and on CUDA GPUs from Ampere (sm80) on."""
+    if dtype not in GROUPED_DTYPES.get(device.type, ()):
+        return False
+    return device.type == "cpu" or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _aligned(tensor: Tensor) -> bool:
