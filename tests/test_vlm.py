@@ -19,7 +19,7 @@ from stgc.vlm.parameters import parameter_groups
 from stgc_experiments.tiny_vlm import END_OF_TURN, qwen3_vl_processor
 from support.console import stgc
 from support.fit import ROOT
-from support.vlm import FIT_STEPS, datamodule, logged_tags, tiny_vlm_args
+from support.vlm import FIT_STEPS, datamodule, logged_tags, tiny_vlm_args, vlm_records
 
 CONFIG = "configs/vlm/qwen3_vl_moe_tiny.yaml"
 RECIPE = "configs/vlm/qwen3_vl_moe_30b_a3b.yaml"
@@ -38,18 +38,8 @@ RECORDS = [
 @pytest.fixture(scope="module")
 def vlm_data(tmp_path_factory) -> dict:
     """The records' JSON file, their images, a saved processor over their words, and a tiny module."""
-    folder = tmp_path_factory.mktemp("vlm_data")
-    images = folder / "images"
-    images.mkdir()
-    for name, size in SIZES.items():
-        Image.new("RGB", size, (200, 30, 30)).save(images / name)
-    (folder / "data.json").write_text(json.dumps(RECORDS))
-    texts = [turn["value"] for record in RECORDS for turn in record["conversations"]]
-    qwen3_vl_processor(texts).save_pretrained(folder / "processor")
-    torch.manual_seed(0)
-    module_args = yaml.safe_load((ROOT / CONFIG).read_text())["model"]["init_args"]
-    module = TransformersVLMModule(**{**module_args, "processor": str(folder / "processor")})
-    return {"json": folder / "data.json", "images": images, "module": module, "args": module.hparams}
+    data = vlm_records(tmp_path_factory.mktemp("vlm_data"), RECORDS, SIZES, qwen3_vl_processor, CONFIG)
+    return data | {"args": data["module"].hparams}
 
 
 def test_labels_are_exactly_the_answers_and_their_end_of_turn(vlm_data) -> None:

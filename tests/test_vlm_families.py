@@ -4,21 +4,16 @@ ERNIE-4.5-VL (token types in the batch, experts per modality) and Aria (a pixel 
 queries). The ids of a record are those the processor itself gives for its conversation, labels are its
 answers, and `stgc fit` logs image and text conflicts."""
 
-import json
-
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from stgc.constants import IMAGE_PLACEHOLDER
 from stgc.data.collate import answer_spans
 from stgc.method.names import CONFLICT_RATIO_IMAGE, CONFLICT_RATIO_TEXT, metric
-from stgc.vlm import TransformersVLMModule
 from stgc_experiments.tiny_vlm import PROCESSORS
 from support.console import stgc
-from support.fit import ROOT
-from support.vlm import FIT_STEPS, datamodule, logged_tags, tiny_vlm_args
+from support.vlm import FIT_STEPS, datamodule, logged_tags, tiny_vlm_args, vlm_records
 
 # family -> its tiny config, the text its processor expands (as the family's chat template writes an
 # image), and the model's image positions for each image of SIZES
@@ -50,19 +45,8 @@ def family_data(request, tmp_path_factory) -> dict:
     """The records' JSON file, their images, the family's tiny processor over their words and its module."""
     family = request.param
     config, image_text, positions = FAMILIES[family]
-    folder = tmp_path_factory.mktemp(family)
-    images = folder / "images"
-    images.mkdir()
-    for name, size in SIZES.items():
-        Image.new("RGB", size, (200, 30, 30)).save(images / name)
-    (folder / "data.json").write_text(json.dumps(RECORDS))
-    texts = [turn["value"] for record in RECORDS for turn in record["conversations"]]
-    PROCESSORS[family](texts).save_pretrained(folder / "processor")
-    torch.manual_seed(0)
-    module_args = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]
-    module = TransformersVLMModule(**{**module_args, "processor": str(folder / "processor")})
-    return {"json": folder / "data.json", "images": images, "module": module, "image_text": image_text,
-            "positions": positions}  # fmt: skip
+    data = vlm_records(tmp_path_factory.mktemp(family), RECORDS, SIZES, PROCESSORS[family], config)
+    return data | {"image_text": image_text, "positions": positions}
 
 
 def processor_inputs(data: dict, record: dict) -> dict:
