@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from stgc.method.flat import repeated
+from stgc.moe.layer import expert_counts
 
 LOSS_TYPES = ("negated_logits", "negated_logits_per_expert", "unlikelihood")
 
@@ -99,7 +100,7 @@ def conflict_elimination_losses(
     token_layer = repeated(layer_ids, num_tokens)  # (ΣN,)
 
     def per_layer(values: Tensor, layer: Tensor) -> Tensor:  # (L,) sums of a layer's values
-        return values.new_zeros(len(num_tokens)).index_add_(0, layer, values)
+        return expert_counts(layer, len(num_tokens), values)
 
     if loss_type == "negated_logits":
         token_flagged = (torch.zeros_like(logits[:, 0]).index_add_(0, pair_rows, weights) > 0).to(

@@ -28,6 +28,7 @@ from stgc.method.flat import repeated
 from stgc.method.grouped import ALL, Groups, per_expert_sums
 from stgc.method.routers import SOFTMAX
 from stgc.method.tracing import traced
+from stgc.moe.layer import expert_counts
 from stgc.moe.recompute import RECOMPUTE, current_frame
 
 REFERENCES = ("none", "keep", "use")  # see LayerProbe.start
@@ -282,7 +283,7 @@ def all_conflicts(
         if using:
             expert_total = torch.cat([_kept_total(probe, name) for probe, _ in present])
         else:  # ‖G_e‖² = Σ_i ⟨g_i, G_e⟩ over each expert's rows
-            expert_total = dot.new_zeros(starts[-1]).index_add_(0, slot, dot)  # (Σ E,)
+            expert_total = expert_counts(slot, starts[-1], dot)  # (Σ E,)
             for (probe, _), start in zip(present, starts, strict=False):
                 if probe.reference_mode == "keep":
                     own = expert_total[start : start + probe.num_experts]

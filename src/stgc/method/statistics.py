@@ -15,6 +15,7 @@ from stgc.constants import MODALITIES
 from stgc.method import names
 from stgc.method.flat import repeated
 from stgc.method.probes import LayerConflicts
+from stgc.moe.layer import expert_counts
 
 PER_EXPERT = ("assignments", "conflicts")  # the (E,) fields of LayerStats
 
@@ -78,10 +79,10 @@ class LayerStats:
         )  # (P,) -1 where unknown
 
         def per_layer(values: Tensor) -> Tensor:  # (L,)
-            return values.new_zeros(count).index_add_(0, layer, values)
+            return expert_counts(layer, count, values)
 
         def per_expert(values: Tensor) -> Tensor:  # (L * E,)
-            return values.new_zeros(count * num_experts).index_add_(0, slot, values)
+            return expert_counts(slot, count * num_experts, values)
 
         by_modality = {}
         for name, value in MODALITIES.items():
