@@ -15,7 +15,8 @@ callback of stage3_moe_stgc.yaml, as users run it:
   * the cosine computation's time over growing token counts (should grow linearly).
 
     python scripts/bench_stgc.py [--quick] [--out results/bench_stgc.json]
-    python scripts/bench_stgc.py --shapes default --reps 8 --steps-only   # the step-time ratios alone
+    python scripts/bench_stgc.py --shapes default --reps 8 --steps-only   # the step-time ratios alone,
+        # and each variant's minor page faults per step (CPU: fresh pages of large tensors, see docs/design.md §8)
     python scripts/bench_stgc.py --quick --profile   # where the time goes: STGC's parts, operator counts
 
 The last line prints the step-time and peak-memory ratios.
@@ -70,10 +71,13 @@ def build(shape: str, num_experts: int | None = None) -> LVLMModule:
     return module
 
 
-def step_times(shape: str, batch_shape: tuple[int, int], reps: int) -> dict[str, list[float]]:
-    """Per-repetition step times of the variants, run round-robin on identical copies of the model."""
+def step_times(
+    shape: str, batch_shape: tuple[int, int], reps: int, faults: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
+    """Per-repetition step times of the variants (and their page faults into `faults`), run round-robin
+    on identical copies of the model."""
     modules = {variant: build(shape) for variant in VARIANTS}
-    return round_robin(modules, batch(modules["plain"], *batch_shape), reps)
+    return round_robin(modules, batch(modules["plain"], *batch_shape), reps, faults)
 
 
 def linears_io(expert: torch.nn.Module, x: torch.Tensor, output_grad: torch.Tensor):
@@ -273,11 +277,16 @@ def operators(counts: dict[str, float]) -> str:
     return f"after_backward {counts['after_backward']:.0f} ops, hooks {counts['hooks']:.0f} ops"
 
 
-def print_step_ratios(shape: str, times: dict[str, list[float]]) -> None:
-    """Each variant's step time over the plain step's (medians of the paired ratios)."""
+def print_step_ratios(shape: str, times: dict[str, list[float]], faults: dict[str, list[float]]) -> None:
+    """Each variant's step time over the plain step's (medians of the paired ratios), and the minor page
+    faults of each variant's step (medians)."""
     plain = statistics.median(times["plain"])
     line = ", ".join(f"{v} {median_ratio(times[v], times['plain']):.3f}" for v in times if v != "plain")
     print(f"{shape}: plain {1e3 * plain:.1f} ms; {line}")
+    print(
+        "  minor page faults per step: "
+        + ", ".join(f"{v} {statistics.median(faults[v]):.0f}" for v in faults)
+    )
 
 
 def main() -> None:
@@ -317,7 +326,9 @@ def main() -> None:
         return
     if args.steps_only:
         for shape in shapes:
-            print_step_ratios(shape, step_times(shape, (args.batch_size, args.text_tokens), args.reps))
+            faults: dict[str, list[float]] = {}
+            times = step_times(shape, (args.batch_size, args.text_tokens), args.reps, faults)
+            print_step_ratios(shape, times, faults)
         return
     results = {}
     for shape in shapes:

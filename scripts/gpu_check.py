@@ -39,7 +39,14 @@ from stgc.host_syncs import HostSyncCounter
 from stgc.method.cosine import cosine_from_terms, linear_gradient_terms
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers
-from stgc_experiments.bench import StepTimer, layer_operators, method_profile, timed, tiny_qwen3_moe
+from stgc_experiments.bench import (
+    StepTimer,
+    layer_operators,
+    method_profile,
+    timed,
+    tiny_qwen3_moe,
+    tiny_sparse_moe,
+)
 
 CONFIGS = Path("configs/easy_vqa")
 VLM_CONFIG = Path("configs/vlm/qwen3_vl_moe_tiny.yaml")
@@ -223,15 +230,17 @@ def cosine_error(module: LVLMModule, batch: dict, precision: str) -> float:
     return float((cosine(low).double() - cosine(high)).abs().max())
 
 
-def transformers_experts(tiny: bool) -> dict:
-    """STGC's operators per MoE layer per step on a tiny Qwen3-MoE at 8 and 64 experts, and a tiny
-    Qwen3-VL-MoE (configs/vlm/qwen3_vl_moe_tiny.yaml's model) under bf16 autocast: its operators and
-    whether every step's terms were finite. On the GPU when there is one."""
+def operators_per_layer(tiny: bool) -> dict:
+    """STGC's operators per MoE layer per step on a tiny Qwen3-MoE (transformers' fused experts) and a
+    tiny upcycled Qwen2 (this project's SparseMoE) at 8 and 64 experts, and a tiny Qwen3-VL-MoE
+    (configs/vlm/qwen3_vl_moe_tiny.yaml's model) under bf16 autocast: its operators and whether every
+    step's terms were finite. On the GPU when there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {}
     for experts in (8,) if tiny else (8, 64):
-        profile = method_profile(tiny_qwen3_moe(experts).to(device))
-        report[f"qwen3_moe_{experts}_experts"] = layer_operators(profile["parts"], 2)
+        for name, model in (("qwen3_moe", tiny_qwen3_moe), ("sparse_moe", tiny_sparse_moe)):
+            profile = method_profile(model(experts).to(device))
+            report[f"{name}_{experts}_experts"] = layer_operators(profile["parts"], 2)
     config = OmegaConf.to_container(OmegaConf.load(VLM_CONFIG).model.init_args.model_config)
     model_type = config.pop("model_type")
     config["text_config"] |= {"vocab_size": 256}  # text only: the processor's ids are not needed
@@ -277,8 +286,8 @@ def main() -> None:
         }
         report[precision] = row
         print(f"[{precision}] {json.dumps(row)}", flush=True)
-    report["transformers_experts"] = transformers_experts(args.tiny)
-    print(f"[transformers experts] {json.dumps(report['transformers_experts'])}", flush=True)
+    report["operators_per_layer"] = operators_per_layer(args.tiny)
+    print(f"[operators per MoE layer] {json.dumps(report['operators_per_layer'])}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

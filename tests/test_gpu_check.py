@@ -28,6 +28,6 @@ def test_gpu_check_reports_syncs_ratios_and_cosine_error(easy_vqa_dir, tmp_path)
     assert 0 < row["experts_share_s"] < 1 and row["floor"] == 1 + row["experts_share_s"] / 3
     assert row["ratio"] > 0 and 0 <= row["cosine_max_abs_error_vs_fp64"] <= 5e-3
     assert row["ratio_output"] > 0 and row["ratio_logging"] > 0
-    experts = json.loads(out.read_text())["transformers_experts"]
-    assert experts["qwen3_vl_moe_tiny_bf16"]["finite"] and experts["qwen3_vl_moe_tiny_bf16"]["hooks"] > 0
-    assert experts["qwen3_moe_8_experts"]["after_backward"] > 0
+    layers = json.loads(out.read_text())["operators_per_layer"]
+    assert layers["qwen3_vl_moe_tiny_bf16"]["finite"] and layers["qwen3_vl_moe_tiny_bf16"]["hooks"] > 0
+    assert layers["qwen3_moe_8_experts"]["after_backward"] > 0 and layers["sparse_moe_8_experts"]["hooks"] > 0

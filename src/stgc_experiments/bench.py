@@ -5,6 +5,7 @@ its synthetic batch and its variants' `Trainer.fit` steps, so that every benchma
 
 import dataclasses
 import functools
+import resource
 import statistics
 import tempfile
 import time
@@ -17,14 +18,14 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from stgc import STGC
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data.dataset import output_size
 from stgc.method import Settings, STGCMethod
 from stgc.module import LVLMModule
-from stgc.moe import moe_layers
+from stgc.moe import moe_layers, upcycle
 from stgc_experiments import ROOT
 
 CONFIGS = ROOT / "configs"
@@ -78,26 +79,36 @@ def peak_memory_bytes() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else status_bytes("VmHWM")
 
 
+def minor_page_faults() -> int:
+    """This process's minor page faults so far: the pages the OS gave it fresh (on a CPU, each large
+    tensor glibc maps anew; CUDA's caching allocator reuses its blocks instead)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class StepTimer(L.Callback):
     """Each training step's wall time in `times`, from its first hook to its end with the device
-    synchronised at both (put it first in the callbacks), and in `peak_bytes` the memory peak from
-    the start of training to its end (peak_memory_bytes)."""
+    synchronised at both (put it first in the callbacks), its minor page faults in `faults`, and in
+    `peak_bytes` the memory peak from the start of training to its end (peak_memory_bytes)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.faults: list[int] = []
         self.peak_bytes: int | None = None
         self._start = 0.0
+        self._faults = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reset_peak_memory()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         synchronize(pl_module.device)
+        self._faults = minor_page_faults()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         synchronize(pl_module.device)
         self.times.append(time.perf_counter() - self._start)
+        self.faults.append(minor_page_faults() - self._faults)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.peak_bytes = peak_memory_bytes()
@@ -177,16 +188,20 @@ def fit_steps(
     return timer
 
 
-def round_robin(modules: dict[str, LVLMModule], data: dict, reps: int) -> dict[str, list[float]]:
+def round_robin(
+    modules: dict[str, LVLMModule], data: dict, reps: int, faults: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
     """Per variant (a VARIANTS key, its own copy of the model), one step time per repetition: the mean
-    of STEPS_PER_FIT steps of one fit. The variants take turns, so that no variant pays for another's
-    hooks, after two rounds of warm-up."""
+    of STEPS_PER_FIT steps of one fit (and, into `faults` when given, their mean minor page faults). The
+    variants take turns, so that no variant pays for another's hooks, after two rounds of warm-up."""
     times: dict[str, list[float]] = {variant: [] for variant in modules}
     for rep in range(reps + 2):
         for variant, module in modules.items():
-            elapsed = fit_steps(module, data, variant, 1 + STEPS_PER_FIT).times[1:]
+            timer = fit_steps(module, data, variant, 1 + STEPS_PER_FIT)
             if rep >= 2:
-                times[variant].append(statistics.fmean(elapsed))
+                times[variant].append(statistics.fmean(timer.times[1:]))
+                if faults is not None:
+                    faults.setdefault(variant, []).append(statistics.fmean(timer.faults[1:]))
     return times
 
 
@@ -269,6 +284,21 @@ def tiny_qwen3_moe(num_experts: int, num_layers: int = 2) -> PreTrainedModel:
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=num_experts, num_experts_per_tok=2,
     )  # fmt: skip
     return Qwen3MoeForCausalLM(config)
+
+
+def tiny_sparse_moe(num_experts: int, num_layers: int = 2) -> PreTrainedModel:
+    """A tiny Qwen2 upcycled here into this project's SparseMoE: `num_experts` top-2 in each of its layers
+    (routers perturbed, so that routing matters)."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    upcycle(model, num_experts=num_experts, top_k=2, layers="all")
+    for layer in moe_layers(model).values():
+        torch.nn.init.normal_(layer.router.weight, std=0.5)
+    return model
 
 
 def method_profile(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from stgc.method.cosine import cosine_from_terms, leave_one_out_cosine, row_terms
 from stgc.method.distributed import full_tensor, is_sharded
 from stgc.method.flat import repeated
+from stgc.method.gather import LinearGather, OutputGather
 from stgc.method.grouped import ALL, Groups, per_expert_sums
 from stgc.method.routers import SOFTMAX
 from stgc.method.tracing import traced
@@ -185,6 +186,9 @@ class LayerProbe(ABC):
         else:
             terms[0], terms[1] = terms[0] + dot, terms[1] + sqnorm
 
+    def flush(self) -> None:  # noqa: B027 (most probes hold nothing back)
+        """Finish the terms of whatever the hooks still hold (SparseMoEProbe's gathers)."""
+
     def conflicts(self, gradient: str = "exact", mean: str = "all") -> LayerConflicts:
         """This layer's `all_conflicts`."""
         return all_conflicts([self], gradient, mean)[0]
@@ -193,6 +197,7 @@ class LayerProbe(ABC):
         """The (token, expert) assignments whose expert saw gradient of the chosen kind, with each captured
         gradient's terms over them; None when there are none. Against a kept reference, only the experts
         that had kept tokens (the others have nothing to compare with)."""
+        self.flush()
         routing = self.routing()
         sizes = [rows.shape[0] for rows in routing.expert_rows]
         for terms in self._terms.values():  # every expert's rows at once (a fused weight's): per expert
@@ -361,6 +366,7 @@ class WeightSite:
         self.transposed = transposed
         self.sharded = is_sharded(weight)
         self._pending: list[list] = []  # [expert, X (n, d_in), Δ (n, d_out) or None]
+        self.gather: LinearGather | None = None  # set where every expert's same linear is taken at once
         if not self.sharded:
             probe.handles.append(weight.register_hook(self._on_weight_grad))
         probe.sites.append(self)
@@ -378,6 +384,8 @@ class WeightSite:
         if frame is not None:  # a checkpointed layer: its recomputation brings X
             frame.store.setdefault(self, []).append(entry)
         if not self.sharded:
+            if self.gathering and not self._pending:
+                self.gather.expect()
             self._pending.append(entry)
 
         def keep_output_grad(grad: Tensor) -> None:
@@ -387,9 +395,25 @@ class WeightSite:
 
         outputs.register_hook(keep_output_grad)
 
+    @property
+    def gathering(self) -> bool:
+        """Whether this weight's terms go to its gather (the ordinary step; a reference step's, expert by
+        expert, keep or use each expert's G)."""
+        return self.gather is not None and self.probe.reference_mode == "none"
+
     @traced("stgc.weight_hook")
     def _on_weight_grad(self, grad: Tensor) -> None:
         """Fires with this micro-batch's weight gradient: G for each captured expert is at hand."""
+        if self.gathering and self._pending:
+            if len(self._pending) > 1:
+                raise RuntimeError(
+                    f"STGC captures one forward per micro-batch: {self.probe.name}'s expert {self.expert} "
+                    f"ran {len(self._pending)} times before this backward"
+                )
+            (expert, inputs, output_grads), self._pending = self._pending[0], []
+            if output_grads is not None:
+                self.gather.receive(expert, self._inputs_of(inputs, expert), output_grads, grad)
+            return
         for entry in self._pending:
             grad_weight = grad if self.expert is not None or isinstance(entry[0], Groups) else grad[entry[0]]
             self._add_terms(entry, grad_weight.mT if self.transposed else grad_weight)  # (E,) d_out, d_in
@@ -401,11 +425,7 @@ class WeightSite:
         expert, inputs, output_grads = entry
         if output_grads is None:  # the output did not reach the loss
             return
-        if inputs is None:
-            raise RuntimeError(
-                f"STGC: the recomputation of a checkpointed layer did not reach {self.probe.name}'s "
-                f"expert {expert}, so its inputs are missing"
-            )
+        inputs = self._inputs_of(inputs, expert)
         groups = expert if isinstance(expert, Groups) else None
         if groups is not None and grad_weight is None:  # a sharded fused weight: G formed per expert
             parts = zip(inputs.split(groups.sizes), output_grads.split(groups.sizes), strict=True)
@@ -425,6 +445,15 @@ class WeightSite:
         self.probe.add_terms(key, *terms)
         if mode == "keep" and grad_weight is not None:
             self.probe.reference[(self, key)] = (grad_weight, self._bias_total(output_grads, groups))
+
+    def _inputs_of(self, inputs: Tensor | None, expert: object) -> Tensor:
+        """The captured X; RuntimeError where a checkpointed layer's recomputation never brought it."""
+        if inputs is None:
+            raise RuntimeError(
+                f"STGC: the recomputation of a checkpointed layer did not reach {self.probe.name}'s "
+                f"expert {expert}, so its inputs are missing"
+            )
+        return inputs
 
     def _bias_total(self, output_grads: Tensor, groups: Groups | None) -> Tensor | None:
         """Σδ of the expert's rows (d_out,), or of each expert's (E, d_out); None without a bias."""
@@ -472,29 +501,79 @@ def capture_output_terms(probe: LayerProbe, expert: int | Groups, outputs: Tenso
 
 
 class SparseMoEProbe(LayerProbe):
-    """Probe for this project's SparseMoE: experts are modules of nn.Linear layers."""
+    """Probe for this project's SparseMoE: experts are modules of nn.Linear layers. Their hooks hand what
+    they receive in backward to gathers (one per linear of the experts, one for their outputs) that take
+    every expert's terms at once (stgc.method.gather)."""
 
     def __init__(self, name: str, layer: nn.Module) -> None:
         super().__init__(name, layer.router.weight, layer.num_experts, layer.top_k, layer.router.bias)
         self.layer = layer
+        self._groups: Groups | None = None  # this micro-batch's rows per expert
+        self._in_layer = False  # inside the layer's forward: its experts' calls are the ones to capture
+        self.handles.append(layer.register_forward_pre_hook(lambda *_: self._inside(True)))
+        self.handles.append(layer.register_forward_hook(lambda *_: self._inside(False)))
+        self.output_gather = OutputGather(self.groups, self.add_output_terms)
+        self.gathers: list[OutputGather | LinearGather] = [self.output_gather]
+        linear_gathers: dict[int, LinearGather] = {}  # position of the linear in an expert -> its gather
         for expert, module in enumerate(layer.experts):
             self.handles.append(module.register_forward_hook(self._output_hook(expert)))
-            for linear in module.modules():
-                if isinstance(linear, nn.Linear):
-                    site = WeightSite(self, linear.weight, linear.bias is not None, expert)
-                    self.handles.append(linear.register_forward_hook(self._capture_hook(site, expert)))
+            linears = [linear for linear in module.modules() if isinstance(linear, nn.Linear)]
+            for position, linear in enumerate(linears):
+                site = WeightSite(self, linear.weight, linear.bias is not None, expert)
+                if not site.sharded:  # a sharded weight's terms come from X and Δ as Δ arrives
+                    if position not in linear_gathers:
+                        linear_gathers[position] = LinearGather(self.groups, self.add_terms, site.has_bias)
+                        self.gathers.append(linear_gathers[position])
+                    site.gather = linear_gathers[position]
+                self.handles.append(linear.register_forward_hook(self._capture_hook(site, expert)))
+
+    def _inside(self, inside: bool) -> None:
+        self._in_layer = inside
+
+    def start(
+        self, capturing: bool, gradients: tuple[str, ...] = ("exact",), reference: str = "none"
+    ) -> None:
+        super().start(capturing, gradients, reference)
+        self._groups = None
+        self._in_layer = False
+        for gather in self.gathers:
+            gather.clear()
+
+    def flush(self) -> None:
+        for gather in self.gathers:
+            gather.flush()
+
+    def groups(self) -> Groups:
+        """Where each expert's rows are among all of them in the last forward (once per micro-batch)."""
+        if self._groups is None:
+            record = self.layer.last_routing
+            offsets = expert_counts(record.row_experts, self.num_experts).cumsum(0, dtype=torch.int32)
+            self._groups = Groups([rows.shape[0] for rows in record.expert_rows], offsets, record.row_experts)
+        return self._groups
+
+    def add_output_terms(self, expert: int, dot: Tensor, sqnorm: Tensor) -> None:
+        self.add_terms(expert, dot, sqnorm, "output")
 
     def _capture_hook(self, site: WeightSite, expert: int):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if self.capture_exact and torch.is_grad_enabled():
+            if self.capture_exact and self._in_layer and torch.is_grad_enabled():
                 site.capture(expert, args[0], output)
 
         return hook
 
     def _output_hook(self, expert: int):
+        @traced("stgc.output_hook")
+        def receive(grad: Tensor) -> None:
+            self.output_gather.receive(expert, grad)
+
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if self.capture_output and torch.is_grad_enabled():
+            if not (self.capture_output and self._in_layer and torch.is_grad_enabled()):
+                return
+            if self.reference_mode != "none":  # a reference step's terms, expert by expert
                 capture_output_terms(self, expert, output)
+                return
+            self.output_gather.expect()
+            output.register_hook(receive)
 
         return hook
 
