@@ -1,6 +1,6 @@
 """SparseMoE's experts in one pass (stgc.method.gather): exact cosines for biased experts and an expert
-without tokens, rows joined without copies, and hooks whose only operators per expert are the products
-with each expert's own G."""
+without tokens, rows joined without copies, and hooks whose only operators per expert are those of its
+product with its own G."""
 
 import pytest
 import torch
@@ -86,12 +86,13 @@ def test_biased_experts_and_an_idle_one_match_brute_force(gradient, monkeypatch)
     probe.remove()
 
 
-def test_sparse_moe_hooks_add_only_the_products_with_each_experts_g() -> None:
-    """Per expert and linear, one product with its G and the norms of the product's wider side; every other
-    operator of the hooks is once per layer (upcycled Qwen2: gate, up and down per expert)."""
+def test_sparse_moe_hooks_add_only_each_experts_product_with_its_g() -> None:
+    """Per expert and linear, its product with its G, that product's dot with the narrower side, and the
+    wider side's norms; every other operator of the hooks is once per layer (upcycled Qwen2: gate, up and
+    down per expert)."""
     hooks = {
         experts: layer_operators(method_profile(tiny_sparse_moe(experts))["parts"], 2)["hooks"]
         for experts in (4, 16)
     }
-    assert hooks[16] - hooks[4] == 2 * 3 * (16 - 4)
-    assert hooks[4] < 2 * 3 * 4 + 40  # was 124 with every expert's terms on their own
+    assert hooks[16] - hooks[4] == 3 * 3 * (16 - 4)
+    assert hooks[4] < 3 * 3 * 4 + 40  # was 124 with every expert's terms on their own

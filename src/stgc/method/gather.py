@@ -1,7 +1,7 @@
 """One pass over all experts of a layer whose experts are modules of their own (SparseMoE): what each
 expert's hook receives in backward goes into tensors for the whole layer, and the last expert's hook
 finishes every expert's terms at once, so that STGC's operators are per layer, not per expert
-(docs/design.md §8). Only the product with each expert's own G stays per expert, as the experts' own
+(docs/design.md §3). Only the product with each expert's own G stays per expert, as the experts' own
 products in backward are.
 
 Notation: E experts, S rows of all experts sorted by expert (Groups), n_e rows of expert e.
@@ -108,9 +108,11 @@ class OutputGather(_Countdown):
 
 class LinearGather(_Countdown):
     """The same nn.Linear of every expert of a layer (the j-th of each). δ_iᵀ G_e x_i goes through the
-    narrower product, as `cosine.row_terms` takes it: each expert's weight hook writes its rows' product
-    with its G_e, and the norms of the wider side, into tensors for the whole layer; the last one takes
-    the narrower side's norms, the dot products and the bias terms of all experts at once."""
+    narrower product, as `cosine.row_terms` takes it: each expert's weight hook multiplies its rows by its
+    G_e and writes their dot products with the narrower side, and the norms of the wider side, into (S,)
+    tensors for the whole layer (the (n_e, d) product is freed at once, as the expert's own temporaries
+    are: a tensor of all rows' products, fresh each step, slows a CPU step by what glibc's returned pages
+    cost); the last one takes the narrower side's norms and the bias terms of all experts at once."""
 
     def __init__(self, groups: Callable[[], Groups], add_terms: AddTerms, has_bias: bool) -> None:
         super().__init__(groups, add_terms)
@@ -119,7 +121,9 @@ class LinearGather(_Countdown):
     def clear(self) -> None:
         super().clear()
         self.narrow: dict[int, Tensor] = {}  # expert -> its rows of the narrower side (X or Δ)
-        self.products: Tensor | None = None  # (S, narrower width)
+        self.dot: Tensor | None = None  # (S,) ⟨narrower side, its product with G⟩ of every row
+        self.wide_norm: Tensor | None = None  # (S,) ‖wider side‖
+        self.bias_dot: Tensor | None = None  # (S,) δ_iᵀ Σδ of the expert's rows, where Δ is the wider side
 
     def receive(self, expert: int, x: Tensor, delta: Tensor, grad_weight: Tensor) -> None:
         """Expert `expert`'s X (n_e, d_in), Δ (n_e, d_out) and G (d_out, d_in) of this micro-batch."""
@@ -127,17 +131,16 @@ class LinearGather(_Countdown):
             rows = self.rows(expert, x.shape[0], "captured input")
             self.x_narrow = x.shape[1] < delta.shape[1]  # δ_iᵀ G x_i = (Gᵀ δ_i)ᵀ x_i
             wide, narrow = (delta, x) if self.x_narrow else (x, delta)
-            if self.products is None:  # the layer's first expert: the dtypes of all
+            if self.dot is None:  # the layer's first expert: the dtypes of all
                 self.dtypes = term_dtypes(x.dtype, delta.dtype)
                 total = sum(self.groups().sizes)
-                accumulate, product = self.dtypes
-                self.products = wide.new_empty(total, narrow.shape[1], dtype=product)
-                self.wide_norm = wide.new_empty(total, dtype=accumulate)
-                if self.has_bias and self.x_narrow:  # δ_iᵀ Σδ of the expert's rows, Δ being the wider side
-                    self.bias_dot = wide.new_empty(total, dtype=accumulate)
+                self.dot, self.wide_norm = wide.new_empty(2, total, dtype=self.dtypes[0])
+                if self.has_bias and self.x_narrow:
+                    self.bias_dot = wide.new_empty(total, dtype=self.dtypes[0])
             accumulate, product = self.dtypes
             matrix = _in(grad_weight, product)
-            torch.matmul(_in(wide, product), matrix if self.x_narrow else matrix.mT, out=self.products[rows])
+            products = _in(wide, product) @ (matrix if self.x_narrow else matrix.mT)  # (n_e, narrower width)
+            torch.linalg.vecdot(_in(narrow, accumulate), _in(products, accumulate), out=self.dot[rows])
             torch.linalg.vector_norm(wide, dim=1, dtype=accumulate, out=self.wide_norm[rows])
             if self.has_bias and self.x_narrow:
                 delta = delta.to(accumulate)
@@ -152,18 +155,18 @@ class LinearGather(_Countdown):
             raise RuntimeError(f"STGC: no weight gradient reached experts {missing}")
         narrow = rows_of([self.narrow[e] for e in sorted(self.narrow)])  # (S, narrower width)
         with autocast_off(narrow):
-            accumulate = self.wide_norm.dtype
+            accumulate = self.dot.dtype
             narrow_sqnorm = torch.linalg.vector_norm(narrow, dim=1, dtype=accumulate).square()
             wide_sqnorm = self.wide_norm.square()
             x_sqnorm, delta_sqnorm = (
                 (narrow_sqnorm, wide_sqnorm) if self.x_narrow else (wide_sqnorm, narrow_sqnorm)
             )
             sqnorm = delta_sqnorm * (x_sqnorm + 1 if self.has_bias else x_sqnorm)
-            narrow = narrow.to(accumulate)
-            dot = torch.linalg.vecdot(narrow, self.products.to(accumulate))
+            dot = self.dot
             if self.has_bias and self.x_narrow:
                 dot = dot + self.bias_dot
             elif self.has_bias:  # Δ is the narrower side: each expert's Σδ at once
+                narrow = narrow.to(accumulate)
                 totals = per_expert_sums(narrow, groups, len(groups.sizes))  # (E, d_out)
                 dot = dot + torch.linalg.vecdot(narrow, totals.index_select(0, groups.row_experts))
         self.add_terms(ALL, dot, sqnorm)
