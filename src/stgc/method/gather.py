@@ -16,8 +16,6 @@ from stgc.method.cosine import term_dtypes
 from stgc.method.grouped import ALL, Groups, per_expert_sums
 from stgc.precision import autocast_off
 
-AddTerms = Callable[[int, Tensor, Tensor], None]  # LayerProbe.add_terms(expert or ALL, ⟨g_i, G⟩, ‖g_i‖²)
-
 
 def rows_of(blocks: Sequence[Tensor]) -> Tensor:
     """The (Σ n_e, d) concatenation of 2-D row blocks (n_e, d): a view when they already lie one after
@@ -44,9 +42,8 @@ class _Countdown:
     """Counts the pieces a layer's hooks expect in backward (`expect`: one per capture in forward) and
     calls `finish` when the last arrives (or at `flush`, for a capture whose backward never came)."""
 
-    def __init__(self, groups: Callable[[], Groups], add_terms: AddTerms) -> None:
+    def __init__(self, groups: Callable[[], Groups]) -> None:
         self.groups = groups  # where each expert's rows are, this micro-batch
-        self.add_terms = add_terms
         self.clear()
 
     def clear(self) -> None:
@@ -79,10 +76,21 @@ class _Countdown:
         start = sum(sizes[:expert])
         return slice(start, start + count)
 
+    def check_complete(self, arrived: dict[int, Tensor], what: str) -> None:
+        """RuntimeError unless every expert that the layer routed rows to sent its piece."""
+        missing = [e for e, size in enumerate(self.groups().sizes) if size and e not in arrived]
+        if missing:
+            raise RuntimeError(f"STGC: no {what} reached experts {missing}")
+
 
 class OutputGather(_Countdown):
     """The "output" gradient's terms of every expert at once, from Δ at each expert's output (which the
-    experts' concatenation hands back as one tensor's rows: no copy)."""
+    experts' concatenation hands back as one tensor's rows: no copy), through `add_terms(groups, Δ)`:
+    stgc.method.probes.add_output_terms, as for transformers' fused experts."""
+
+    def __init__(self, groups: Callable[[], Groups], add_terms: Callable[[Groups, Tensor], None]) -> None:
+        super().__init__(groups)
+        self.add_terms = add_terms
 
     def clear(self) -> None:
         super().clear()
@@ -93,17 +101,10 @@ class OutputGather(_Countdown):
         self.arrived()
 
     def finish(self) -> None:
-        groups = self.groups()
         for expert, delta in self.deltas.items():
             self.rows(expert, delta.shape[0], "output gradient")
-        missing = [e for e, size in enumerate(groups.sizes) if size and e not in self.deltas]
-        if missing:
-            raise RuntimeError(f"STGC: no gradient reached the outputs of experts {missing}")
-        delta = rows_of([self.deltas[e] for e in sorted(self.deltas)])  # (S, H)
-        delta = delta.to(torch.promote_types(delta.dtype, torch.float32))
-        total = per_expert_sums(delta, groups, len(groups.sizes))  # (E, H)
-        dot = torch.linalg.vecdot(delta, total.index_select(0, groups.row_experts))  # ⟨δ_i, Σδ of its expert⟩
-        self.add_terms(ALL, dot, delta.square().sum(1))
+        self.check_complete(self.deltas, "gradient at the output")
+        self.add_terms(self.groups(), rows_of([self.deltas[e] for e in sorted(self.deltas)]))  # (S, H)
 
 
 class LinearGather(_Countdown):
@@ -114,8 +115,11 @@ class LinearGather(_Countdown):
     are: a tensor of all rows' products, fresh each step, slows a CPU step by what glibc's returned pages
     cost); the last one takes the narrower side's norms and the bias terms of all experts at once."""
 
-    def __init__(self, groups: Callable[[], Groups], add_terms: AddTerms, has_bias: bool) -> None:
-        super().__init__(groups, add_terms)
+    def __init__(
+        self, groups: Callable[[], Groups], add_terms: Callable[[int, Tensor, Tensor], None], has_bias: bool
+    ) -> None:
+        super().__init__(groups)
+        self.add_terms = add_terms  # LayerProbe.add_terms(ALL, ⟨g_i, G⟩, ‖g_i‖²)
         self.has_bias = has_bias
 
     def clear(self) -> None:
@@ -149,10 +153,8 @@ class LinearGather(_Countdown):
         self.arrived()
 
     def finish(self) -> None:
+        self.check_complete(self.narrow, "weight gradient")
         groups = self.groups()
-        missing = [e for e, size in enumerate(groups.sizes) if size and e not in self.narrow]
-        if missing:
-            raise RuntimeError(f"STGC: no weight gradient reached experts {missing}")
         narrow = rows_of([self.narrow[e] for e in sorted(self.narrow)])  # (S, narrower width)
         with autocast_off(narrow):
             accumulate = self.dot.dtype

@@ -470,6 +470,17 @@ def capture_output_terms(probe: LayerProbe, expert: int | Groups, outputs: Tenso
     """Ask autograd for Δ at one expert's output (n_e, H), or at every expert's (`Groups`: rows sorted by
     expert), and turn it into the "output" gradient's terms there: ⟨δ_i, Σδ⟩ and ‖δ_i‖², Σδ over the
     expert's rows (nothing is kept once the hook has run)."""
+
+    @traced("stgc.output_hook")
+    def output_terms(grad: Tensor) -> None:
+        add_output_terms(probe, expert, grad)
+
+    outputs.register_hook(output_terms)
+
+
+def add_output_terms(probe: LayerProbe, expert: int | Groups, grad: Tensor) -> None:
+    """The "output" gradient's terms from Δ at one expert's output (n_e, H), or at every expert's
+    (`Groups`: rows sorted by expert)."""
     groups = expert if isinstance(expert, Groups) else None
     key = ALL if groups is not None else expert
 
@@ -480,24 +491,16 @@ def capture_output_terms(probe: LayerProbe, expert: int | Groups, outputs: Tenso
             else torch.linalg.vecdot(delta, total.index_select(0, groups.row_experts))
         )
 
-    @traced("stgc.output_hook")
-    def output_terms(grad: Tensor) -> None:
-        delta = grad.reshape(-1, grad.shape[-1]).to(
-            torch.promote_types(grad.dtype, torch.float32)
-        )  # (n_e, H)
-        if probe.reference_mode == "use":  # compare with a kept micro-batch's Σδ (see LayerProbe.start)
-            kept = probe.reference.get(("output", key))
-            if kept is not None:
-                probe.add_terms(key, dot_with(delta, kept[0]), delta.square().sum(1), "output")
-            return
-        total = (
-            delta.sum(0) if groups is None else per_expert_sums(delta, groups, len(groups.sizes))
-        )  # (E,) H
-        probe.add_terms(key, dot_with(delta, total), delta.square().sum(1), "output")
-        if probe.reference_mode == "keep":
-            probe.reference[("output", key)] = (total, None)
-
-    outputs.register_hook(output_terms)
+    delta = grad.reshape(-1, grad.shape[-1]).to(torch.promote_types(grad.dtype, torch.float32))  # (n_e, H)
+    if probe.reference_mode == "use":  # compare with a kept micro-batch's Σδ (see LayerProbe.start)
+        kept = probe.reference.get(("output", key))
+        if kept is not None:
+            probe.add_terms(key, dot_with(delta, kept[0]), delta.square().sum(1), "output")
+        return
+    total = delta.sum(0) if groups is None else per_expert_sums(delta, groups, len(groups.sizes))  # (E,) H
+    probe.add_terms(key, dot_with(delta, total), delta.square().sum(1), "output")
+    if probe.reference_mode == "keep":
+        probe.reference[("output", key)] = (total, None)
 
 
 class SparseMoEProbe(LayerProbe):
@@ -512,7 +515,9 @@ class SparseMoEProbe(LayerProbe):
         self._in_layer = False  # inside the layer's forward: its experts' calls are the ones to capture
         self.handles.append(layer.register_forward_pre_hook(lambda *_: self._inside(True)))
         self.handles.append(layer.register_forward_hook(lambda *_: self._inside(False)))
-        self.output_gather = OutputGather(self.groups, self.add_output_terms)
+        self.output_gather = OutputGather(
+            self.groups, lambda groups, grad: add_output_terms(self, groups, grad)
+        )
         self.gathers: list[OutputGather | LinearGather] = [self.output_gather]
         linear_gathers: dict[int, LinearGather] = {}  # position of the linear in an expert -> its gather
         for expert, module in enumerate(layer.experts):
@@ -550,9 +555,6 @@ class SparseMoEProbe(LayerProbe):
             offsets = expert_counts(record.row_experts, self.num_experts).cumsum(0, dtype=torch.int32)
             self._groups = Groups([rows.shape[0] for rows in record.expert_rows], offsets, record.row_experts)
         return self._groups
-
-    def add_output_terms(self, expert: int, dot: Tensor, sqnorm: Tensor) -> None:
-        self.add_terms(expert, dot, sqnorm, "output")
 
     def _capture_hook(self, site: WeightSite, expert: int):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
