@@ -41,10 +41,9 @@ def mixtral_from(moe: SparseMoE, intermediate: int) -> MixtralExperts:
     config._experts_implementation = "eager"
     mixtral = MixtralExperts(config)
     with torch.no_grad():
-        for e, expert in enumerate(moe.experts):
-            gate_up = torch.cat([expert.gate_proj.weight, expert.up_proj.weight])  # (2*I, H)
-            mixtral.gate_up_proj[e].copy_(gate_up)
-            mixtral.down_proj[e].copy_(expert.down_proj.weight)  # (H, I)
+        experts = moe.experts  # fused: (E, I, H) gate and up, (E, H, I) down
+        mixtral.gate_up_proj.copy_(torch.cat([experts.gate_proj.weight, experts.up_proj.weight], dim=1))
+        mixtral.down_proj.copy_(experts.down_proj.weight)
     return mixtral
 
 

@@ -117,24 +117,24 @@ def materialised_time(experts: list, device: str, chunk_floats: int = 2**28) -> 
 def second_backward_time(module: LVLMModule, data: dict, device: str) -> float:
     """Naive 2: the extra cost of a second backward pass for the expert output gradients, then the
     cosines from X and Δ with G recomputed (what a callback without hooks in backward must do)."""
-    outputs, inputs = [], []
-
-    def keep(_, args, output):
-        inputs.append(args[0])
-        outputs.append(output)
-
-    experts = [e for layer in moe_layers(module.model).values() for e in layer.experts]
-    handles = [e.register_forward_hook(keep) for e in experts]
+    calls = captured_experts(module, data)  # each layer's experts, their rows and groups
+    outputs = []
+    handles = [
+        call.layer.experts.register_forward_hook(lambda _, args, output: outputs.append(output))
+        for call in calls
+    ]
     loss = module(data).loss
     loss.backward(retain_graph=True)
     for handle in handles:
         handle.remove()
+    experts = [call.per_expert() for call in calls]  # dense copies, made before the clock starts
 
     def run():
         output_grads = torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True)
-        for expert, x, output_grad in zip(experts, inputs, output_grads, strict=True):
-            if x.shape[0]:
-                token_gradient_cosine(*linears_io(expert, x, output_grad))
+        for call, dense, output_grad in zip(calls, experts, output_grads, strict=True):
+            grads = [g for g in output_grad.split(call.groups.sizes) if g.shape[0]]
+            for (expert, x, _), expert_grad in zip(dense, grads, strict=True):
+                token_gradient_cosine(*linears_io(expert, x, expert_grad))
 
     elapsed = timed(run, device)
     module.zero_grad(set_to_none=True)
@@ -185,8 +185,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
     # One repetition, on the first MoE layer's experts, times the number of layers: all MoE layers
     # have the same shapes and the same N·k assignments, and this way is slower than all else by far.
     layers = list(moe_layers(module.model).values())
-    first_layer = [item for item in experts if any(item[0] is e for e in layers[0].experts)]
-    materialised = len(layers) * materialised_time(first_layer, device)
+    materialised = len(layers) * materialised_time(experts[0].per_expert(), device)
     second = statistics.median(
         second_backward_time(module, data, device) for _ in range(max(1, args.reps // 4))
     )

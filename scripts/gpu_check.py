@@ -39,8 +39,11 @@ from stgc.host_syncs import HostSyncCounter
 from stgc.method.cosine import cosine_from_terms, linear_gradient_terms
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers
+from stgc.moe.experts import expert_linears
 from stgc_experiments.bench import (
     StepTimer,
+    captured_experts,
+    experts_time,
     layer_operators,
     method_profile,
     timed,
@@ -164,33 +167,15 @@ def _on_device(module: LVLMModule, batch: dict, precision: str) -> tuple[torch.d
 def experts_share(module: LVLMModule, batch: dict, precision: str) -> float:
     """s: the experts' forward + backward alone, on the rows they got in a step, over that plain step."""
     device, dtype, batch = _on_device(module, batch, precision)
-    captured = []
-
-    def keep(expert, args, output) -> None:
-        captured.append((expert, args[0].detach(), output))
-
-    hooks = [
-        e.register_forward_hook(keep) for layer in moe_layers(module.model).values() for e in layer.experts
-    ]
-    with torch.autocast(device.type, dtype=dtype):
-        loss = module(batch).loss
-    outputs = [o for _, _, o in captured]
-    grads = torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True)
-    for hook in hooks:
-        hook.remove()
+    calls = captured_experts(module, batch, dtype)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype):
             total = module(batch).loss
         total.backward()
 
-    def experts_alone() -> None:
-        with torch.autocast(device.type, dtype=dtype):
-            for (expert, x, _), grad in zip(captured, grads, strict=True):
-                expert(x.requires_grad_()).backward(grad)
-
     timings = {}
-    for name, fn in (("step", step), ("experts", experts_alone)):
+    for name, fn in (("step", step), ("experts", lambda: experts_time(calls, device, dtype))):
         fn()  # warm up
         timings[name] = statistics.median(timed(fn, device) for _ in range(5))
     module.zero_grad(set_to_none=True)
@@ -198,15 +183,14 @@ def experts_share(module: LVLMModule, batch: dict, precision: str) -> float:
 
 
 def cosine_error(module: LVLMModule, batch: dict, precision: str) -> float:
-    """STGC's terms from one step's low-precision captures (X, Δ of the first expert's linears, as
-    autocast left them) against the same terms in float64."""
+    """STGC's terms from one step's low-precision captures (X, Δ of the linears of the first MoE layer's
+    busiest expert, as autocast left them) against the same terms in float64."""
     device, dtype, batch = _on_device(module, batch, precision)
     layer = next(iter(moe_layers(module.model).values()))
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
         module(batch)
     busiest = max(range(layer.num_experts), key=lambda e: len(layer.last_routing.expert_rows[e]))
-    expert = layer.experts[busiest]
-    linears = [m for m in expert.modules() if isinstance(m, torch.nn.Linear)]
+    linears = expert_linears(layer.experts)  # every expert's rows; the busiest expert's are taken below
     inputs, outputs = [], []
 
     def keep(module, args, output) -> None:
@@ -219,6 +203,8 @@ def cosine_error(module: LVLMModule, batch: dict, precision: str) -> float:
     for hook in hooks:
         hook.remove()
     deltas = torch.autograd.grad(loss, outputs)
+    sizes = layer.last_routing.groups.sizes
+    inputs, deltas = ([t.split(sizes)[busiest] for t in ts] for ts in (inputs, deltas))
     low = [linear_gradient_terms(x.detach(), d) for x, d in zip(inputs, deltas, strict=True)]
     high = [
         linear_gradient_terms(x.detach().double(), d.double()) for x, d in zip(inputs, deltas, strict=True)

@@ -13,6 +13,7 @@ from stgc.method import find_moe_probes
 from stgc.method.hf_experts import restore_experts, use_stgc_experts
 from stgc.method.probes import all_conflicts
 from stgc.moe import SparseMoE
+from stgc.moe.experts import expert_mlp
 from support.brute_force import token_gradients
 from support.lightning_models import (
     CausalLMModule,
@@ -85,7 +86,8 @@ def test_sparse_moe_cosines_match_brute_force_per_token_gradients(gradient, mean
     for conflicts, (name, (inputs, output)) in zip(layers, captured.items(), strict=True):
         layer = dict(model.named_modules())[name]
         record = layer.last_routing
-        for expert_index, expert in enumerate(layer.experts):
+        for expert_index in range(layer.num_experts):
+            expert = expert_mlp(layer.experts, expert_index)  # a dense copy, run token by token
             params = {k: v.detach() for k, v in expert.named_parameters()}
             rows, expected = _brute_force_cosines(
                 lambda p, x, e=expert: functional_call(e, p, (x,)),

@@ -1,9 +1,9 @@
-"""stgc.method.grouped: a product over every expert's rows at once equals a loop over the experts."""
+"""stgc.moe.grouped: a product over every expert's rows at once equals a loop over the experts."""
 
 import pytest
 import torch
 
-from stgc.method.grouped import Groups, _has_grouped_mm, grouped_matmul
+from stgc.moe.grouped import Groups, _has_grouped_mm, grouped_matmul
 
 
 def _groups(sizes: list[int]) -> Groups:

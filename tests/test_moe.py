@@ -19,6 +19,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from stgc.constants import MODALITIES
 from stgc.moe import SparseMoE, moe_layers, moe_losses, routing_context, routing_stats, upcycle
+from stgc.moe.experts import expert_mlp
 
 VOCAB = 97
 COMMON = dict(
@@ -64,12 +65,27 @@ def test_upcycled_logits_equal_dense(kind: str) -> None:
         moe = model.model.layers[0].mlp
         upcycled = model(ids).logits
     assert list(moe_layers(model)) == ["model.layers.0.mlp", "model.layers.2.mlp"]
-    assert type(moe.experts[0]) is type(dense_mlp)
-    assert moe.experts[0].state_dict().keys() == dense_mlp.state_dict().keys()
-    assert {p.data_ptr() for p in moe.experts[0].parameters()}.isdisjoint(
-        p.data_ptr() for p in moe.experts[1].parameters()
-    )
+    assert type(moe.experts) is type(dense_mlp)  # the MLP itself, its linears' weights fused (E, ...)
+    fused, own = moe.experts.state_dict(), dense_mlp.state_dict()
+    assert fused.keys() == own.keys()
+    assert all(fused[k].shape == (4, *own[k].shape) for k in own)
+    for e in range(4):  # every expert an exact copy
+        copy = expert_mlp(moe.experts, e).state_dict()
+        assert type(expert_mlp(moe.experts, e)) is type(dense_mlp)
+        assert all(torch.equal(copy[k], own[k]) for k in own)
     torch.testing.assert_close(upcycled, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_an_mlp_with_parameters_outside_linears_is_refused() -> None:
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 8))
+    with pytest.raises(ValueError, match=r"Sequential has parameters outside one: \['1.weight', '1.bias'\]"):
+        SparseMoE(mlp, 8)
+
+
+def test_fused_experts_run_only_inside_their_layer() -> None:
+    moe = tiny_moe()
+    with pytest.raises(RuntimeError, match="inside its SparseMoE's forward"):
+        moe.experts(torch.randn(3, 16))
 
 
 def test_layers_argument() -> None:
@@ -97,7 +113,9 @@ def test_topk_matches_brute_force() -> None:
         assert record.topk_index[t].tolist() == top
         weights = probs[top] / probs[top].sum()
         torch.testing.assert_close(record.topk_weight[t], weights)
-        expected[t] = sum(w * moe.experts[e](xt[None])[0] for w, e in zip(weights, top, strict=True))
+        expected[t] = sum(
+            w * expert_mlp(moe.experts, e)(xt[None])[0] for w, e in zip(weights, top, strict=True)
+        )
     torch.testing.assert_close(out, expected.view(3, 7, 16), atol=1e-6, rtol=1e-5)
     assert record.router_logits.dtype == torch.float32
     torch.testing.assert_close(record.topk_weight.sum(-1), torch.ones(21))
@@ -126,7 +144,7 @@ def test_capacity_drops_exact_count() -> None:
     ]
     weight = capped.last_routing.topk_weight
     # token 4 keeps only its second choice (expert 3), token 6 keeps neither: no renormalisation after drops
-    torch.testing.assert_close(out[4], weight[4, 1] * capped.experts[3](x[4:5])[0])
+    torch.testing.assert_close(out[4], weight[4, 1] * expert_mlp(capped.experts, 3)(x[4:5])[0])
     torch.testing.assert_close(out[6], torch.zeros(hidden))
     assert routing_stats(capped.last_routing)["dropped_fraction"] == 3 / 16
 
@@ -185,8 +203,8 @@ def test_gradients_reach_router_and_experts() -> None:
     (loss + 0.01 * aux + 0.001 * z).backward()
     for moe in moe_layers(model).values():
         assert moe.router.weight.grad.abs().sum() > 0
-        for expert in moe.experts:
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in expert.parameters())
+        for p in moe.experts.parameters():  # (E, ...): every expert's slice
+            assert p.grad is not None and (p.grad.flatten(1).abs().sum(1) > 0).all()
 
 
 def test_state_dict_round_trip() -> None:
@@ -199,6 +217,29 @@ def test_state_dict_round_trip() -> None:
     ids = torch.randint(0, VOCAB, (2, 10))
     with torch.no_grad():
         assert torch.equal(source(ids).logits, target(ids).logits)
+
+
+def test_a_checkpoint_with_one_module_per_expert_loads_into_fused_experts() -> None:
+    """State dicts saved before the experts were fused (experts.<e>.<name>) still load, expert by expert."""
+    source = upcycle(tiny_lm(seed=0), num_experts=3, top_k=2, layers=[1])
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    per_expert = {}
+    for key, value in source.state_dict().items():
+        if ".mlp.experts." in key:
+            head, name = key.split(".mlp.experts.")
+            per_expert.update({f"{head}.mlp.experts.{e}.{name}": value[e].clone() for e in range(3)})
+        else:
+            per_expert[key] = value
+    target = upcycle(tiny_lm(seed=1), num_experts=3, top_k=2, layers=[1])
+    target.load_state_dict(per_expert)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(source(ids).logits, target(ids).logits)
+    del per_expert["model.layers.1.mlp.experts.2.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"lacks \['model.layers.1.mlp.experts.2.up_proj.weight'\]"):
+        target.load_state_dict(per_expert)
 
 
 def test_jitter_only_in_training() -> None:
@@ -234,20 +275,16 @@ def test_record_consistent() -> None:
 
 def test_expert_hooks_see_record_rows() -> None:
     moe = tiny_moe(num_experts=4, top_k=2)
-    seen: dict[int, torch.Tensor] = {}
-
-    def keep_input(e: int):
-        def hook(module: nn.Module, args: tuple[torch.Tensor], output: torch.Tensor) -> None:
-            seen[e] = args[0]
-
-        return hook
-
-    for e, expert in enumerate(moe.experts):
-        expert.gate_proj.register_forward_hook(keep_input(e))
+    seen = []
+    moe.experts.gate_proj.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     x = torch.randn(2, 8, 16)
     moe(x)
-    for e, rows in enumerate(moe.last_routing.expert_rows):
-        torch.testing.assert_close(seen[e], x.reshape(16, 16)[rows])
+    record = moe.last_routing  # the experts' input: every expert's rows, in expert order
+    torch.testing.assert_close(seen[-1], x.reshape(16, 16)[torch.cat(record.expert_rows)])
+    assert record.groups.sizes == [rows.numel() for rows in record.expert_rows]
+    assert record.groups.row_experts.tolist() == [
+        e for e, rows in enumerate(record.expert_rows) for _ in rows
+    ]
 
 
 def test_all_tokens_masked_gives_zeros_and_zero_losses() -> None:
@@ -268,7 +305,7 @@ def test_router_runs_in_float32_under_bf16_autocast_and_experts_in_bf16() -> Non
     moe(x)
     reference = moe.last_routing
     expert_inputs = []
-    moe.experts[0].register_forward_hook(lambda module, args, output: expert_inputs.append(args[0]))
+    moe.experts.register_forward_hook(lambda module, args, output: expert_inputs.append(args[0]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         moe(x)
     routed = moe.last_routing

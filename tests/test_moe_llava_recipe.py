@@ -172,9 +172,12 @@ def test_each_stage_trains_only_its_parts(recipe_runs, stand_ins) -> None:
         experts = {k for k in stage3 if ".mlp.experts." in k}
         assert len(routers) == 2 and dense_mlps and projector  # MoE in layers 0 and 2 of 4
         assert moved == dense_mlps | projector | routers | experts
-        for k in experts:  # layers.0.mlp.experts.3.up_proj.weight copies layers.0.mlp.up_proj.weight
-            dense = k[: k.index(".experts.")] + "." + k.split(".experts.")[1].split(".", 1)[1]
-            assert stage3[k].shape == stage2[dense].shape and not torch.equal(stage3[k], stage2[dense]), k
+        for (
+            k
+        ) in experts:  # layers.0.mlp.experts.up_proj.weight: (E, ...) copies of layers.0.mlp.up_proj.weight
+            dense = k.replace(".experts.", ".")
+            assert stage3[k].shape == (4, *stage2[dense].shape), k
+            assert not any(torch.equal(expert, stage2[dense]) for expert in stage3[k]), k
 
 
 def test_fsdp2_trainer_file_trains_stage3_stgc_as_ddp_does(

@@ -16,6 +16,7 @@ from stgc.method.diagnostics import expert_drift, pearson, pearson_sums, reroute
 from stgc.method.loss import conflict_elimination_loss
 from stgc.method.probes import LayerConflicts
 from stgc.method.statistics import LayerStats, layer_metrics
+from stgc.moe.experts import expert_mlp
 from support.lightning_models import (
     CausalLMModule,
     OppositeGroups,
@@ -222,7 +223,8 @@ def test_expert_drift_logged_is_that_of_the_layers_experts() -> None:
     trainer = _trainer([STGC(histogram_every_n_steps=0)])
     trainer.fit(CausalLMModule(model, lr=0.0))
     for index, layer in enumerate(model.model.layers):
-        experts = [[p.detach() for p in expert.parameters()] for expert in layer.mlp.experts]
+        fused = [p.detach() for p in layer.mlp.experts.parameters()]  # (E, ...) each
+        experts = [[p[e] for p in fused] for e in range(layer.mlp.num_experts)]
         logged = float(trainer.callback_metrics[f"stgc/expert_drift/layer_{index}"])
         assert logged == pytest.approx(float(expert_drift(experts)), rel=1e-6) and logged > 0
 
@@ -364,14 +366,15 @@ def _batch_gradient_and_sample_cosines(sample, batch):
     for index, layer in enumerate(model.model.layers):
         inputs, output = captured[index]
         record = layer.mlp.last_routing
-        for e, expert in enumerate(layer.mlp.experts):
+        for e in range(layer.mlp.num_experts):
+            expert = expert_mlp(layer.mlp.experts, e)  # a dense copy, run token by token
             params = {k: v.detach() for k, v in expert.named_parameters()}
             rows, flat = token_gradients(
                 lambda p, x, ex=expert: functional_call(ex, p, (x,)), params, inputs.detach(),
                 output.grad.reshape(-1, output.shape[-1]), record.topk_index, record.topk_weight, e,
             )  # fmt: skip
-            batch_expert = trained.model.layers[index].mlp.experts[e]
-            total = torch.cat([p.grad.reshape(-1) for p in batch_expert.parameters()])
+            batch_experts = trained.model.layers[index].mlp.experts
+            total = torch.cat([p.grad[e].reshape(-1) for p in batch_experts.parameters()])
             cosines[index, e] = (rows, torch.nn.functional.cosine_similarity(flat, total[None], dim=1))
     return cosines
 

@@ -25,7 +25,9 @@ from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data.dataset import output_size
 from stgc.method import Settings, STGCMethod
 from stgc.module import LVLMModule
-from stgc.moe import moe_layers, upcycle
+from stgc.moe import SparseMoE, moe_layers, upcycle
+from stgc.moe.experts import expert_mlp, grouped
+from stgc.moe.grouped import Groups
 from stgc_experiments import ROOT
 
 CONFIGS = ROOT / "configs"
@@ -210,36 +212,68 @@ def median_ratio(numerator: list[float], denominator: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
-def captured_experts(
-    module: LVLMModule, data: dict
-) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
-    """(expert, its input rows, the gradient at its output) for every expert of every MoE layer, one step."""
-    captured, outputs = [], []
+@dataclasses.dataclass
+class ExpertsCall:
+    """One MoE layer's experts as a training step ran them: their input rows (sorted by expert), where each
+    expert's rows are, and the gradient at their output."""
 
-    def keep(expert):
+    layer: SparseMoE
+    inputs: torch.Tensor  # (S, H)
+    groups: Groups
+    output_grad: torch.Tensor  # (S, H)
+
+    def run(self) -> None:
+        """The experts' forward and backward on these rows, as the layer runs them (all experts at once)."""
+        with grouped(self.layer.experts, self.groups):
+            self.layer.experts(self.inputs.requires_grad_()).backward(self.output_grad)
+
+    def per_expert(self) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
+        """(expert as a dense MLP, its input rows, the gradient at its output) of each expert with rows: what
+        the naive ways run expert by expert."""
+        parts = zip(
+            self.inputs.split(self.groups.sizes), self.output_grad.split(self.groups.sizes), strict=True
+        )
+        return [
+            (expert_mlp(self.layer.experts, e), x.detach(), grad)
+            for e, (x, grad) in enumerate(parts)
+            if x.shape[0]
+        ]
+
+
+def captured_experts(
+    module: LVLMModule, data: dict, autocast: torch.dtype | None = None
+) -> list[ExpertsCall]:
+    """The experts' call of every MoE layer in one step (under `autocast` when given)."""
+    calls: list[tuple[SparseMoE, torch.Tensor, torch.Tensor]] = []
+
+    def keep(layer):
         def hook(_, args, output):
-            output.retain_grad()
-            captured.append((expert, args[0].detach()))
-            outputs.append(output)
+            calls.append((layer, args[0].detach(), output))
 
         return hook
 
-    handles = [
-        e.register_forward_hook(keep(e)) for layer in moe_layers(module.model).values() for e in layer.experts
-    ]
-    module(data).loss.backward()
+    layers = moe_layers(module.model).values()
+    handles = [layer.experts.register_forward_hook(keep(layer)) for layer in layers]
+    with torch.autocast(module.device.type, dtype=autocast, enabled=autocast is not None):
+        loss = module(data).loss
     for handle in handles:
         handle.remove()
+    outputs = [output for _, _, output in calls]
+    grads = torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True)
     module.zero_grad(set_to_none=True)
-    return [(e, x, out.grad) for (e, x), out in zip(captured, outputs, strict=True) if x.shape[0]]
+    return [
+        ExpertsCall(layer, x, layer.last_routing.groups, grad)
+        for (layer, x, _), grad in zip(calls, grads, strict=True)
+    ]
 
 
-def experts_time(experts: list, device: str) -> float:
+def experts_time(calls: list[ExpertsCall], device: str, autocast: torch.dtype | None = None) -> float:
     """The experts' forward and backward alone, on the rows they processed in a real step."""
 
     def run():
-        for expert, x, output_grad in experts:
-            expert(x.requires_grad_()).backward(output_grad)
+        with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+            for call in calls:
+                call.run()
 
     return timed(run, device)
 

@@ -74,9 +74,8 @@ def upcycled_qwen2(seed: int = 0, num_experts: int = 4, top_k: int = 2) -> Qwen2
     upcycle(model, num_experts=num_experts, top_k=top_k, layers="all")
     for layer in model.model.layers:  # break the experts' symmetry so routing matters
         torch.nn.init.normal_(layer.mlp.router.weight, std=0.5)
-        for expert in layer.mlp.experts:
-            for parameter in expert.parameters():
-                parameter.data.add_(0.02 * torch.randn_like(parameter))
+        for parameter in layer.mlp.experts.parameters():  # (E, ...) fused: every expert's own noise
+            parameter.data.add_(0.02 * torch.randn_like(parameter))
     return model
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from stgc.method.grouped import Groups, grouped_matmul, per_expert_sums
+from stgc.moe.grouped import Groups, grouped_matmul, per_expert_sums
 from stgc.precision import autocast_off
 
 CosinePath = Literal["auto", "gram", "gemm"]

@@ -15,9 +15,9 @@ from transformers import PreTrainedModel
 from transformers.integrations.moe import ExpertsInterface
 
 from stgc.constants import MODALITIES
-from stgc.method.grouped import Groups, grouped_matmul
 from stgc.method.probes import LayerProbe, LayerRouting, WeightSite, capture_output_terms
 from stgc.method.routers import router_rule
+from stgc.moe.grouped import Groups, grouped_matmul
 from stgc.moe.layer import expert_counts
 from stgc.precision import to_compute_dtype
 
@@ -144,10 +144,8 @@ class HFExpertsProbe(LayerProbe):
         self.last_choice: Tensor | None = None
         self.rule_verified = False  # until `check_rule` accepts it
         up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-        self.up_site = WeightSite(
-            self, getattr(experts, up_name), experts.has_bias, None, experts.is_transposed
-        )
-        self.down_site = WeightSite(self, experts.down_proj, experts.has_bias, None, experts.is_transposed)
+        self.up_site = WeightSite(self, getattr(experts, up_name), experts.has_bias, experts.is_transposed)
+        self.down_site = WeightSite(self, experts.down_proj, experts.has_bias, experts.is_transposed)
         self.last_routing: LayerRouting | None = None
         self.split = split
         experts._stgc_probe = self

@@ -62,8 +62,8 @@ class Llama4Probe(LayerProbe):
         router, experts = block.router, block.experts
         super().__init__(name, router.weight, block.num_experts, block.top_k)
         self.rule = RouterRule("sigmoid")
-        self.up_site = WeightSite(self, experts.gate_up_proj, False, None, transposed=True)
-        self.down_site = WeightSite(self, experts.down_proj, False, None, transposed=True)
+        self.up_site = WeightSite(self, experts.gate_up_proj, False, transposed=True)
+        self.down_site = WeightSite(self, experts.down_proj, False, transposed=True)
         self.scores: Tensor | None = None  # (N, E) the router's last scores, while capturing
         self.router_input: Tensor | None = None  # (N, H)
         self.last_routing: LayerRouting | None = None

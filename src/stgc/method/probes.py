@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from stgc.method.cosine import cosine_from_terms, leave_one_out_cosine, row_terms
 from stgc.method.distributed import full_tensor, is_sharded
 from stgc.method.flat import repeated
-from stgc.method.gather import LinearGather, OutputGather
-from stgc.method.grouped import ALL, Groups, per_expert_sums
 from stgc.method.routers import SOFTMAX
 from stgc.method.tracing import traced
+from stgc.moe.experts import expert_linears
+from stgc.moe.grouped import Groups, per_expert_sums
 from stgc.moe.layer import expert_counts
 from stgc.moe.recompute import RECOMPUTE, current_frame
 
@@ -36,6 +36,7 @@ REFERENCES = ("none", "keep", "use")  # see LayerProbe.start
 RULE_AGREEMENT = 0.95  # share of tokens whose chosen experts the rule must reproduce (ties differ in bf16)
 GRADIENTS = ("exact", "output")  # which token gradient the cosines are of (see the module docstring)
 MEANS = ("all", "others")  # compared with the sum over all of the expert's tokens, or over the others
+ALL = -1  # the expert key of terms that cover every expert's rows, in expert order (a fused weight's)
 
 
 @dataclass
@@ -186,9 +187,6 @@ class LayerProbe(ABC):
         else:
             terms[0], terms[1] = terms[0] + dot, terms[1] + sqnorm
 
-    def flush(self) -> None:  # noqa: B027 (most probes hold nothing back)
-        """Finish the terms of whatever the hooks still hold (SparseMoEProbe's gathers)."""
-
     def conflicts(self, gradient: str = "exact", mean: str = "all") -> LayerConflicts:
         """This layer's `all_conflicts`."""
         return all_conflicts([self], gradient, mean)[0]
@@ -197,7 +195,6 @@ class LayerProbe(ABC):
         """The (token, expert) assignments whose expert saw gradient of the chosen kind, with each captured
         gradient's terms over them; None when there are none. Against a kept reference, only the experts
         that had kept tokens (the others have nothing to compare with)."""
-        self.flush()
         routing = self.routing()
         sizes = [rows.shape[0] for rows in routing.expert_rows]
         for terms in self._terms.values():  # every expert's rows at once (a fused weight's): per expert
@@ -339,8 +336,8 @@ def _no_conflicts(probe: LayerProbe) -> LayerConflicts:
 
 
 class WeightSite:
-    """One expert weight — an nn.Linear's (d_out, d_in), or a fused (E, d_out, d_in) one shared by all
-    experts (transposed: (E, d_in, d_out)) — and the X/Δ captured for it in this micro-batch.
+    """One fused expert weight, (E, d_out, d_in) for all experts of a layer (transposed: (E, d_in, d_out)),
+    and the X/Δ captured for it in this micro-batch: of every expert at once, or of one expert at a time.
 
     A weight sharded by FSDP2 (a DTensor) never receives this rank's unsharded gradient, so its terms
     come from X and Δ alone, as soon as Δ arrives (G = ΔᵀX: one more product). Under activation
@@ -352,7 +349,6 @@ class WeightSite:
         probe: LayerProbe,
         weight: nn.Parameter,
         has_bias: bool,
-        expert: int | None,
         transposed: bool = False,
     ) -> None:
         if not weight.requires_grad:
@@ -362,11 +358,9 @@ class WeightSite:
         self.probe = probe
         self.weight = weight
         self.has_bias = has_bias
-        self.expert = expert  # None: fused, indexed by the captured expert
         self.transposed = transposed
         self.sharded = is_sharded(weight)
         self._pending: list[list] = []  # [expert, X (n, d_in), Δ (n, d_out) or None]
-        self.gather: LinearGather | None = None  # set where every expert's same linear is taken at once
         if not self.sharded:
             probe.handles.append(weight.register_hook(self._on_weight_grad))
         probe.sites.append(self)
@@ -384,8 +378,6 @@ class WeightSite:
         if frame is not None:  # a checkpointed layer: its recomputation brings X
             frame.store.setdefault(self, []).append(entry)
         if not self.sharded:
-            if self.gathering and not self._pending:
-                self.gather.expect()
             self._pending.append(entry)
 
         def keep_output_grad(grad: Tensor) -> None:
@@ -395,27 +387,11 @@ class WeightSite:
 
         outputs.register_hook(keep_output_grad)
 
-    @property
-    def gathering(self) -> bool:
-        """Whether this weight's terms go to its gather (the ordinary step; a reference step's, expert by
-        expert, keep or use each expert's G)."""
-        return self.gather is not None and self.probe.reference_mode == "none"
-
     @traced("stgc.weight_hook")
     def _on_weight_grad(self, grad: Tensor) -> None:
         """Fires with this micro-batch's weight gradient: G for each captured expert is at hand."""
-        if self.gathering and self._pending:
-            if len(self._pending) > 1:
-                raise RuntimeError(
-                    f"STGC captures one forward per micro-batch: {self.probe.name}'s expert {self.expert} "
-                    f"ran {len(self._pending)} times before this backward"
-                )
-            (expert, inputs, output_grads), self._pending = self._pending[0], []
-            if output_grads is not None:
-                self.gather.receive(expert, self._inputs_of(inputs, expert), output_grads, grad)
-            return
         for entry in self._pending:
-            grad_weight = grad if self.expert is not None or isinstance(entry[0], Groups) else grad[entry[0]]
+            grad_weight = grad if isinstance(entry[0], Groups) else grad[entry[0]]
             self._add_terms(entry, grad_weight.mT if self.transposed else grad_weight)  # (E,) d_out, d_in
         self._pending.clear()
 
@@ -504,80 +480,29 @@ def add_output_terms(probe: LayerProbe, expert: int | Groups, grad: Tensor) -> N
 
 
 class SparseMoEProbe(LayerProbe):
-    """Probe for this project's SparseMoE: experts are modules of nn.Linear layers. Their hooks hand what
-    they receive in backward to gathers (one per linear of the experts, one for their outputs) that take
-    every expert's terms at once (stgc.method.gather)."""
+    """Probe for this project's SparseMoE: its experts are the dense MLP with fused weights, run once per
+    layer on every expert's rows (stgc.moe.experts), so each fused linear is one site of all experts, as
+    in transformers' fused experts."""
 
     def __init__(self, name: str, layer: nn.Module) -> None:
         super().__init__(name, layer.router.weight, layer.num_experts, layer.top_k, layer.router.bias)
         self.layer = layer
-        self._groups: Groups | None = None  # this micro-batch's rows per expert
-        self._in_layer = False  # inside the layer's forward: its experts' calls are the ones to capture
-        self.handles.append(layer.register_forward_pre_hook(lambda *_: self._inside(True)))
-        self.handles.append(layer.register_forward_hook(lambda *_: self._inside(False)))
-        self.output_gather = OutputGather(
-            self.groups, lambda groups, grad: add_output_terms(self, groups, grad)
-        )
-        self.gathers: list[OutputGather | LinearGather] = [self.output_gather]
-        linear_gathers: dict[int, LinearGather] = {}  # position of the linear in an expert -> its gather
-        for expert, module in enumerate(layer.experts):
-            self.handles.append(module.register_forward_hook(self._output_hook(expert)))
-            linears = [linear for linear in module.modules() if isinstance(linear, nn.Linear)]
-            for position, linear in enumerate(linears):
-                site = WeightSite(self, linear.weight, linear.bias is not None, expert)
-                if not site.sharded:  # a sharded weight's terms come from X and Δ as Δ arrives
-                    if position not in linear_gathers:
-                        linear_gathers[position] = LinearGather(self.groups, self.add_terms, site.has_bias)
-                        self.gathers.append(linear_gathers[position])
-                    site.gather = linear_gathers[position]
-                self.handles.append(linear.register_forward_hook(self._capture_hook(site, expert)))
+        self.linears = expert_linears(layer.experts)
+        for linear in self.linears:
+            site = WeightSite(self, linear.weight, linear.bias is not None)
+            self.handles.append(linear.register_forward_hook(self._capture_hook(site)))
+        self.handles.append(layer.experts.register_forward_hook(self._output_hook))
 
-    def _inside(self, inside: bool) -> None:
-        self._in_layer = inside
-
-    def start(
-        self, capturing: bool, gradients: tuple[str, ...] = ("exact",), reference: str = "none"
-    ) -> None:
-        super().start(capturing, gradients, reference)
-        self._groups = None
-        self._in_layer = False
-        for gather in self.gathers:
-            gather.clear()
-
-    def flush(self) -> None:
-        for gather in self.gathers:
-            gather.flush()
-
-    def groups(self) -> Groups:
-        """Where each expert's rows are among all of them in the last forward (once per micro-batch)."""
-        if self._groups is None:
-            record = self.layer.last_routing
-            offsets = expert_counts(record.row_experts, self.num_experts).cumsum(0, dtype=torch.int32)
-            self._groups = Groups([rows.shape[0] for rows in record.expert_rows], offsets, record.row_experts)
-        return self._groups
-
-    def _capture_hook(self, site: WeightSite, expert: int):
+    def _capture_hook(self, site: WeightSite):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if self.capture_exact and self._in_layer and torch.is_grad_enabled():
-                site.capture(expert, args[0], output)
+            if self.capture_exact and torch.is_grad_enabled():
+                site.capture(module.groups, args[0], output)
 
         return hook
 
-    def _output_hook(self, expert: int):
-        @traced("stgc.output_hook")
-        def receive(grad: Tensor) -> None:
-            self.output_gather.receive(expert, grad)
-
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not (self.capture_output and self._in_layer and torch.is_grad_enabled()):
-                return
-            if self.reference_mode != "none":  # a reference step's terms, expert by expert
-                capture_output_terms(self, expert, output)
-                return
-            self.output_gather.expect()
-            output.register_hook(receive)
-
-        return hook
+    def _output_hook(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if self.capture_output and torch.is_grad_enabled():
+            capture_output_terms(self, self.linears[0].groups, output)  # the groups of this forward
 
     def routing(self) -> LayerRouting:
         record = self.layer.last_routing
@@ -585,8 +510,9 @@ class SparseMoEProbe(LayerProbe):
         if modality is None and self.position_modality is not None:
             modality = self.position_modality.index_select(0, record.token_index)
         return LayerRouting(
-            record.router_input, record.expert_rows, modality, record.token_index, record.row_experts
+            record.router_input, record.expert_rows, modality, record.token_index, record.groups.row_experts
         )
 
     def expert_weights(self) -> list[list[Tensor]]:
-        return [[p.detach() for p in expert.parameters()] for expert in self.layer.experts]
+        weights = [p.detach() for p in self.layer.experts.parameters()]  # (E, ...) each
+        return [[w[e] for w in weights] for e in range(self.num_experts)]

@@ -4,7 +4,6 @@ Notation: B batch, T sequence, H hidden, E experts, k experts per token, N route
 (all B*T tokens, or those the token mask keeps), S = N*k routing slots (assignments).
 """
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -13,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stgc.constants import MODALITIES
+from stgc.moe.experts import fused_experts, grouped, stack_expert_state
+from stgc.moe.grouped import Groups
 from stgc.moe.recompute import replaying
 from stgc.precision import autocast_off, to_compute_dtype
 
@@ -29,7 +30,7 @@ class RoutingRecord:
     topk_weight:   (N, k) float32 softmax probabilities of the chosen experts renormalised to sum to 1
     expert_rows:   E tensors; expert_rows[e] holds the rows (into the N routed tokens) that expert e
                    processed, in the order of the expert's input rows; capacity drops excluded
-    row_experts:   (S_kept,) the expert of each row of torch.cat(expert_rows)
+    groups:        where each expert's rows are among the experts' S_kept input rows (sorted by expert)
     modality:      (N,) per routed token (0 text, 1 image), or None
     num_dropped:   assignments dropped by the capacity limit (0 when dropless)
     aux_loss:      load-balancing loss E * sum_i f_i * P_i (1.0 at uniform routing), with grad
@@ -42,7 +43,7 @@ class RoutingRecord:
     topk_index: Tensor
     topk_weight: Tensor
     expert_rows: list[Tensor]
-    row_experts: Tensor
+    groups: Groups
     modality: Tensor | None
     num_dropped: int
     aux_loss: Tensor
@@ -53,7 +54,8 @@ ROUTING_CONTEXT = ("token_mask", "token_index", "modality", "routed_modality")  
 
 
 class SparseMoE(nn.Module):
-    """Top-k routed experts that start as exact copies of a dense MLP (sparse upcycling).
+    """Top-k routed experts that start as exact copies of a dense MLP (sparse upcycling). The experts are
+    the MLP with fused weights (stgc.moe.experts): one forward over all experts' rows, sorted by expert.
 
     Capacity rule (when capacity_factor is set): each expert keeps at most
     ceil(capacity_factor * N * k / E) assignments; assignments are ranked by token order (then by
@@ -85,7 +87,8 @@ class SparseMoE(nn.Module):
         self.router_jitter = router_jitter
         param = next(mlp.parameters())
         self.router = nn.Linear(hidden_size, num_experts, bias=False, device=param.device, dtype=param.dtype)
-        self.experts = nn.ModuleList(copy.deepcopy(mlp) for _ in range(num_experts))
+        self.experts = fused_experts(mlp, num_experts)
+        self._register_load_state_dict_pre_hook(self._fuse_per_expert_state)
         # set by routing_context for one forward: which tokens to route, and their modality
         self.token_mask: Tensor | None = None  # (B, T) bool
         self.token_index: Tensor | None = None  # (N,) flat positions of the token mask's tokens
@@ -130,11 +133,12 @@ class SparseMoE(nn.Module):
 
         rows = order // self.top_k  # (S_kept,) routed-token row of each kept slot
         weights = topk_weight.reshape(-1).index_select(0, order).to(x.dtype)  # (S_kept,)
-        # (S_kept, H) contiguous per expert, in the dtype the experts compute in: the tensor autograd keeps
+        row_experts = flat_expert.index_select(0, order)  # (S_kept,)
+        groups = Groups(sizes, kept_counts.cumsum(0, dtype=torch.int32), row_experts)
+        # (S_kept, H) sorted by expert, in the dtype the experts compute in: the tensor autograd keeps
         expert_in = to_compute_dtype(x_routed.index_select(0, rows))
-        expert_out = torch.cat(
-            [expert(chunk) for expert, chunk in zip(self.experts, expert_in.split(sizes), strict=True)]
-        )  # (S_kept, H)
+        with grouped(self.experts, groups):
+            expert_out = self.experts(expert_in)  # (S_kept, H)
         out_routed = torch.zeros_like(x_routed).index_add_(0, rows, expert_out * weights[:, None])  # (N, H)
         out = out_routed
         if self.token_mask is not None:
@@ -148,13 +152,17 @@ class SparseMoE(nn.Module):
             topk_index=topk_index,
             topk_weight=topk_weight,
             expert_rows=list(rows.split(sizes)),
-            row_experts=flat_expert.index_select(0, order),
+            groups=groups,
             modality=self._routed_modality(x),
             num_dropped=num_dropped,
             aux_loss=aux_loss,
             z_loss=z_loss,
         )
         return out.view_as(x)  # (B, T, H)
+
+    def _fuse_per_expert_state(self, state_dict: dict, prefix: str, *args) -> None:
+        """Load a checkpoint saved with one module per expert (experts.<e>.<name>) into the fused experts."""
+        stack_expert_state(state_dict, prefix, self.num_experts)
 
     def _routed_positions(self, x: Tensor) -> Tensor:
         """Flat positions of the tokens to route: all of them, or those the routing context keeps."""

@@ -13,7 +13,6 @@ from torch import Tensor
 # the dtypes grouped_mm runs in on each device (torch's CUDA kernel: bfloat16; float16 only with cuBLASLt's
 # grouped GEMM, not asked for here); other dtypes (float64, float32 on a GPU) loop over the experts
 GROUPED_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
-ALL = -1  # the expert key of terms that cover every expert's rows, in expert order (stgc.method.probes)
 
 
 @dataclass
@@ -30,7 +29,9 @@ def grouped_matmul(inputs: Tensor, weights: Tensor, groups: Groups) -> Tensor:
     weights = weights.to(inputs.dtype)
     if _has_grouped_mm(inputs.device, inputs.dtype) and _aligned(inputs) and _aligned(weights):
         return F.grouped_mm(inputs, weights, offs=groups.offsets)
-    parts = [part @ weights[e] for e, part in enumerate(inputs.split(groups.sizes)) if part.shape[0]]
+    # unbind, not weights[e]: its backward stacks the experts' gradients once, where indexing adds E full-size ones
+    matrices = weights.unbind(0)
+    parts = [part @ matrices[e] for e, part in enumerate(inputs.split(groups.sizes)) if part.shape[0]]
     return torch.cat(parts) if parts else inputs.new_zeros(0, weights.shape[-1])
 
 
