@@ -1,8 +1,9 @@
-"""Benchmark SparseMoE fwd+bwd on CPU against transformers' MixtralExperts (eager) and k x dense MLP.
+"""Benchmark SparseMoE fwd+bwd on CPU against transformers' MixtralExperts and k x dense MLP.
 
-All contenders see the same input and output gradient; MixtralExperts is fed SparseMoE's routing
-(same top-k indices and weights) and its fused weights are copied from SparseMoE's experts.
-SparseMoE's time includes its router, losses and dispatch; MixtralExperts' excludes routing.
+All contenders see the same input and output gradient; MixtralExperts, in each of its experts
+implementations ("eager", "grouped_mm", "batched_mm"), is fed SparseMoE's routing (same top-k indices
+and weights) and its fused weights are copied from SparseMoE's experts. SparseMoE's time includes its
+router, losses and dispatch; MixtralExperts' excludes routing.
 Contenders are interleaved (one repetition of each, in rotating order) after warmup.
 
     .venv/bin/python scripts/bench_moe.py [--quick] [--out results/bench_moe.json]
@@ -29,8 +30,11 @@ SHAPES = [  # (hidden, intermediate, tokens)
 ]
 
 
-def mixtral_from(moe: SparseMoE, intermediate: int) -> MixtralExperts:
-    """MixtralExperts (eager) whose fused weights are copies of `moe`'s Qwen2MLP experts."""
+MIXTRAL_IMPLEMENTATIONS = ("eager", "grouped_mm")  # transformers' ("batched_mm" holds a weight per token)
+
+
+def mixtral_from(moe: SparseMoE, intermediate: int, implementation: str) -> MixtralExperts:
+    """MixtralExperts (`implementation`) whose fused weights are copies of `moe`'s Qwen2MLP experts."""
     hidden = moe.router.in_features
     config = MixtralConfig(
         hidden_size=hidden,
@@ -38,7 +42,7 @@ def mixtral_from(moe: SparseMoE, intermediate: int) -> MixtralExperts:
         num_local_experts=moe.num_experts,
         hidden_act="silu",
     )
-    config._experts_implementation = "eager"
+    config._experts_implementation = implementation
     mixtral = MixtralExperts(config)
     with torch.no_grad():
         experts = moe.experts  # fused: (E, I, H) gate and up, (E, H, I) down
@@ -52,14 +56,15 @@ def contenders(hidden: int, intermediate: int, tokens: int, top_k: int) -> dict[
     config = Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, hidden_act="silu")
     dense = Qwen2MLP(config)
     moe = SparseMoE(dense, hidden, num_experts=4, top_k=top_k)
-    mixtral = mixtral_from(moe, intermediate)
+    mixtrals = {name: mixtral_from(moe, intermediate, name) for name in MIXTRAL_IMPLEMENTATIONS}
     x = torch.randn(tokens, hidden, requires_grad=True)  # (N, H)
     grad_out = torch.randn(tokens, hidden)  # (N, H)
     with torch.no_grad():
         moe(x)
     topk_index = moe.last_routing.topk_index  # (N, k)
     topk_weight = moe.last_routing.topk_weight.detach().clone().requires_grad_()  # (N, k)
-    params = [x, topk_weight, *moe.parameters(), *mixtral.parameters(), *dense.parameters()]
+    params = [x, topk_weight, *moe.parameters(), *dense.parameters()]
+    params += [p for mixtral in mixtrals.values() for p in mixtral.parameters()]
 
     def run(fn: Callable[[], Tensor]) -> Callable[[], None]:
         def step() -> None:
@@ -69,11 +74,10 @@ def contenders(hidden: int, intermediate: int, tokens: int, top_k: int) -> dict[
 
         return step
 
-    return {
-        "ours": run(lambda: moe(x)),
-        "mixtral": run(lambda: mixtral(x, topk_index, topk_weight)),
-        "dense": run(lambda: dense(x)),
-    }
+    steps = {"ours": run(lambda: moe(x)), "dense": run(lambda: dense(x))}
+    for name, mixtral in mixtrals.items():
+        steps[f"mixtral_{name}"] = run(lambda m=mixtral: m(x, topk_index, topk_weight))
+    return steps
 
 
 def bench(steps: dict[str, Callable[[], None]], warmup: int, reps: int) -> dict[str, list[float]]:
@@ -107,6 +111,9 @@ def main() -> None:
     for hidden, intermediate, tokens in shapes:
         times = bench(contenders(hidden, intermediate, tokens, args.top_k), warmup, reps)
         med = {name: statistics.median(t) for name, t in times.items()}
+        fastest = [
+            min(t) for t in zip(*(times[f"mixtral_{m}"] for m in MIXTRAL_IMPLEMENTATIONS), strict=True)
+        ]
         rows.append(
             {
                 "hidden": hidden,
@@ -115,21 +122,32 @@ def main() -> None:
                 "experts": 4,
                 "top_k": args.top_k,
                 "ours_ms": 1e3 * med["ours"],
-                "mixtral_ms": 1e3 * med["mixtral"],
+                **{f"mixtral_{m}_ms": 1e3 * med[f"mixtral_{m}"] for m in MIXTRAL_IMPLEMENTATIONS},
                 "k_dense_ms": 1e3 * args.top_k * med["dense"],
-                "ours_over_mixtral": paired_ratio(times["ours"], times["mixtral"]),
+                **{
+                    f"ours_over_mixtral_{m}": paired_ratio(times["ours"], times[f"mixtral_{m}"])
+                    for m in MIXTRAL_IMPLEMENTATIONS
+                },
+                "ours_over_fastest_mixtral": paired_ratio(times["ours"], fastest),
                 "ours_over_k_dense": paired_ratio(times["ours"], times["dense"], args.top_k),
             }
         )
-    header = f"{'H':>5} {'I':>5} {'N':>5} | {'ours ms':>8} {'mixtral':>8} {'k*dense':>8} | {'/mixtral':>8} {'/k*dense':>8}"
+    names = [f"mixtral {m}" for m in MIXTRAL_IMPLEMENTATIONS]
     print(f"threads={torch.get_num_threads()} reps={reps} warmup={warmup}")
-    print("times: medians of fwd+bwd; ratios: medians of per-repetition ratios")
-    print(header)
+    print(
+        "times (ms): medians of fwd+bwd; ratios: medians of per-repetition ratios (fastest: of each repetition)"
+    )
+    print(
+        f"{'H':>5} {'I':>5} {'N':>5} | {'ours':>7} {' '.join(f'{n:>18}' for n in names)} {'k*dense':>8} | ours / each, fastest, k*dense"
+    )
     for r in rows:
+        ratios = [r[f"ours_over_mixtral_{m}"] for m in MIXTRAL_IMPLEMENTATIONS]
         print(
-            f"{r['hidden']:>5} {r['intermediate']:>5} {r['tokens']:>5} | {r['ours_ms']:>8.2f} "
-            f"{r['mixtral_ms']:>8.2f} {r['k_dense_ms']:>8.2f} | {r['ours_over_mixtral']:>8.3f} "
-            f"{r['ours_over_k_dense']:>8.3f}"
+            f"{r['hidden']:>5} {r['intermediate']:>5} {r['tokens']:>5} | {r['ours_ms']:>7.2f} "
+            + " ".join(f"{r[f'mixtral_{m}_ms']:>18.2f}" for m in MIXTRAL_IMPLEMENTATIONS)
+            + f" {r['k_dense_ms']:>8.2f} | "
+            + " ".join(f"{x:.3f}" for x in ratios)
+            + f", {r['ours_over_fastest_mixtral']:.3f}, {r['ours_over_k_dense']:.3f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,23 +61,20 @@ def reroute_metrics(layer: str, sums: Tensor) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def expert_drift(expert_weights: list[list[Tensor]]) -> Tensor:
+def expert_drift(expert_weights: list[Tensor]) -> Tensor:
     """Mean over experts of ‖θ_e − θ̄‖ / ‖θ̄‖, θ_e an expert's weights flattened and θ̄ their mean over
-    the layer's experts: 0 right after upcycling (exact copies). Offsets from the first expert, in
-    float32: exactly 0 for copies, and a weight at a time, so that memory holds two of its copies."""
-    num_experts = len(expert_weights)
-    distance_sq = torch.zeros(num_experts, dtype=torch.float64, device=expert_weights[0][0].device)
-    mean_sq = torch.zeros((), dtype=torch.float64, device=distance_sq.device)
-    for weights in zip(*expert_weights, strict=True):
-        weights = [full_tensor(w).float() for w in weights]  # gathered from its shards under FSDP2
-        first = weights[0]
-        mean_offset = torch.zeros_like(first)  # θ̄ − θ_0
-        for weight in weights[1:]:
-            mean_offset += weight - first
-        mean_offset /= num_experts
-        mean_sq += torch.linalg.vector_norm(first + mean_offset).double().square()
-        distances = [torch.linalg.vector_norm(w - first - mean_offset) for w in weights]  # ‖θ_e − θ̄‖
-        distance_sq += torch.stack(distances).double().square()
+    the layer's experts, from the experts' fused weights, each (E, ...): 0 right after upcycling (exact
+    copies). Offsets from the first expert, in float32: exactly 0 for copies; a weight at a time, so that
+    memory holds two float32 copies of one weight of all experts."""
+    distance_sq, mean_sq = 0.0, 0.0
+    for fused in expert_weights:
+        weight = full_tensor(fused).float().flatten(1)  # (E, n), gathered from its shards under FSDP2
+        offsets = weight - weight[0]  # (E, n) θ_e − θ_0
+        mean_offset = offsets.mean(0)  # (n,) θ̄ − θ_0
+        mean_sq = mean_sq + torch.linalg.vector_norm(weight[0] + mean_offset).double().square()
+        distance_sq = (
+            distance_sq + torch.linalg.vector_norm(offsets.sub_(mean_offset), dim=1).double().square()
+        )
     return (distance_sq.sqrt() / mean_sq.sqrt().clamp(min=torch.finfo(torch.float64).tiny)).mean()
 
 

@@ -17,7 +17,7 @@ from transformers.integrations.moe import ExpertsInterface
 from stgc.constants import MODALITIES
 from stgc.method.probes import LayerProbe, LayerRouting, WeightSite, capture_output_terms
 from stgc.method.routers import router_rule
-from stgc.moe.grouped import Groups, grouped_matmul
+from stgc.moe.grouped import Groups, grouped_linear
 from stgc.moe.layer import expert_counts
 from stgc.precision import to_compute_dtype
 
@@ -27,10 +27,8 @@ IMPLEMENTATION = "stgc"
 def _grouped_linear(experts: nn.Module, name: str, inputs: Tensor, groups: Groups) -> Tensor:
     """Every expert's slice of a fused projection on its own rows at once: (S, d_in) -> (S, d_out)."""
     weight = getattr(experts, name)  # (E, d_out, d_in), or (E, d_in, d_out) when transposed
-    outputs = grouped_matmul(inputs, weight if experts.is_transposed else weight.transpose(-2, -1), groups)
-    if experts.has_bias:
-        outputs = outputs + getattr(experts, f"{name}_bias").index_select(0, groups.row_experts)
-    return outputs
+    bias = getattr(experts, f"{name}_bias") if experts.has_bias else None
+    return grouped_linear(inputs, weight if experts.is_transposed else weight.transpose(-2, -1), bias, groups)
 
 
 def stgc_experts_forward(
@@ -180,9 +178,8 @@ class HFExpertsProbe(LayerProbe):
             agree = (ours == self.last_choice.sort(-1).values).all(-1)  # (N,)
         return torch.stack([agree.sum(), torch.tensor(agree.numel(), device=agree.device)]).double()
 
-    def expert_weights(self) -> list[list[Tensor]]:
-        fused = [p.detach() for p in self._experts.parameters()]  # each (E, ...)
-        return [[weight[expert] for weight in fused] for expert in range(self.num_experts)]
+    def expert_weights(self) -> list[Tensor]:
+        return [p.detach() for p in self._experts.parameters()]
 
     def remove(self) -> None:
         super().remove()

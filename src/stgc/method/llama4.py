@@ -89,9 +89,8 @@ class Llama4Probe(LayerProbe):
         """The last captured forward's routing; its rows are the input's B*T positions, in order."""
         return self.with_position_modality(self.last_routing)
 
-    def expert_weights(self) -> list[list[Tensor]]:
-        up, down = self._experts.gate_up_proj.detach(), self._experts.down_proj.detach()
-        return [[up[expert], down[expert]] for expert in range(self.num_experts)]
+    def expert_weights(self) -> list[Tensor]:
+        return [self._experts.gate_up_proj.detach(), self._experts.down_proj.detach()]
 
     def remove(self) -> None:
         super().remove()

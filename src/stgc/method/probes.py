@@ -103,8 +103,8 @@ class LayerProbe(ABC):
         """Where the last captured forward sent this layer's tokens."""
 
     @abstractmethod
-    def expert_weights(self) -> list[list[Tensor]]:
-        """For each expert, its weight tensors (the same shapes for every expert)."""
+    def expert_weights(self) -> list[Tensor]:
+        """The experts' weights, each fused over the experts: (E, ...)."""
 
     def with_position_modality(self, routing: LayerRouting | None) -> LayerRouting:
         """`routing` with each token's modality from `position_modality`, when its rows are the input's
@@ -513,6 +513,5 @@ class SparseMoEProbe(LayerProbe):
             record.router_input, record.expert_rows, modality, record.token_index, record.groups.row_experts
         )
 
-    def expert_weights(self) -> list[list[Tensor]]:
-        weights = [p.detach() for p in self.layer.experts.parameters()]  # (E, ...) each
-        return [[w[e] for w in weights] for e in range(self.num_experts)]
+    def expert_weights(self) -> list[Tensor]:
+        return [p.detach() for p in self.layer.experts.parameters()]

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from stgc.moe.grouped import Groups, grouped_matmul
+from stgc.moe.grouped import Groups, grouped_linear
 
 
 class ExpertLinear(nn.Module):
@@ -54,10 +54,7 @@ class ExpertLinear(nn.Module):
                 "ExpertLinear multiplies rows sorted by expert: call it inside its SparseMoE's forward "
                 "(stgc.moe.experts.expert_mlp gives one expert as a dense module)"
             )
-        out = grouped_matmul(x, self.weight.mT, self.groups)  # (S, d_out)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype).index_select(0, self.groups.row_experts)
-        return out
+        return grouped_linear(x, self.weight.mT, self.bias, self.groups)
 
 
 def fused_experts(mlp: nn.Module, num_experts: int) -> nn.Module:

@@ -35,6 +35,15 @@ def grouped_matmul(inputs: Tensor, weights: Tensor, groups: Groups) -> Tensor:
     return torch.cat(parts) if parts else inputs.new_zeros(0, weights.shape[-1])
 
 
+def grouped_linear(inputs: Tensor, weights: Tensor, bias: Tensor | None, groups: Groups) -> Tensor:
+    """(S, n): `grouped_matmul` plus each row's expert's bias (E, n), in the product's dtype (as a linear
+    layer under autocast)."""
+    outputs = grouped_matmul(inputs, weights, groups)
+    if bias is not None:
+        outputs = outputs + bias.to(outputs.dtype).index_select(0, groups.row_experts)
+    return outputs
+
+
 def per_expert_sums(rows: Tensor, groups: Groups, num_experts: int) -> Tensor:
     """(E, d) the sum of each expert's rows of `rows` (S, d)."""
     return rows.new_zeros(num_experts, rows.shape[1]).index_add_(0, groups.row_experts, rows)
