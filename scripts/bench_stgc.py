@@ -42,6 +42,7 @@ from stgc.moe import moe_layers
 from stgc_experiments.bench import (
     SHAPES,
     VARIANTS,
+    ExpertsCall,
     batch,
     captured_experts,
     experts_time,
@@ -114,10 +115,10 @@ def materialised_time(experts: list, device: str, chunk_floats: int = 2**28) -> 
     return timed(run, device)
 
 
-def second_backward_time(module: LVLMModule, data: dict, device: str) -> float:
+def second_backward_time(module: LVLMModule, data: dict, calls: list[ExpertsCall], device: str) -> float:
     """Naive 2: the extra cost of a second backward pass for the expert output gradients, then the
-    cosines from X and Δ with G recomputed (what a callback without hooks in backward must do)."""
-    calls = captured_experts(module, data)  # each layer's experts, their rows and groups
+    cosines from X and Δ with G recomputed (what a callback without hooks in backward must do); `calls`:
+    the same step's experts calls (their rows and groups)."""
     outputs = []
     handles = [
         call.layer.experts.register_forward_hook(lambda _, args, output: outputs.append(output))
@@ -187,7 +188,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
     layers = list(moe_layers(module.model).values())
     materialised = len(layers) * materialised_time(experts[0].per_expert(), device)
     second = statistics.median(
-        second_backward_time(module, data, device) for _ in range(max(1, args.reps // 4))
+        second_backward_time(module, data, experts, device) for _ in range(max(1, args.reps // 4))
     )
     memory = {
         variant: statistics.median(
