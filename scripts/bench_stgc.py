@@ -6,8 +6,10 @@ callback of stage3_moe_stgc.yaml, as users run it:
   * step time: plain, STGC with conflicts every step, STGC every 4th step, STGC with
     gradient="output", and STGC with every step a logging step (its diagnostics run), paired by
     repetition; the other variants log at the trainer's period, so their steps carry no diagnostics;
-  * s, the experts' share of the plain step (their fwd+bwd timed alone on the step's own rows),
-    and the floor 1 + s/3 that exact cosines cannot beat (one extra product per expert linear);
+  * the floor that exact cosines cannot beat, measured: a step that adds only the one extra product
+    per expert linear, in the weight's gradient hook as STGC does (stgc_experiments.bench.ProductFloor),
+    and STGC's excess over it per repetition, with an interval; beside it the floor's estimate 1 + s/3,
+    s the experts' share of the plain step (their fwd+bwd timed alone on the step's own rows);
   * STGC's extra time against the two naive ways to get the same cosines: per-token gradients
     materialised with torch.func, and a second backward pass (with G = ΔᵀX recomputed);
   * peak memory with / without: the peak of a few training steps in a fresh process (StepTimer's:
@@ -19,7 +21,8 @@ callback of stage3_moe_stgc.yaml, as users run it:
         # and each variant's minor page faults per step (CPU: fresh pages of large tensors, see docs/design.md §8)
     python scripts/bench_stgc.py --quick --profile   # where the time goes: STGC's parts, operator counts
 
-The last line prints the step-time and peak-memory ratios.
+The last line (one per shape) prints the step-time ratios, STGC's excess over the floor, and the
+peak-memory ratio.
 """
 
 import argparse
@@ -40,6 +43,7 @@ from stgc.method.cosine import linear_gradient_terms, token_gradient_cosine
 from stgc.module import LVLMModule
 from stgc.moe import moe_layers
 from stgc_experiments.bench import (
+    FLOOR,
     SHAPES,
     VARIANTS,
     ExpertsCall,
@@ -51,6 +55,7 @@ from stgc_experiments.bench import (
     median_ratio,
     method_profile,
     model_args,
+    paired_excess,
     round_robin,
     step_profile,
     timed,
@@ -213,7 +218,9 @@ def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
         "stgc_logging_step_ms": 1e3 * statistics.median(times["stgc_logging"]),
         "ratio_logging": median_ratio(times["stgc_logging"], times["plain"]),
         "experts_share_s": share,
-        "floor": 1 + share / 3,
+        "floor": median_ratio(times[FLOOR], times["plain"]),
+        "floor_estimate": 1 + share / 3,
+        "excess_over_floor": paired_excess(times["stgc_every_step"], times[FLOOR], times["plain"]),
         "stgc_extra_ms": 1e3 * stgc_extra,
         "materialised_extra_ms": 1e3 * materialised,
         "second_backward_extra_ms": 1e3 * second,
@@ -228,13 +235,13 @@ def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
 def print_table(results: dict, header: bool = True) -> None:
     if header:
         print(
-            f"{'shape':8} {'plain ms':>9} {'stgc ms':>8} {'ratio':>6} {'floor':>6} {'s':>5} {'every4':>7} "
+            f"{'shape':8} {'plain ms':>9} {'stgc ms':>8} {'ratio':>6} {'floor':>6} {'1+s/3':>6} {'every4':>7} "
             f"{'output':>7} {'logged':>7} {'mem':>5} {'vs mat':>7} {'vs 2nd':>7}"
         )
     for shape, r in results.items():
         print(
             f"{shape:8} {r['plain_step_ms']:9.1f} {r['stgc_step_ms']:8.1f} {r['ratio_every_step']:6.3f} "
-            f"{r['floor']:6.3f} {r['experts_share_s']:5.2f} {r['ratio_every_4']:7.3f} {r['ratio_output']:7.3f} "
+            f"{r['floor']:6.3f} {r['floor_estimate']:6.3f} {r['ratio_every_4']:7.3f} {r['ratio_output']:7.3f} "
             f"{r['ratio_logging']:7.3f} {r['memory_ratio']:5.2f} "
             f"{r['extra_vs_materialised']:7.3f} {r['extra_vs_second_backward']:7.3f}"
         )
@@ -283,6 +290,8 @@ def print_step_ratios(shape: str, times: dict[str, list[float]], faults: dict[st
     plain = statistics.median(times["plain"])
     line = ", ".join(f"{v} {median_ratio(times[v], times['plain']):.3f}" for v in times if v != "plain")
     print(f"{shape}: plain {1e3 * plain:.1f} ms; {line}")
+    over = paired_excess(times["stgc_every_step"], times[FLOOR], times["plain"])
+    print(f"  every step over the floor: {excess(over)}")
     print(
         "  minor page faults per step: "
         + ", ".join(f"{v} {statistics.median(faults[v]):.0f}" for v in faults)
@@ -343,12 +352,20 @@ def main() -> None:
         )
         + "\n"
     )
-    r = results[shapes[0]]
-    print(
-        f"step time ratio {r['ratio_every_step']:.3f} (floor {r['floor']:.3f}), every 4th {r['ratio_every_4']:.3f}, "
-        f"output gradient {r['ratio_output']:.3f}, every step logged {r['ratio_logging']:.3f}, "
-        f"peak memory ratio {r['memory_ratio']:.3f}"
-    )
+    for shape, r in results.items():
+        batch_size, length = r["shape"]["batch"]
+        print(
+            f"{shape} ({batch_size} x {length}): step time ratio {r['ratio_every_step']:.3f}, floor "
+            f"{r['floor']:.3f} (1 + s/3 = {r['floor_estimate']:.3f}), over the floor "
+            f"{excess(r['excess_over_floor'])}; every 4th {r['ratio_every_4']:.3f}, output gradient "
+            f"{r['ratio_output']:.3f}, every step logged {r['ratio_logging']:.3f}, peak memory ratio "
+            f"{r['memory_ratio']:.3f}"
+        )
+
+
+def excess(interval: dict[str, float]) -> str:
+    """`paired_excess` as "+0.031 [+0.012, +0.048]" (median [interval])."""
+    return f"{interval['median']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""stgc_experiments.bench's StepTimer, which the benchmarks share: a time and the page faults per training
-step, and the memory peak of training."""
+"""stgc_experiments.bench, which the benchmarks share: StepTimer (a time and the page faults per training
+step, and the memory peak of training), the measured floor of exact cosines, and the paired statistics."""
 
 import lightning as L
+import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from stgc_experiments.bench import StepTimer, median_ratio
+from stgc.moe import moe_layers
+from stgc.moe.experts import expert_linears
+from stgc_experiments.bench import ProductFloor, StepTimer, median_ratio, paired_excess, tiny_sparse_moe
 
 
 def test_step_timer_times_every_training_step_and_keeps_the_memory_peak() -> None:
@@ -18,3 +21,33 @@ def test_step_timer_times_every_training_step_and_keeps_the_memory_peak() -> Non
     assert len(timer.faults) == 3 and all(faults >= 0 for faults in timer.faults)
     assert timer.peak_bytes > 0  # the model's weights at least: CUDA's allocator, else the resident set
     assert median_ratio([2.0, 3.0, 10.0], [1.0, 1.0, 2.0]) == 3.0
+
+
+def grouped_products(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """The grouped products that one forward and backward of `model` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        model(input_ids=ids, labels=ids).loss.backward()
+    return sum(event.count for event in profiler.key_averages() if event.key == "aten::_grouped_mm")
+
+
+def test_product_floor_adds_one_grouped_product_per_expert_linear_and_nothing_once_torn_down() -> None:
+    model = tiny_sparse_moe(num_experts=4)
+    ids = torch.randint(256, (2, 16), generator=torch.Generator().manual_seed(0))
+    linears = sum(len(expert_linears(layer.experts)) for layer in moe_layers(model).values())  # 2 x 3
+    plain = grouped_products(model, ids)
+    floor = ProductFloor()
+    floor.setup(None, model, "fit")
+    with_floor = grouped_products(model, ids)
+    floor.teardown(None, model, "fit")
+    assert linears == 6 and with_floor - plain == linears
+    assert grouped_products(model, ids) == plain
+
+
+def test_paired_excess_is_the_median_with_order_statistics_around_it() -> None:
+    plain, floor = [1.0] * 8, [1.0] * 8
+    times = [1.0 + k / 64 for k in (5, 1, 8, 2, 7, 3, 6, 4)]  # excess 1/64 .. 8/64, exact in binary
+    excess = paired_excess(times, floor, plain)
+    # 8 repetitions: P(Binomial(8, 1/2) <= 1) = 9/256 <= 5% < P(<= 2): the 2nd and the 7th of the sorted ones
+    assert excess["median"] == 4.5 / 64 and (excess["low"], excess["high"]) == (2 / 64, 7 / 64)
+    few = paired_excess(times[:4], floor[:4], plain[:4])  # too few for 90%: their whole range
+    assert (few["low"], few["high"]) == (1 / 64, 8 / 64)

@@ -5,6 +5,7 @@ its synthetic batch and its variants' `Trainer.fit` steps, so that every benchma
 
 import dataclasses
 import functools
+import math
 import resource
 import statistics
 import tempfile
@@ -26,16 +27,20 @@ from stgc.data.dataset import output_size
 from stgc.method import Settings, STGCMethod
 from stgc.module import LVLMModule
 from stgc.moe import SparseMoE, moe_layers, upcycle
-from stgc.moe.experts import expert_mlp, grouped
-from stgc.moe.grouped import Groups
+from stgc.moe.experts import expert_linears, expert_mlp, grouped
+from stgc.moe.grouped import Groups, grouped_matmul
 from stgc_experiments import ROOT
 
 CONFIGS = ROOT / "configs"
 SHAPES = ("default", "large")  # the configured model; the same with a wider LM (LARGER_LM)
 LARGER_LM = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8}
+FLOOR = (
+    "product_floor"  # no STGC: the one extra product per expert linear that exact cosines need (ProductFloor)
+)
 # what each variant changes in the configured callback (None: no callback)
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "plain": None,
+    FLOOR: None,
     "stgc_every_step": {"every_n_steps": 1},
     "stgc_every_4": {"every_n_steps": 4},
     "stgc_output": {"every_n_steps": 1, "gradient": "output"},  # the cheaper approximation
@@ -173,6 +178,8 @@ def fit_steps(
     timer, before STGC."""
     change = VARIANTS[variant]
     callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
+    if variant == FLOOR:
+        callbacks = [ProductFloor()]
     timer = StepTimer()
     trainer = L.Trainer(
         **trainer_args(),
@@ -188,6 +195,43 @@ def fit_steps(
     )
     trainer.fit(module, DataLoader([data] * steps, batch_size=None))
     return timer
+
+
+class ProductFloor(L.Callback):
+    """The floor of exact cosines, measured: in each step's backward, when an expert weight's gradient G
+    arrives, the one product that STGC's weight hook cannot avoid (Δ G or X Gᵀ, whichever is narrower, as
+    stgc.method.cosine.row_terms chooses; every expert's rows at once) and nothing else."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.handles = []
+        for layer in moe_layers(pl_module).values():
+            for linear in expert_linears(layer.experts):
+                pending: list[list] = []  # [X (S, d_in), groups, Δ (S, d_out)] of this step's forward
+                self.handles += [
+                    linear.register_forward_hook(functools.partial(self._keep, pending)),
+                    linear.weight.register_hook(functools.partial(self._product, pending)),
+                ]
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    @staticmethod
+    def _keep(pending: list, linear: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            entry = [args[0].detach(), linear.groups, None]
+            pending.append(entry)
+            output.register_hook(lambda grad: entry.__setitem__(2, grad))
+
+    @staticmethod
+    @torch.no_grad()
+    def _product(pending: list, grad_weight: torch.Tensor) -> None:  # grad_weight (E, d_out, d_in)
+        for inputs, groups, output_grads in pending:
+            if inputs.shape[1] < output_grads.shape[1]:
+                grouped_matmul(output_grads, grad_weight, groups)  # (S, d_in)
+            else:
+                grouped_matmul(inputs, grad_weight.mT, groups)  # (S, d_out)
+        pending.clear()
 
 
 def round_robin(
@@ -210,6 +254,17 @@ def round_robin(
 def median_ratio(numerator: list[float], denominator: list[float]) -> float:
     """The median of the paired ratios."""
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def paired_excess(times: list[float], floor: list[float], plain: list[float]) -> dict[str, float]:
+    """(times − floor) / plain per repetition: its median, with the distribution-free interval of the median
+    from the order statistics: at least 90% coverage from 5 repetitions on (with fewer, their whole range)."""
+    excess = sorted((t - f) / p for t, f, p in zip(times, floor, plain, strict=True))
+    n = len(excess)
+    below = 0  # the most repetitions that may lie outside on each side: P(Binomial(n, 1/2) ≤ below) ≤ 5%
+    while math.comb(n, below + 1) and sum(math.comb(n, i) for i in range(below + 2)) / 2**n <= 0.05:
+        below += 1
+    return {"median": statistics.median(excess), "low": excess[below], "high": excess[n - 1 - below]}
 
 
 @dataclasses.dataclass
