@@ -152,8 +152,8 @@ def checkpointed_step_ratio(lm: dict, sequences: int, text_tokens: int, reps: in
     reference = build(lm, checkpointing=False).to(device)
     data = to_device(batch(reference, sequences, text_tokens), device)
     # bench_stgc's variants: a plain step, and STGC with conflicts every step (its configured settings)
-    modules = {variant: build(lm, checkpointing=True) for variant in ("plain", "stgc_every_step")}
-    times = round_robin(modules, data, reps)
+    variants = ("plain", "stgc_every_step")
+    times = round_robin(variants, [build(lm, checkpointing=True) for _ in variants], data, reps)
     experts = captured_experts(reference, data)
     experts_alone = statistics.median(experts_time(experts, device) for _ in range(reps))
     plain = statistics.median(times["plain"])

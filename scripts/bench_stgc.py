@@ -81,9 +81,9 @@ def step_times(
     shape: str, batch_shape: tuple[int, int], reps: int, faults: dict[str, list[float]] | None = None
 ) -> dict[str, list[float]]:
     """Per-repetition step times of the variants (and their page faults into `faults`), run round-robin
-    on identical copies of the model."""
-    modules = {variant: build(shape) for variant in VARIANTS}
-    return round_robin(modules, batch(modules["plain"], *batch_shape), reps, faults)
+    on identical copies of the model (turned between repetitions: `round_robin`)."""
+    copies = [build(shape) for _ in VARIANTS]
+    return round_robin(list(VARIANTS), copies, batch(copies[0], *batch_shape), reps, faults)
 
 
 def linears_io(expert: torch.nn.Module, x: torch.Tensor, output_grad: torch.Tensor):

@@ -235,15 +235,23 @@ class ProductFloor(L.Callback):
 
 
 def round_robin(
-    modules: dict[str, LVLMModule], data: dict, reps: int, faults: dict[str, list[float]] | None = None
+    variants: Sequence[str],
+    copies: Sequence[LVLMModule],
+    data: dict,
+    reps: int,
+    faults: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Per variant (a VARIANTS key, its own copy of the model), one step time per repetition: the mean
-    of STEPS_PER_FIT steps of one fit (and, into `faults` when given, their mean minor page faults). The
-    variants take turns, so that no variant pays for another's hooks, after two rounds of warm-up."""
-    times: dict[str, list[float]] = {variant: [] for variant in modules}
+    """Per variant (a VARIANTS key), one step time per repetition: the mean of STEPS_PER_FIT steps of one
+    fit (and, into `faults` when given, their mean minor page faults), after two rounds of warm-up. The
+    variants take turns, so that no variant pays for another's hooks; `copies` are identical copies of
+    the model, and each repetition turns both the variants' order and which copy each runs on, so that
+    neither a copy's place in memory nor a place in the order stays with one variant (on a CPU either
+    moved a variant's steps by several percent for a whole run)."""
+    times: dict[str, list[float]] = {variant: [] for variant in variants}
     for rep in range(reps + 2):
-        for variant, module in modules.items():
-            timer = fit_steps(module, data, variant, 1 + STEPS_PER_FIT)
+        turn = rep % len(variants)
+        for index, variant in enumerate([*variants[turn:], *variants[:turn]]):
+            timer = fit_steps(copies[(index + rep) % len(copies)], data, variant, 1 + STEPS_PER_FIT)
             if rep >= 2:
                 times[variant].append(statistics.fmean(timer.times[1:]))
                 if faults is not None:
