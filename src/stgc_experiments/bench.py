@@ -200,7 +200,8 @@ def fit_steps(
 class ProductFloor(L.Callback):
     """The floor of exact cosines, measured: in each step's backward, when an expert weight's gradient G
     arrives, the one product that STGC's weight hook cannot avoid (Δ G or X Gᵀ, whichever is narrower, as
-    stgc.method.cosine.row_terms chooses; every expert's rows at once) and nothing else."""
+    stgc.method.cosine.row_terms chooses; every expert's rows at once) and nothing else. Not for checkpointed
+    models: their recomputed forward would add its rows again."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.handles = []
