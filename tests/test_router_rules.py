@@ -158,7 +158,7 @@ def test_llama4s_experts_under_the_probe_give_transformers_own_logits_and_gradie
             for gradient in ("exact", "output"):
                 conflicts = probe.conflicts(gradient, "all")
                 assert conflicts.has_grad.any() and torch.isfinite(conflicts.cosine).all()
-    assert "forward" not in vars(probes[0]._experts)  # transformers' own forward again
+    assert "forward" not in vars(probes[0].experts)  # transformers' own forward again
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

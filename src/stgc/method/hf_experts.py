@@ -137,7 +137,7 @@ class HFExpertsProbe(LayerProbe):
         bias = getattr(router, "bias", None)
         has_bias = isinstance(bias, nn.Parameter) and bias.shape == (experts.num_experts,)
         top_k = getattr(router, "top_k", None) or experts.config.num_experts_per_tok
-        super().__init__(name, router.weight, experts.num_experts, top_k, bias if has_bias else None)
+        super().__init__(name, experts, router.weight, experts.num_experts, top_k, bias if has_bias else None)
         self.rule = router_rule(router)
         self.last_choice: Tensor | None = None
         self.rule_verified = False  # until `check_rule` accepts it
@@ -147,7 +147,6 @@ class HFExpertsProbe(LayerProbe):
         self.last_routing: LayerRouting | None = None
         self.split = split
         experts._stgc_probe = self
-        self._experts = experts
 
     def routing(self) -> LayerRouting:
         """The last captured forward's routing; its rows are the input's B*T positions, in order (or,
@@ -178,12 +177,9 @@ class HFExpertsProbe(LayerProbe):
             agree = (ours == self.last_choice.sort(-1).values).all(-1)  # (N,)
         return torch.stack([agree.sum(), torch.tensor(agree.numel(), device=agree.device)]).double()
 
-    def expert_weights(self) -> list[Tensor]:
-        return [p.detach() for p in self._experts.parameters()]
-
     def remove(self) -> None:
         super().remove()
-        del self._experts._stgc_probe
+        del self.experts._stgc_probe
         if self.split is not None:
             self.split[0].handle.remove()
 

@@ -60,7 +60,7 @@ class Llama4Probe(LayerProbe):
 
     def __init__(self, name: str, block: nn.Module) -> None:
         router, experts = block.router, block.experts
-        super().__init__(name, router.weight, block.num_experts, block.top_k)
+        super().__init__(name, experts, router.weight, block.num_experts, block.top_k)
         self.rule = RouterRule("sigmoid")
         self.up_site = WeightSite(self, experts.gate_up_proj, False, transposed=True)
         self.down_site = WeightSite(self, experts.down_proj, False, transposed=True)
@@ -70,7 +70,6 @@ class Llama4Probe(LayerProbe):
         self.handles.append(router.register_forward_hook(self._remember))
         experts._stgc_probe = self
         experts.forward = types.MethodType(experts_forward, experts)
-        self._experts = experts
 
     def _remember(self, router: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> None:
         if self.capturing:
@@ -89,10 +88,7 @@ class Llama4Probe(LayerProbe):
         """The last captured forward's routing; its rows are the input's B*T positions, in order."""
         return self.with_position_modality(self.last_routing)
 
-    def expert_weights(self) -> list[Tensor]:
-        return [self._experts.gate_up_proj.detach(), self._experts.down_proj.detach()]
-
     def remove(self) -> None:
         super().remove()
-        del self._experts._stgc_probe
-        del self._experts.forward
+        del self.experts._stgc_probe
+        del self.experts.forward

@@ -72,12 +72,14 @@ class LayerProbe(ABC):
     def __init__(
         self,
         name: str,
+        experts: nn.Module,
         router_weight: nn.Parameter,
         num_experts: int,
         top_k: int,
         router_bias: nn.Parameter | None = None,
     ) -> None:
         self.name = name
+        self.experts = experts  # the layer's experts module: its parameters are fused, (E, ...) each
         self.router_weight = router_weight  # (E, H)
         self.router_bias = router_bias  # (E,) or None: the router's logits are x Wᵀ (+ b)
         self.num_experts = num_experts
@@ -102,9 +104,9 @@ class LayerProbe(ABC):
     def routing(self) -> LayerRouting:
         """Where the last captured forward sent this layer's tokens."""
 
-    @abstractmethod
     def expert_weights(self) -> list[Tensor]:
         """The experts' weights, each fused over the experts: (E, ...)."""
+        return [p.detach() for p in self.experts.parameters()]
 
     def with_position_modality(self, routing: LayerRouting | None) -> LayerRouting:
         """`routing` with each token's modality from `position_modality`, when its rows are the input's
@@ -485,9 +487,11 @@ class SparseMoEProbe(LayerProbe):
     in transformers' fused experts."""
 
     def __init__(self, name: str, layer: nn.Module) -> None:
-        super().__init__(name, layer.router.weight, layer.num_experts, layer.top_k, layer.router.bias)
+        super().__init__(
+            name, layer.experts, layer.router.weight, layer.num_experts, layer.top_k, layer.router.bias
+        )
         self.layer = layer
-        self.linears = expert_linears(layer.experts)
+        self.linears = expert_linears(self.experts)
         for linear in self.linears:
             site = WeightSite(self, linear.weight, linear.bias is not None)
             self.handles.append(linear.register_forward_hook(self._capture_hook(site)))
@@ -512,6 +516,3 @@ class SparseMoEProbe(LayerProbe):
         return LayerRouting(
             record.router_input, record.expert_rows, modality, record.token_index, record.groups.row_experts
         )
-
-    def expert_weights(self) -> list[Tensor]:
-        return [p.detach() for p in self.layer.experts.parameters()]
