@@ -25,18 +25,18 @@ from stgc import STGC
 from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data.dataset import output_size
 from stgc.method import Settings, STGCMethod
+from stgc.method.cosine import weight_product
 from stgc.module import LVLMModule
 from stgc.moe import SparseMoE, moe_layers, upcycle
 from stgc.moe.experts import expert_linears, expert_mlp, grouped
-from stgc.moe.grouped import Groups, grouped_matmul
+from stgc.moe.grouped import Groups
 from stgc_experiments import ROOT
 
 CONFIGS = ROOT / "configs"
 SHAPES = ("default", "large")  # the configured model; the same with a wider LM (LARGER_LM)
 LARGER_LM = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8}
-FLOOR = (
-    "product_floor"  # no STGC: the one extra product per expert linear that exact cosines need (ProductFloor)
-)
+# no STGC: only the one extra product per expert linear that exact cosines need (ProductFloor)
+FLOOR = "product_floor"
 # what each variant changes in the configured callback (None: no callback)
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "plain": None,
@@ -177,9 +177,10 @@ def fit_steps(
     so that a logging step pays for writing its metrics); their StepTimer. `watchers` run after the
     timer, before STGC."""
     change = VARIANTS[variant]
-    callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
     if variant == FLOOR:
         callbacks = [ProductFloor()]
+    else:
+        callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
     timer = StepTimer()
     trainer = L.Trainer(
         **trainer_args(),
@@ -199,8 +200,8 @@ def fit_steps(
 
 class ProductFloor(L.Callback):
     """The floor of exact cosines, measured: in each step's backward, when an expert weight's gradient G
-    arrives, the one product that STGC's weight hook cannot avoid (Δ G or X Gᵀ, whichever is narrower, as
-    stgc.method.cosine.row_terms chooses; every expert's rows at once) and nothing else. Not for checkpointed
+    arrives, the one product that STGC's weight hook cannot avoid (stgc.method.cosine.weight_product, as
+    row_terms runs it: every expert's rows at once) and nothing else. Not for checkpointed
     models: their recomputed forward would add its rows again."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -228,10 +229,7 @@ class ProductFloor(L.Callback):
     @torch.no_grad()
     def _product(pending: list, grad_weight: torch.Tensor) -> None:  # grad_weight (E, d_out, d_in)
         for inputs, groups, output_grads in pending:
-            if inputs.shape[1] < output_grads.shape[1]:
-                grouped_matmul(output_grads, grad_weight, groups)  # (S, d_in)
-            else:
-                grouped_matmul(inputs, grad_weight.mT, groups)  # (S, d_out)
+            weight_product(inputs, output_grads, grad_weight, groups)
         pending.clear()
 
 

@@ -98,16 +98,8 @@ def row_terms(
         weight = (
             delta.T @ x if grad_weight is None else grad_weight.to(product)
         )  # (d_out, d_in) or (E, ...) G
-
-        def times(rows: Tensor, matrix: Tensor) -> Tensor:  # each row times G (its expert's)
-            return rows @ matrix if groups is None else grouped_matmul(rows, matrix, groups)
-
-        if x.shape[1] < delta.shape[1]:  # the narrower product: δ_iᵀ G x_i = (Gᵀ δ_i)ᵀ x_i
-            dot = torch.linalg.vecdot(x.to(accumulate), times(delta, weight).to(accumulate))  # via (n, d_in)
-        else:
-            dot = torch.linalg.vecdot(
-                delta.to(accumulate), times(x, weight.mT).to(accumulate)
-            )  # via (n, d_out)
+        rows, times_weight = weight_product(x, delta, weight, groups)
+        dot = torch.linalg.vecdot(rows.to(accumulate), times_weight.to(accumulate))  # ⟨g_i, G⟩ (n,)
         if bias:  # + δ_iᵀ Σ_j δ_j (over the expert's rows)
             delta = delta.to(accumulate)
             if groups is None:
@@ -116,6 +108,21 @@ def row_terms(
             totals = per_expert_sums(delta, groups, len(groups.sizes)) if grad_bias is None else grad_bias
             dot = dot + torch.linalg.vecdot(delta, totals.to(accumulate).index_select(0, groups.row_experts))
         return dot, sqnorm
+
+
+def weight_product(
+    x: Tensor, delta: Tensor, weight: Tensor, groups: Groups | None = None
+) -> tuple[Tensor, Tensor]:
+    """The one product exact cosines add per linear, on its narrower side, and the rows it pairs with:
+    (X, Δ G) (n, d_in) when d_in < d_out, else (Δ, X Gᵀ) (n, d_out), since δ_iᵀ G x_i = (Gᵀ δ_i)ᵀ x_i; their
+    row dot products are ⟨g_i, G⟩. weight: G (d_out, d_in), or (E, d_out, d_in) per expert with `groups`."""
+
+    def times(rows: Tensor, matrix: Tensor) -> Tensor:  # each row times G (its expert's)
+        return rows @ matrix if groups is None else grouped_matmul(rows, matrix, groups)
+
+    if x.shape[1] < delta.shape[1]:
+        return x, times(delta, weight)
+    return delta, times(x, weight.mT)
 
 
 def term_dtypes(x_dtype: torch.dtype, delta_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
