@@ -87,7 +87,7 @@ class StepResult:
 
     finite: bool  # every rank's terms and CEL gradients were finite; when not, nothing was added
     layers: list[LayerConflicts]  # per MoE layer
-    stats: list[LayerStats]  # per MoE layer, this rank's sums (empty when not finite)
+    stats: list[LayerStats]  # per MoE layer, this rank's sums on logging and diagnostics steps, else empty
     metrics: dict[str, Tensor]  # on logging steps the figures over all ranks (stgc.method.names), else {}
 
 
@@ -117,6 +117,7 @@ class STGCMethod:
         self._transformers_models: list = []
         self._previous_experts: dict = {}  # what the transformers models used before we switched them
         self._batch: Any = None  # the micro-batch being measured, for the selection
+        self._diagnostics = False  # whether it captures the diagnostics (begin)
         self._pending: PendingReroute | None = None
         self.measured_micro_batches = 0
         self.skipped_nonfinite = 0
@@ -176,6 +177,7 @@ class STGCMethod:
         for probe in self.probes:
             probe.position_modality = None if modality is None else modality.reshape(-1)
         self._previous_experts = switch_experts(self._transformers_models, IMPLEMENTATION)
+        self._diagnostics = diagnostics
         gradients = GRADIENTS if diagnostics else (self.settings.gradient,)
         for probe in self.probes:
             probe.start(True, gradients, "keep" if keep_reference else "none")
@@ -222,8 +224,12 @@ class STGCMethod:
         for parameter, router_grad in zip(parameters, router_grads, strict=True):
             add_to_grad(parameter, router_grad)  # this rank's shard of it under FSDP2
         num_experts = self.conflict_counts.shape[1]
-        stats = LayerStats.of_layers(layers, conflicting, cel_losses, num_experts, settings.mean == "others")
-        self._count(stats)
+        self._count(*LayerStats.tallies_of_layers(layers, conflicting, num_experts))
+        stats = []  # the statistics' sums, on the steps that show them
+        if logging or self._diagnostics:
+            stats = LayerStats.of_layers(
+                layers, conflicting, cel_losses, num_experts, settings.mean == "others"
+            )
         metrics = {}
         if logging:
             metrics = self._step_metrics(stats, grad_ratios)
@@ -318,13 +324,12 @@ class STGCMethod:
             start += count
         return ratios
 
-    def _count(self, stats: list[LayerStats]) -> None:
-        """Add the micro-batch's assignments and conflicts to the running (layers, experts) counts."""
-        device = stats[0].assignments.device
-        self.assignment_counts = self.assignment_counts.to(device)
-        self.conflict_counts = self.conflict_counts.to(device)
-        self.assignment_counts += torch.stack([s.assignments for s in stats]).long()
-        self.conflict_counts += torch.stack([s.conflicts for s in stats]).long()
+    def _count(self, assignments: Tensor, conflicts: Tensor) -> None:
+        """Add the micro-batch's (layers, experts) assignments and conflicts to the running counts."""
+        self.assignment_counts = self.assignment_counts.to(assignments.device)
+        self.conflict_counts = self.conflict_counts.to(conflicts.device)
+        self.assignment_counts += assignments.long()
+        self.conflict_counts += conflicts.long()
         self.measured_micro_batches += 1
 
     def _step_metrics(self, stats: list[LayerStats], grad_ratios: list) -> dict[str, Tensor]:

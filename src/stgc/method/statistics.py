@@ -65,11 +65,7 @@ class LayerStats:
         the norms differ (near-zero losses make them differ) — and 0 when the token is left out of the
         sum (mean="others")."""
         count = len(layers)
-        layer_ids = torch.arange(count, device=layers[0].expert.device)
-        layer = repeated(layer_ids, [c.expert.shape[0] for c in layers])  # (P,) each assignment's layer
-        slot = layer * num_experts + torch.cat([c.expert for c in layers])  # (P,) the (layer, expert) pair
-        valid = torch.cat([c.has_grad for c in layers]).double()  # (P,)
-        flagged = torch.cat(conflicting).double()  # (P,)
+        layer, slot, valid, flagged = _assignment_slots(layers, conflicting, num_experts)
         cosine = torch.where(valid > 0, torch.cat([c.cosine for c in layers]).double(), 0.0)  # (P,)
         sqnorm = torch.cat([c.has_grad.float() if c.sqnorm is None else c.sqnorm for c in layers])
         sqnorm = sqnorm.double() * valid  # (P,) ‖g_t‖², or 1 where the norms are taken equal
@@ -91,9 +87,10 @@ class LayerStats:
             by_modality[f"{name}_conflicts"] = per_layer(flagged * is_modality)
         expert_sqnorm = per_expert(sqnorm)  # Σ_j ‖g_j‖² per (layer, expert)
         null = (sqnorm / expert_sqnorm.index_select(0, slot).clamp(min=1e-300)).sqrt()  # (P,)
+        assignments, conflicts = _tallies(slot, valid, flagged, count, num_experts)
         sums = dict(
-            assignments=per_expert(valid).view(count, num_experts),
-            conflicts=per_expert(flagged).view(count, num_experts),
+            assignments=assignments,
+            conflicts=conflicts,
             cosine=per_layer(cosine),
             cosine_sq=per_layer(cosine.square()),
             cosine_null=torch.zeros_like(valid[:1]).expand(count) if leave_one_out else per_layer(null),
@@ -101,6 +98,15 @@ class LayerStats:
             **by_modality,
         )
         return [cls(**{name: field[i] for name, field in sums.items()}) for i in range(count)]
+
+    @staticmethod
+    def tallies_of_layers(
+        layers: list[LayerConflicts], conflicting: list[Tensor], num_experts: int
+    ) -> tuple[Tensor, Tensor]:
+        """`of_layers`' assignments and conflicts alone, (layers, E) float64 each: what a step that logs
+        nothing needs (the running counts), in a few operators."""
+        _, slot, valid, flagged = _assignment_slots(layers, conflicting, num_experts)
+        return _tallies(slot, valid, flagged, len(layers), num_experts)
 
     def vector(self) -> Tensor:
         """All fields in one flat float64 vector (field order), for one all-reduce."""
@@ -117,6 +123,27 @@ class LayerStats:
         return LayerStats(
             **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
         )
+
+
+def _assignment_slots(
+    layers: list[LayerConflicts], conflicting: list[Tensor], num_experts: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(P,) over all layers' assignments: each one's layer, its (layer, expert) slot, whether it has a
+    gradient and whether it conflicts (float64 0/1)."""
+    layer_ids = torch.arange(len(layers), device=layers[0].expert.device)
+    layer = repeated(layer_ids, [c.expert.shape[0] for c in layers])  # (P,)
+    slot = layer * num_experts + torch.cat([c.expert for c in layers])  # (P,)
+    valid = torch.cat([c.has_grad for c in layers]).double()  # (P,)
+    return layer, slot, valid, torch.cat(conflicting).double()
+
+
+def _tallies(
+    slot: Tensor, valid: Tensor, flagged: Tensor, count: int, num_experts: int
+) -> tuple[Tensor, Tensor]:
+    """(layers, E) assignments with a gradient and conflicts, from one index_add of both."""
+    both = torch.zeros(count * num_experts, 2, dtype=valid.dtype, device=valid.device)
+    both.index_add_(0, slot, torch.stack([valid, flagged], dim=1))  # (L * E, 2)
+    return both[:, 0].view(count, num_experts), both[:, 1].view(count, num_experts)
 
 
 def layer_metrics(layer: str, stats: LayerStats, num_experts: int, cel_terms: int) -> dict[str, Tensor]:
