@@ -224,12 +224,15 @@ class STGCMethod:
         for parameter, router_grad in zip(parameters, router_grads, strict=True):
             add_to_grad(parameter, router_grad)  # this rank's shard of it under FSDP2
         num_experts = self.conflict_counts.shape[1]
-        self._count(*LayerStats.tallies_of_layers(layers, conflicting, num_experts))
-        stats = []  # the statistics' sums, on the steps that show them
+        stats = []  # the statistics' sums, on the steps that show them; the others count alone
         if logging or self._diagnostics:
             stats = LayerStats.of_layers(
                 layers, conflicting, cel_losses, num_experts, settings.mean == "others"
             )
+            tallies = torch.stack([s.assignments for s in stats]), torch.stack([s.conflicts for s in stats])
+        else:
+            tallies = LayerStats.tallies_of_layers(layers, conflicting, num_experts)
+        self._count(*tallies)
         metrics = {}
         if logging:
             metrics = self._step_metrics(stats, grad_ratios)
