@@ -448,9 +448,8 @@ def test_stats_of_all_layers_in_one_pass_are_each_layers_own_sums() -> None:
         flags.append(conflicts.has_grad & (conflicts.cosine < 0))
     losses = [torch.tensor(float(i)) for i in range(3)]
     all_stats = LayerStats.of_layers(layers, flags, losses, 4)
-    assignments, conflicts = LayerStats.tallies_of_layers(
-        layers, flags, 4
-    )  # what a step that logs nothing counts
+    # what a step that logs nothing counts
+    assignments, conflicts = LayerStats.tallies_of_layers(layers, flags, 4)
     assert torch.equal(assignments, torch.stack([s.assignments for s in all_stats]))
     assert torch.equal(conflicts, torch.stack([s.conflicts for s in all_stats]))
     for stats, c, flagged, loss in zip(all_stats, layers, flags, losses, strict=True):
