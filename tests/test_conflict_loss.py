@@ -171,3 +171,23 @@ def test_the_layers_cel_in_one_pass_is_each_layers_own(loss_type, scores) -> Non
     for layer_logits, grad, want in zip(logits, grads, expected, strict=True):
         (own,) = torch.autograd.grad(want, layer_logits, allow_unused=True, materialize_grads=True)
         torch.testing.assert_close(grad, own)
+
+
+def test_unlikelihoods_gradient_is_exact_for_near_certain_experts() -> None:
+    """float32 logits whose top expert is all but certain (1 - p = e^-58): the loss and its closed-form
+    gradient against autograd, in float64, of logsumexp(z) - logsumexp(z without e), pair by pair."""
+    logits = torch.tensor([[60.0, 0.0, -1.0, 2.0], [0.5, 0.4, -3.0, 0.0], [-2.0, 30.0, 29.0, 1.0]])
+    rows, experts = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 3, 1, 1, 2, 0])
+    flagged = torch.tensor([True, True, True, True, True, False])
+    z = logits.double().requires_grad_()
+    terms = []
+    for t, e in zip(rows[flagged].tolist(), experts[flagged].tolist(), strict=True):
+        others = torch.cat([z[t, :e], z[t, e + 1 :]])
+        terms.append(torch.logsumexp(z[t], 0) - torch.logsumexp(others, 0))
+    expected = torch.stack(terms).mean()
+    (expected_grad,) = torch.autograd.grad(expected, z)
+    leaf = logits.clone().requires_grad_()
+    loss = conflict_elimination_loss(leaf, rows, experts, "unlikelihood", flagged)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-7)

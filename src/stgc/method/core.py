@@ -45,7 +45,7 @@ from stgc.method.hf_experts import (
     switch_experts,
 )
 from stgc.method.llama4 import Llama4Probe, is_llama4_moe
-from stgc.method.loss import conflict_elimination_losses
+from stgc.method.loss import losses_and_logit_grads
 from stgc.method.modality import image_token_ids, modality_of
 from stgc.method.probes import GRADIENTS, LayerConflicts, LayerProbe, SparseMoEProbe, all_conflicts
 from stgc.method.selection import Selection, SelectionStep, selection_named
@@ -264,37 +264,41 @@ class STGCMethod:
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Per layer the CEL value and the router logits (N, E), detached; when λ > 0 the gradients of
         `scale` · Σ_l CEL_l w.r.t. each layer's router weight (and bias) alone, in router_parameters'
-        order: one backward through the router-only graphs of all layers (zero where nothing is flagged).
-        The layers that share a number of experts and a score family compute their CEL in one pass."""
-        logits, parameters, groups = [], [], {}
-        with torch.enable_grad():
+        order: ∂CEL/∂z (the forms' closed form, no autograd graph) times the detached router inputs, zero
+        where nothing is flagged. The layers that share a number of experts and a score family compute
+        their CEL in one pass."""
+        router_inputs, logits, weights, groups = [], [], [], {}
+        with torch.no_grad():
             for index, probe in enumerate(self.probes):
                 router_input = probe.routing().router_input.detach()  # (N, H)
                 with autocast_off(router_input):
-                    weights = [full_tensor(p) for p in probe.router_parameters()]  # gathered under FSDP2
-                    logits.append(probe.router_logits(router_input, *weights))  # (N, E): recomputed, tiny
-                parameters += weights
+                    parameters = [full_tensor(p) for p in probe.router_parameters()]  # gathered under FSDP2
+                    logits.append(probe.router_logits(router_input, *parameters))  # (N, E): recomputed, tiny
+                router_inputs.append(router_input)
+                weights.append(parameters)
                 groups.setdefault((probe.num_experts, probe.rule.scores), []).append(index)
-            losses: list[Tensor] = [None] * len(self.probes)
-            total = 0
-            for (_, scores), group in groups.items():
-                with autocast_off(logits[group[0]]):
-                    group_losses = conflict_elimination_losses(
-                        [logits[i] for i in group],
-                        [layers[i].rows for i in group],
-                        [layers[i].expert for i in group],
-                        self.settings.loss_type,
-                        [penalised[i] for i in group],
-                        scores,
-                    )
-                for i, loss in zip(group, group_losses.unbind(), strict=True):
-                    losses[i] = loss
-                total = total + group_losses.sum()
-            detached = [z.detach() for z in logits]
-            if self.settings.loss_weight == 0:
-                return [loss.detach() for loss in losses], detached, []
-            grads = torch.autograd.grad(total * scale, parameters)
-        return [loss.detach() for loss in losses], detached, list(grads)
+        losses: list[Tensor] = [None] * len(self.probes)
+        logit_grads: list[Tensor] = [None] * len(self.probes)
+        for (_, scores), group in groups.items():
+            group_losses, group_grads = losses_and_logit_grads(
+                [logits[i] for i in group],
+                [layers[i].rows for i in group],
+                [layers[i].expert for i in group],
+                self.settings.loss_type,
+                [penalised[i] for i in group],
+                scores,
+            )
+            for i, loss, grad in zip(group, group_losses.unbind(), group_grads, strict=True):
+                losses[i], logit_grads[i] = loss, grad
+        if self.settings.loss_weight == 0:
+            return losses, logits, []
+        grads = []
+        for router_input, grad, parameters in zip(router_inputs, logit_grads, weights, strict=True):
+            grad = grad * scale  # (N, E) ∂(scale·CEL)/∂z; z = x Wᵀ (+ b)
+            grads.append((grad.T @ router_input.float()).to(parameters[0].dtype))  # (E, H)
+            if len(parameters) > 1:
+                grads.append(grad.sum(0).to(parameters[1].dtype))  # (E,)
+        return losses, logits, grads
 
     @staticmethod
     def _agree_across_ranks(finite: Tensor, router_grads: list[Tensor]) -> tuple[bool, list[Tensor]]:

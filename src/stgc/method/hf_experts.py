@@ -66,7 +66,7 @@ def stgc_experts_forward(
     combined = torch.zeros_like(tokens).index_add_(0, rows, weighted)  # (N, H)
     if capturing:
         probe.last_routing = LayerRouting(
-            tokens.detach(), list(rows.split(sizes)), None, row_experts=groups.row_experts
+            tokens.detach(), list(rows.split(sizes)), None, row_experts=groups.row_experts, sorted_rows=rows
         )
         probe.last_choice = top_k_index.detach().reshape(-1, top_k)  # (N, k): for rule_counts
     return combined.view_as(hidden_states)

@@ -29,11 +29,13 @@ so a step lowers its score and leaves the token's other experts' scores where th
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from stgc.method.flat import repeated
 from stgc.moe.layer import expert_counts
@@ -79,58 +81,182 @@ def conflict_elimination_losses(
 ) -> Tensor:
     """(L,) the CEL of each of L layers that have the same number of experts and score family, each as
     `conflict_elimination_loss` gives it, in one pass over all their pairs: the operators do not repeat
-    per layer (a model's dozens of MoE layers cost one layer's launches). Arguments: one per layer."""
+    per layer (a model's dozens of MoE layers cost one layer's launches). Arguments: one per layer.
+    Differentiable in the logits, once: the built-in forms' backward is their closed-form gradient."""
     if flagged is None:
         flagged = [_all_flagged(r) for r in rows]
     if callable(loss_type):  # a form of one's own is one layer's loss
         return torch.stack(
             [loss_type(*layer) for layer in zip(router_logits, rows, experts, flagged, strict=True)]
         )
+    return _ClosedFormCEL.apply((rows, experts, loss_type, flagged, scores), *router_logits)
+
+
+def losses_and_logit_grads(
+    router_logits: Sequence[Tensor],
+    rows: Sequence[Tensor],
+    experts: Sequence[Tensor],
+    loss_type: "str | LossForm",
+    flagged: Sequence[Tensor],
+    scores: str = "softmax",
+) -> tuple[Tensor, list[Tensor]]:
+    """`conflict_elimination_losses` (detached) and each layer's ∂CEL_l/∂z_l (N_l, E), without an autograd
+    graph for the built-in forms: what the router gradients are made of (stgc.method.core). A form of one's
+    own is differentiated by autograd."""
+    if callable(loss_type):
+        leaves = [z.detach().requires_grad_() for z in router_logits]
+        with torch.enable_grad():
+            losses = conflict_elimination_losses(leaves, rows, experts, loss_type, flagged)
+        grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
+        return losses.detach(), list(grads)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {LOSS_TYPES}")
-    logits = torch.cat(list(router_logits))  # (ΣN, E) the layers' tokens one after another
-    num_tokens = [z.shape[0] for z in router_logits]
-    starts = [0, *itertools.accumulate(num_tokens[:-1])]
-    pair_rows = torch.cat(
-        [r if start == 0 else r + start for r, start in zip(rows, starts, strict=True)]
-    )  # (P,)
-    weights = torch.cat(list(flagged)).to(logits.dtype)  # (P,)
-    layer_ids = torch.arange(len(num_tokens), device=logits.device)
-    pair_layer = repeated(layer_ids, [r.shape[0] for r in rows])  # (P,)
-    token_layer = repeated(layer_ids, num_tokens)  # (ΣN,)
-
-    def per_layer(values: Tensor, layer: Tensor) -> Tensor:  # (L,) sums of a layer's values
-        return expert_counts(layer, len(num_tokens), values)
-
+    pairs = _Pairs.of(router_logits, rows, experts, flagged)
     if loss_type == "negated_logits":
-        token_flagged = (torch.zeros_like(logits[:, 0]).index_add_(0, pair_rows, weights) > 0).to(
-            logits.dtype
-        )
-        if scores == "sigmoid":
-            target = torch.sigmoid(-logits.detach())  # (ΣN, E)
-            per_expert = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-            cross_entropy = per_expert.sum(dim=-1)  # (ΣN,)
-        else:
-            target = torch.softmax(-logits.detach(), dim=-1)  # (ΣN, E)
-            cross_entropy = -(target * torch.log_softmax(logits, dim=-1)).sum(dim=-1)  # (ΣN,)
-        counted = per_layer(token_flagged, token_layer).clamp(min=1)  # once per token
-        return per_layer(cross_entropy * token_flagged, token_layer) / counted
-    pair_logits = logits.index_select(0, pair_rows)  # (P, E)
-    chosen = torch.cat(list(experts))[:, None]  # (P, 1)
-    if scores == "sigmoid":  # both forms are softplus(z_{t,e}) = -log σ(-z_{t,e}) = -log(1 - σ(z_{t,e}))
-        per_pair = F.softplus(pair_logits.gather(1, chosen)[:, 0])  # (P,)
-    elif loss_type == "negated_logits_per_expert":
-        per_pair = -torch.log_softmax(-pair_logits, dim=-1).gather(1, chosen)[:, 0]  # (P,) -log softmax(-z)_e
+        losses, grad = _per_token(pairs, scores)
     else:
-        others = pair_logits.scatter(1, chosen, float("-inf"))  # (P, E) with z_e masked out
-        per_pair = torch.logsumexp(pair_logits, dim=-1) - torch.logsumexp(others, dim=-1)  # -log(1 - p_e)
-    total = per_layer(per_pair * weights, pair_layer)
-    if loss_type == "negated_logits_per_expert":  # over E·max(1, N), N counted on the device: no copy to it
-        return total / (
-            logits.shape[1]
-            * per_layer(torch.ones_like(token_layer, dtype=logits.dtype), token_layer).clamp(min=1)
+        losses, grad = _per_pair(pairs, loss_type, scores)
+    return losses, list(grad.split(pairs.num_tokens))
+
+
+@dataclass
+class _Pairs:
+    """All layers' tokens and (token, expert) pairs one after another, for one pass over every layer."""
+
+    logits: Tensor  # (T, E) detached, every layer's tokens
+    rows: Tensor  # (P,) each pair's token, into logits
+    experts: Tensor  # (P,)
+    slots: Tensor  # (P,) each pair's (token, expert) in the flattened (T·E,) logits
+    weights: Tensor  # (P,) 1.0 where the pair is flagged, else 0.0
+    token_layer: Tensor  # (T,)
+    pair_layer: Tensor  # (P,)
+    num_tokens: list[int]  # N_l per layer
+
+    @classmethod
+    def of(cls, router_logits, rows, experts, flagged) -> "_Pairs":
+        logits = torch.cat([z.detach() for z in router_logits])
+        num_tokens = [z.shape[0] for z in router_logits]
+        starts = [0, *itertools.accumulate(num_tokens[:-1])]
+        pair_rows = torch.cat([r if start == 0 else r + start for r, start in zip(rows, starts, strict=True)])
+        pair_experts = torch.cat(list(experts))
+        layer_ids = torch.arange(len(num_tokens), device=logits.device)
+        return cls(
+            logits,
+            pair_rows,
+            pair_experts,
+            pair_rows * logits.shape[1] + pair_experts,
+            torch.cat(list(flagged)).to(logits.dtype),
+            repeated(layer_ids, num_tokens),
+            repeated(layer_ids, [r.shape[0] for r in rows]),
+            num_tokens,
         )
-    return total / per_layer(weights, pair_layer).clamp(min=1)
+
+    def per_layer(self, values: Tensor, layer: Tensor) -> Tensor:
+        """(L,) the sums of each layer's `values`, laid out by `layer` (token_layer or pair_layer)."""
+        return expert_counts(layer, len(self.num_tokens), values)
+
+    def per_token(self, values: Tensor) -> Tensor:
+        """(T,) the pairs' `values` (P,) added at their token."""
+        return torch.zeros_like(self.logits[:, 0]).index_add_(0, self.rows, values)
+
+    def at_pairs(self, values: Tensor) -> Tensor:
+        """(T, E) the pairs' `values` (P,) added at their (token, expert)."""
+        flat = torch.zeros_like(self.logits).view(-1)
+        return flat.index_add_(0, self.slots, values).view_as(self.logits)
+
+
+def _per_token(pairs: _Pairs, scores: str) -> tuple[Tensor, Tensor]:
+    """`negated_logits`: each flagged token's cross-entropy to its flipped distribution, averaged over a
+    layer's flagged tokens; its gradient p_t - target (softmax), σ(z_t) - σ(-z_t) (sigmoid)."""
+    z = pairs.logits
+    token_flagged = (pairs.per_token(pairs.weights) > 0).to(z.dtype)
+    if scores == "sigmoid":
+        target = torch.sigmoid(-z)  # (T, E)
+        per_token = F.binary_cross_entropy_with_logits(z, target, reduction="none").sum(dim=-1)  # (T,)
+        slope = torch.sigmoid(z) - target
+    else:
+        target, log_p = torch.softmax(-z, dim=-1), torch.log_softmax(z, dim=-1)  # (T, E)
+        per_token = -(target * log_p).sum(dim=-1)  # (T,)
+        slope = log_p.exp() - target
+    counted = pairs.per_layer(token_flagged, pairs.token_layer).clamp(min=1)  # (L,) once per token
+    losses = pairs.per_layer(per_token * token_flagged, pairs.token_layer) / counted
+    return losses, slope * (token_flagged / counted.index_select(0, pairs.token_layer))[:, None]
+
+
+def _per_pair(pairs: _Pairs, loss_type: str, scores: str) -> tuple[Tensor, Tensor]:
+    """`negated_logits_per_expert` and `unlikelihood`: a loss per flagged pair, normalised per layer, and
+    its gradient, from (T, E) operators and per-pair scalars (no (P, E) tensor)."""
+    z = pairs.logits
+    num_experts = z.shape[1]
+    pair_logit = z.reshape(-1).index_select(0, pairs.slots)  # (P,) z_{t,e}
+    if loss_type == "negated_logits_per_expert":  # over E·max(1, N), N counted on the device: no copy to it
+        ones = torch.ones_like(pairs.token_layer, dtype=z.dtype)
+        normaliser = num_experts * pairs.per_layer(ones, pairs.token_layer).clamp(min=1)
+    else:
+        normaliser = pairs.per_layer(pairs.weights, pairs.pair_layer).clamp(min=1)
+    coefficient = pairs.weights / normaliser.index_select(0, pairs.pair_layer)  # (P,)
+    if scores == "sigmoid":  # both forms are softplus(z_{t,e}) = -log σ(-z_{t,e}) = -log(1 - σ(z_{t,e}))
+        per_pair, grad = F.softplus(pair_logit), pairs.at_pairs(coefficient * torch.sigmoid(pair_logit))
+    elif loss_type == "negated_logits_per_expert":  # -log softmax(-z)_e; gradient onehot_e - softmax(-z)
+        flipped_lse = torch.logsumexp(-z, dim=-1)  # (T,)
+        per_pair = pair_logit + flipped_lse.index_select(0, pairs.rows)
+        grad = _onehot_minus(pairs.at_pairs(coefficient), torch.softmax(-z, dim=-1))
+    else:
+        per_pair, grad = _unlikelihood(pairs, pair_logit, coefficient)
+    losses = pairs.per_layer(per_pair * pairs.weights, pairs.pair_layer) / normaliser
+    return losses, grad
+
+
+def _unlikelihood(pairs: _Pairs, pair_logit: Tensor, coefficient: Tensor) -> tuple[Tensor, Tensor]:
+    """-log(1 - p_{t,e}) per pair (P,) and its weighted gradient (T, E), stable for a near-certain expert.
+
+    The gradient of a pair is r·(onehot_e - p_t) with r = p_e/(1 - p_e), which is p_e·(onehot_e - p_t^{-e})
+    (p^{-e}: the softmax over the other experts). Below the token's top expert p_e ≤ 1/2 and the first
+    form is exact; at the top one (one per token) the second, from the other experts' sum, not 1 - p."""
+    z = pairs.logits
+    top_logit = z.amax(dim=-1, keepdim=True)  # (T, 1)
+    shifted = z - top_logit  # (T, E) 0 at the top
+    at_max = (shifted == 0).to(z.dtype)  # (T, E) float masks: faster than bool ones on a CPU
+    has_top = (at_max.sum(dim=-1) == 1).to(z.dtype)  # (T,) one expert above the others (tied: all ≤ 1/2)
+    top = at_max * has_top[:, None]  # (T, E) 1 at the top expert
+    scaled = shifted.exp()  # (T, E) exp(z - max): 1 at the top expert
+    others = scaled - top  # (T, E) without the top expert (exactly 0 there)
+    others_sum = others.sum(dim=-1)  # (T,) Σ_{j ≠ top} exp(z_j - max), exact however small
+    total = others_sum + has_top  # (T,) Σ_j exp(z_j - max)
+    log_p = pair_logit - (top_logit[:, 0] + total.log()).index_select(0, pairs.rows)  # (P,)
+    is_top = top.reshape(-1).index_select(0, pairs.slots) > 0  # (P,)
+    at_top = (total.log() - others_sum.log()).index_select(0, pairs.rows)  # -log(1 - p) = lse - others' lse
+    per_pair = torch.where(is_top, at_top, -torch.log1p(-log_p.exp()))
+    weight = coefficient * torch.where(is_top, log_p, log_p + per_pair).exp()  # (P,) c·p_e (top), c·r (below)
+    below = pairs.per_token(torch.where(is_top, 0.0, weight))  # (T,) Σ c·r
+    above = pairs.per_token(torch.where(is_top, weight, 0.0))  # (T,) c·p_e of the token's top pair
+    grad = (
+        pairs.at_pairs(weight)
+        - scaled * (below / total)[:, None]  # - Σ c·r · p_t
+        - others * (above / others_sum.clamp(min=torch.finfo(z.dtype).tiny))[:, None]  # - c·p_e · p_t^{-top}
+    )
+    return per_pair, grad
+
+
+def _onehot_minus(weights: Tensor, probabilities: Tensor) -> Tensor:
+    """(T, E) Σ_pairs w·(onehot_e - probabilities_t) from the pairs' weights at (token, expert) (T, E)."""
+    return weights - weights.sum(dim=-1, keepdim=True) * probabilities
+
+
+class _ClosedFormCEL(torch.autograd.Function):
+    """The built-in forms' losses (L,), whose backward is their closed-form logit gradients."""
+
+    @staticmethod
+    def forward(ctx, arguments: tuple, *router_logits: Tensor) -> Tensor:
+        rows, experts, loss_type, flagged, scores = arguments
+        losses, grads = losses_and_logit_grads(router_logits, rows, experts, loss_type, flagged, scores)
+        ctx.save_for_backward(*grads)
+        return losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_losses: Tensor) -> tuple:
+        return None, *(grad * weight for grad, weight in zip(ctx.saved_tensors, grad_losses, strict=True))
 
 
 def _all_flagged(rows: Tensor) -> Tensor:

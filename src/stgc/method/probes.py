@@ -50,6 +50,7 @@ class LayerRouting:
         None  # (N,) each token's position in the flattened (B*T) input; None: row = position
     )
     row_experts: Tensor | None = None  # (S,) the expert of each row of torch.cat(expert_rows), if known
+    sorted_rows: Tensor | None = None  # (S,) torch.cat(expert_rows), where the layer has it (fused experts)
 
 
 @dataclass
@@ -198,6 +199,16 @@ class LayerProbe(ABC):
         gradient's terms over them; None when there are none. Against a kept reference, only the experts
         that had kept tokens (the others have nothing to compare with)."""
         routing = self.routing()
+        if self._fused_only(
+            routing, gradient
+        ):  # the terms are in expert order already: no split, no concatenation
+            if routing.sorted_rows.numel() == 0:
+                return None
+            terms = {name: tuple(terms[ALL]) for name, terms in self._terms.items() if terms}
+            modality = (
+                None if routing.modality is None else routing.modality.index_select(0, routing.sorted_rows)
+            )
+            return _Assignments(routing.sorted_rows, routing.row_experts, terms, modality)
         sizes = [rows.shape[0] for rows in routing.expert_rows]
         for terms in self._terms.values():  # every expert's rows at once (a fused weight's): per expert
             if ALL in terms:
@@ -225,6 +236,19 @@ class LayerProbe(ABC):
         }
         modality = None if routing.modality is None else routing.modality.index_select(0, rows)  # (S,)
         return _Assignments(rows, expert, terms, modality)
+
+    def _fused_only(self, routing: LayerRouting, gradient: str) -> bool:
+        """Whether the chosen gradient's terms, and any other captured beside it, cover all experts' rows
+        at once (fused weights), so that they are in the order of the routing's sorted rows already; not
+        with a kept reference, whose sums are per expert."""
+        captured = [terms for terms in self._terms.values() if terms]
+        return (
+            self._terms[gradient].keys() == {ALL}
+            and all(terms.keys() == {ALL} for terms in captured)
+            and self.reference_mode == "none"
+            and routing.sorted_rows is not None
+            and routing.row_experts is not None
+        )
 
     @staticmethod
     def _concatenated(
@@ -514,5 +538,10 @@ class SparseMoEProbe(LayerProbe):
         if modality is None and self.position_modality is not None:
             modality = self.position_modality.index_select(0, record.token_index)
         return LayerRouting(
-            record.router_input, record.expert_rows, modality, record.token_index, record.groups.row_experts
+            record.router_input,
+            record.expert_rows,
+            modality,
+            record.token_index,
+            record.groups.row_experts,
+            record.sorted_rows,
         )

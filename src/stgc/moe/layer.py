@@ -30,6 +30,7 @@ class RoutingRecord:
     topk_weight:   (N, k) float32 softmax probabilities of the chosen experts renormalised to sum to 1
     expert_rows:   E tensors; expert_rows[e] holds the rows (into the N routed tokens) that expert e
                    processed, in the order of the expert's input rows; capacity drops excluded
+    sorted_rows:   (S_kept,) expert_rows laid end to end: the row of each of the experts' input rows
     groups:        where each expert's rows are among the experts' S_kept input rows (sorted by expert)
     modality:      (N,) per routed token (0 text, 1 image), or None
     num_dropped:   assignments dropped by the capacity limit (0 when dropless)
@@ -43,6 +44,7 @@ class RoutingRecord:
     topk_index: Tensor
     topk_weight: Tensor
     expert_rows: list[Tensor]
+    sorted_rows: Tensor
     groups: Groups
     modality: Tensor | None
     num_dropped: int
@@ -152,6 +154,7 @@ class SparseMoE(nn.Module):
             topk_index=topk_index,
             topk_weight=topk_weight,
             expert_rows=list(rows.split(sizes)),
+            sorted_rows=rows,
             groups=groups,
             modality=self._routed_modality(x),
             num_dropped=num_dropped,
