@@ -276,8 +276,10 @@ def print_profile(shape: str, batch_shape: tuple[int, int], expert_counts: list[
             step_profile(build(shape, experts), data, "stgc_every_step", steps=2)["parts"], layers
         )
         theirs = layer_operators(method_profile(tiny_qwen3_moe(experts))["parts"], 2)  # 2 MoE layers too
+        logged = layer_operators(method_profile(tiny_qwen3_moe(experts), logging=True)["parts"], 2)
         print(f"  {experts} experts, per MoE layer per step: SparseMoE {operators(ours)}; "
-              f"transformers' fused experts (Qwen3-MoE) {operators(theirs)}")  # fmt: skip
+              f"transformers' fused experts (Qwen3-MoE) {operators(theirs)}, "
+              f"a logging step's after_backward {logged['after_backward']:.0f} ops")  # fmt: skip
 
 
 def operators(counts: dict[str, float]) -> str:

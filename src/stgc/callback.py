@@ -5,7 +5,6 @@ flags, selection, the CEL's router gradient, statistics) is torch only (docs/des
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import move_data_to_device
@@ -17,6 +16,7 @@ from stgc.method import Selection, Settings, STGCMethod
 from stgc.method.loss import LossForm
 from stgc.method.modality import TokenModality
 from stgc.method.probes import SparseMoEProbe
+from stgc.method.statistics import host_values
 from stgc.report.layout import write_custom_scalars
 from stgc.report.picture import ConflictPictureData, ConflictPictureModel
 from stgc.report.tensorboard import write_conflict_images, write_scalars
@@ -210,8 +210,7 @@ class STGC(L.Callback):
             return
         trainer.callback_metrics.update(metrics)
         if trainer.loggers and trainer.is_global_zero:
-            values = torch.stack([value.detach().float().reshape(()) for value in metrics.values()])
-            scalars = dict(zip(metrics, values.tolist(), strict=True))  # the one device-to-host copy
+            scalars = host_values(metrics)
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger) and not logger._prefix:

@@ -26,6 +26,7 @@ from stgc.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from stgc.data.dataset import output_size
 from stgc.method import Settings, STGCMethod
 from stgc.method.cosine import weight_product
+from stgc.method.statistics import host_values
 from stgc.module import LVLMModule
 from stgc.moe import SparseMoE, moe_layers, upcycle
 from stgc.moe.experts import expert_linears, expert_mlp, grouped
@@ -398,11 +399,12 @@ def tiny_sparse_moe(num_experts: int, num_layers: int = 2) -> PreTrainedModel:
 
 
 def method_profile(
-    model: torch.nn.Module, steps: int = 2, autocast: torch.dtype | None = None
+    model: torch.nn.Module, steps: int = 2, autocast: torch.dtype | None = None, logging: bool = False
 ) -> dict[str, Any]:
     """`_part_counts` of STGC's steps (the configured callback's settings, stgc.method on its own) on a
     transformers causal LM, batch 8 x 64 on its device, after two untimed steps (under `autocast` when
-    given); "finite": whether every step's terms were."""
+    given; each a logging step, its metrics copied to the host, when `logging`); "finite": whether every
+    step's terms were."""
     device = next(model.parameters()).device
     settings = {f.name for f in dataclasses.fields(Settings)}
     method = STGCMethod(**{key: value for key, value in stgc_args().items() if key in settings})
@@ -418,7 +420,9 @@ def method_profile(
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        finite = method.after_backward().finite and finite
+        result = method.after_backward(logging=logging)
+        host_values(result.metrics)  # what a logger does with them
+        finite = result.finite and finite
         model.zero_grad(set_to_none=True)
     profiler.__exit__(None, None, None)
     method.detach()

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from stgc.method import STGCMethod
+from stgc.method.statistics import host_values
 
 
 class STGCTrainer(Trainer):
@@ -60,7 +61,7 @@ class STGCTrainer(Trainer):
         return loss
 
     def _keep(self, metrics: dict[str, Tensor]) -> None:
-        self._stgc_metrics.update({name: float(value) for name, value in metrics.items()})
+        self._stgc_metrics.update(host_values(metrics))  # one device-to-host copy
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's training logs, with STGC's latest metrics added (evaluation logs left alone)."""

@@ -164,12 +164,23 @@ def layer_metrics(layer: str, stats: LayerStats, num_experts: int, cel_terms: in
         if count > 0:
             share = getattr(stats, f"{modality}_conflicts") / count
             metrics[names.metric(f"{names.CONFLICT_RATIO}_{modality}", layer)] = share.float()
-    load = stats.assignments / stats.assignments.sum().clamp(min=1)  # (E,)
-    ratio = stats.conflicts / stats.assignments.clamp(min=1)  # (E,)
-    for e in range(num_experts):
-        metrics[names.metric(names.EXPERT_LOAD, layer, e)] = load[e].float()
-        metrics[names.metric(names.EXPERT_CONFLICT_RATIO, layer, e)] = ratio[e].float()
+    if num_experts:  # each expert's figures as views of two vectors: no operator per expert
+        load = (stats.assignments / stats.assignments.sum().clamp(min=1)).float()  # (E,)
+        ratio = (stats.conflicts / stats.assignments.clamp(min=1)).float()  # (E,)
+        for e, (expert_load, expert_ratio) in enumerate(
+            zip(load[:num_experts].unbind(), ratio[:num_experts].unbind(), strict=True)
+        ):
+            metrics[names.metric(names.EXPERT_LOAD, layer, e)] = expert_load
+            metrics[names.metric(names.EXPERT_CONFLICT_RATIO, layer, e)] = expert_ratio
     return metrics
+
+
+def host_values(metrics: dict[str, Tensor]) -> dict[str, float]:
+    """The metrics (0-d tensors) as floats, from one device-to-host copy of them all."""
+    if not metrics:
+        return {}
+    values = torch.stack(list(metrics.values())).detach().float().tolist()
+    return dict(zip(metrics, values, strict=True))
 
 
 def position_conflict_share(
