@@ -9,6 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from stgc import STGC
 from stgc.constants import MODALITIES
 from stgc.host_syncs import HostSyncCounter
+from stgc.method.statistics import host_values
 from stgc.moe import moe_losses, routing_context, upcycle
 from support.lightning_models import VOCAB, token_batches
 
@@ -95,3 +96,15 @@ def test_stgc_adds_one_sync_per_step_whatever_the_depth() -> None:
     """STGC's whole step (cosines, masks, CEL gradients, counts) costs one host read: the skip decision."""
     for layers in (2, 4):
         assert _step_syncs(layers, True) - _step_syncs(layers, False) == 1
+
+
+def test_a_logging_steps_metrics_reach_the_host_in_one_copy() -> None:
+    """host_values, which the callback's loggers and transformers' Trainer use: one sync however many
+    metrics (a layer's per-expert figures are views of one vector, as layer_metrics makes them)."""
+    per_expert = torch.rand(64, dtype=torch.float64).float()
+    metrics = {f"stgc/expert_load/layer_0/expert_{e}": v for e, v in enumerate(per_expert.unbind())}
+    metrics["stgc/cel_loss/all"] = torch.tensor(0.5, dtype=torch.float64)
+    with HostSyncCounter() as syncs:
+        values = host_values(metrics)
+    assert syncs.total == 1
+    assert values == pytest.approx({name: float(value) for name, value in metrics.items()})
