@@ -25,6 +25,9 @@ s_{t,e} = σ(z_{t,e}), so each form is written for that score (`scores="sigmoid"
 - `unlikelihood`: -log(1 - σ(z_{t,e})), averaged over the pairs.
 The last two are softplus(z_{t,e}): gradient σ(z_{t,e}) > 0 on the conflicting expert's logit alone,
 so a step lowers its score and leaves the token's other experts' scores where they were.
+
+Training takes these gradients in closed form (`losses_and_logit_grads`, no autograd graph, docs/design.md
+§4); `conflict_elimination_loss(es)` is differentiable, its backward the same closed form.
 """
 
 import itertools
@@ -125,7 +128,6 @@ class _Pairs:
 
     logits: Tensor  # (T, E) detached, every layer's tokens
     rows: Tensor  # (P,) each pair's token, into logits
-    experts: Tensor  # (P,)
     slots: Tensor  # (P,) each pair's (token, expert) in the flattened (T·E,) logits
     weights: Tensor  # (P,) 1.0 where the pair is flagged, else 0.0
     token_layer: Tensor  # (T,)
@@ -143,7 +145,6 @@ class _Pairs:
         return cls(
             logits,
             pair_rows,
-            pair_experts,
             pair_rows * logits.shape[1] + pair_experts,
             torch.cat(list(flagged)).to(logits.dtype),
             repeated(layer_ids, num_tokens),
