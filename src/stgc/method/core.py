@@ -354,7 +354,8 @@ class STGCMethod:
             ).float()
             if ratio is not None:
                 metrics[names.metric(names.CEL_GRAD_RATIO, probe.name)] = ratio
-        metrics.update(layer_metrics(names.ALL_LAYERS, sum(stats[1:], stats[0]), 0, world * len(stats)))
+        every_layer = LayerStats.from_vector(summed.sum(0), num_experts)  # every layer's sums, one operator
+        metrics.update(layer_metrics(names.ALL_LAYERS, every_layer, 0, world * len(stats)))
         metrics[names.SKIPPED_NONFINITE] = summed.new_tensor(float(self.skipped_nonfinite))
         return metrics
 

@@ -119,11 +119,6 @@ class LayerStats:
         parts = vector.split([num_experts if name in PER_EXPERT else 1 for name in names])
         return cls(**{n: p if n in PER_EXPERT else p[0] for n, p in zip(names, parts, strict=True)})
 
-    def __add__(self, other: "LayerStats") -> "LayerStats":
-        return LayerStats(
-            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
-        )
-
 
 def _assignment_slots(
     layers: list[LayerConflicts], conflicting: list[Tensor], num_experts: int
