@@ -199,9 +199,8 @@ class LayerProbe(ABC):
         gradient's terms over them; None when there are none. Against a kept reference, only the experts
         that had kept tokens (the others have nothing to compare with)."""
         routing = self.routing()
-        if self._fused_only(
-            routing, gradient
-        ):  # the terms are in expert order already: no split, no concatenation
+        # fused experts: the terms are in the routing's expert order already (no split, no concatenation)
+        if self._fused_only(routing, gradient):
             if routing.sorted_rows.numel() == 0:
                 return None
             terms = {name: tuple(terms[ALL]) for name, terms in self._terms.items() if terms}
