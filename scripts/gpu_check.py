@@ -225,16 +225,19 @@ def cosine_error(module: LVLMModule, batch: dict, precision: str) -> float:
 
 
 def operators_per_layer(tiny: bool) -> dict:
-    """STGC's operators per MoE layer per step on a tiny Qwen3-MoE (transformers' fused experts) and a
-    tiny upcycled Qwen2 (this project's SparseMoE) at 8 and 64 experts, and a tiny Qwen3-VL-MoE
-    (configs/vlm/qwen3_vl_moe_tiny.yaml's model) under bf16 autocast: its operators and whether every
-    step's terms were finite. On the GPU when there is one."""
+    """STGC's operators per MoE layer per step (and a logging step's after backward) on a tiny Qwen3-MoE
+    (transformers' fused experts) and a tiny upcycled Qwen2 (this project's SparseMoE) at 8 and 64
+    experts, and a tiny Qwen3-VL-MoE (configs/vlm/qwen3_vl_moe_tiny.yaml's model) under bf16 autocast: its
+    operators and whether every step's terms were finite. On the GPU when there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {}
     for experts in (8,) if tiny else (8, 64):
         for name, model in (("qwen3_moe", tiny_qwen3_moe), ("sparse_moe", tiny_sparse_moe)):
             profile = method_profile(model(experts).to(device))
-            report[f"{name}_{experts}_experts"] = layer_operators(profile["parts"], 2)
+            logging = method_profile(model(experts).to(device), logging=True)  # metrics to the host too
+            report[f"{name}_{experts}_experts"] = layer_operators(profile["parts"], 2) | {
+                "logging_after_backward": layer_operators(logging["parts"], 2)["after_backward"]
+            }
     config = OmegaConf.to_container(OmegaConf.load(VLM_CONFIG).model.init_args.model_config)
     model_type = config.pop("model_type")
     config["text_config"] |= {"vocab_size": 256}  # text only: the processor's ids are not needed
