@@ -212,7 +212,12 @@ class STGCMethod:
         penalised = self._select(layers, conflicting)
         scale = settings.loss_weight / accumulation
         scale = scale * grad_scale if settings.loss_weight > 0 else scale
-        cel_losses, logits, router_grads = self._cel(layers, penalised, scale)  # no gradients when λ = 0
+        # the steps whose statistics are built, the CEL's value among them
+        shown = logging or self._diagnostics
+        if settings.loss_weight > 0 or shown:
+            cel_losses, logits, router_grads = self._cel(layers, penalised, scale)  # no gradients when λ = 0
+        else:  # λ = 0 and nothing shown: the CEL would be computed for no one
+            cel_losses, logits, router_grads = [], [], []
         finite = torch.stack([c.finite for c in layers] + [g.isfinite().all() for g in router_grads]).all()
         finite, router_grads = self._agree_across_ranks(finite, router_grads)
         self.end()
@@ -225,7 +230,7 @@ class STGCMethod:
             add_to_grad(parameter, router_grad)  # this rank's shard of it under FSDP2
         num_experts = self.conflict_counts.shape[1]
         stats = []  # the statistics' sums, on the steps that show them; the others count alone
-        if logging or self._diagnostics:
+        if shown:
             stats = LayerStats.of_layers(
                 layers, conflicting, cel_losses, num_experts, settings.mean == "others"
             )
@@ -267,7 +272,7 @@ class STGCMethod:
         order: ∂CEL/∂z (the forms' closed form, no autograd graph) times the detached router inputs, zero
         where nothing is flagged. The layers that share a number of experts and a score family compute
         their CEL in one pass."""
-        router_inputs, logits, weights, groups = [], [], [], {}
+        router_inputs, logits, router_parameters, groups = [], [], [], {}
         with torch.no_grad():
             for index, probe in enumerate(self.probes):
                 router_input = probe.routing().router_input.detach()  # (N, H)
@@ -275,7 +280,7 @@ class STGCMethod:
                     parameters = [full_tensor(p) for p in probe.router_parameters()]  # gathered under FSDP2
                     logits.append(probe.router_logits(router_input, *parameters))  # (N, E): recomputed, tiny
                 router_inputs.append(router_input)
-                weights.append(parameters)
+                router_parameters.append(parameters)
                 groups.setdefault((probe.num_experts, probe.rule.scores), []).append(index)
         losses: list[Tensor] = [None] * len(self.probes)
         logit_grads: list[Tensor] = [None] * len(self.probes)
@@ -293,7 +298,7 @@ class STGCMethod:
         if self.settings.loss_weight == 0:
             return losses, logits, []
         grads = []
-        for router_input, grad, parameters in zip(router_inputs, logit_grads, weights, strict=True):
+        for router_input, grad, parameters in zip(router_inputs, logit_grads, router_parameters, strict=True):
             grad = grad * scale  # (N, E) ∂(scale·CEL)/∂z; z = x Wᵀ (+ b)
             grads.append((grad.T @ router_input.float()).to(parameters[0].dtype))  # (E, H)
             if len(parameters) > 1:
