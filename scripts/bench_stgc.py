@@ -26,6 +26,7 @@ peak-memory ratio.
 """
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -53,7 +54,7 @@ from stgc_experiments.bench import (
     fit_steps,
     layer_operators,
     median_ratio,
-    method_profile,
+    method_layer_operators,
     model_args,
     paired_excess,
     round_robin,
@@ -275,11 +276,10 @@ def print_profile(shape: str, batch_shape: tuple[int, int], expert_counts: list[
         ours = layer_operators(
             step_profile(build(shape, experts), data, "stgc_every_step", steps=2)["parts"], layers
         )
-        theirs = layer_operators(method_profile(tiny_qwen3_moe(experts))["parts"], 2)  # 2 MoE layers too
-        logged = layer_operators(method_profile(tiny_qwen3_moe(experts), logging=True)["parts"], 2)
+        theirs = method_layer_operators(functools.partial(tiny_qwen3_moe, experts))  # 2 MoE layers too
         print(f"  {experts} experts, per MoE layer per step: SparseMoE {operators(ours)}; "
               f"transformers' fused experts (Qwen3-MoE) {operators(theirs)}, "
-              f"a logging step's after_backward {logged['after_backward']:.0f} ops")  # fmt: skip
+              f"a logging step's after_backward {theirs['logging_after_backward']:.0f} ops")  # fmt: skip
 
 
 def operators(counts: dict[str, float]) -> str:

@@ -23,6 +23,7 @@ STGC callback as users add it, on synthetic stage III batches.
 """
 
 import argparse
+import functools
 import json
 import statistics
 import warnings
@@ -48,6 +49,7 @@ from stgc_experiments.bench import (
     captured_experts,
     experts_time,
     layer_operators,
+    method_layer_operators,
     method_profile,
     timed,
     tiny_qwen3_moe,
@@ -233,11 +235,9 @@ def operators_per_layer(tiny: bool) -> dict:
     report = {}
     for experts in (8,) if tiny else (8, 64):
         for name, model in (("qwen3_moe", tiny_qwen3_moe), ("sparse_moe", tiny_sparse_moe)):
-            profile = method_profile(model(experts).to(device))
-            logging = method_profile(model(experts).to(device), logging=True)  # metrics to the host too
-            report[f"{name}_{experts}_experts"] = layer_operators(profile["parts"], 2) | {
-                "logging_after_backward": layer_operators(logging["parts"], 2)["after_backward"]
-            }
+            report[f"{name}_{experts}_experts"] = method_layer_operators(
+                functools.partial(model, experts), device
+            )
     config = OmegaConf.to_container(OmegaConf.load(VLM_CONFIG).model.init_args.model_config)
     model_type = config.pop("model_type")
     config["text_config"] |= {"vocab_size": 256}  # text only: the processor's ids are not needed

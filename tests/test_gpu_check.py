@@ -33,6 +33,5 @@ def test_gpu_check_reports_syncs_ratios_and_cosine_error(easy_vqa_dir, tmp_path)
     assert layers["qwen3_vl_moe_tiny_bf16"]["finite"] and layers["qwen3_vl_moe_tiny_bf16"]["hooks"] > 0
     assert layers["qwen3_moe_8_experts"]["after_backward"] > 0 and layers["sparse_moe_8_experts"]["hooks"] > 0
     qwen3 = layers["qwen3_moe_8_experts"]
-    assert (
-        qwen3["logging_after_backward"] > qwen3["after_backward"]
-    )  # the metrics are built on logging steps only
+    # the metrics are built on logging steps only
+    assert qwen3["logging_after_backward"] > qwen3["after_backward"]

@@ -435,6 +435,16 @@ def layer_operators(parts: dict[str, dict[str, float]], layers: int) -> dict[str
     return {"after_backward": parts["stgc.after_backward"]["ops"] / layers, "hooks": hooks / layers}
 
 
+def method_layer_operators(
+    build: Callable[[], torch.nn.Module], device: str = "cpu", layers: int = 2
+) -> dict[str, float]:
+    """`layer_operators` of `method_profile` on the model `build` makes (on `device`, with `layers` MoE
+    layers), and a logging step's after_backward beside them, on a second one."""
+    measured = layer_operators(method_profile(build().to(device))["parts"], layers)
+    logging = layer_operators(method_profile(build().to(device), logging=True)["parts"], layers)
+    return measured | {"logging_after_backward": logging["after_backward"]}
+
+
 def step_profile(module: LVLMModule, data: dict, variant: str, steps: int = 3) -> dict[str, Any]:
     """torch.profiler over `steps` steps of a variant, after two untimed ones: per step the wall time and
     operator count of each STGC part (the record_function ranges of stgc.method), of all aten operators,
