@@ -100,8 +100,8 @@ def build(tiny: bool, data: Path) -> LVLMModule:
 
 
 class StepProbe(StepTimer):
-    """StepTimer's step times and memory peak, and the host syncs of the step `count_at` (on CUDA also
-    the warnings of torch.cuda's sync debug mode)."""
+    """StepTimer's step times and memory peak, and the host syncs of the step `count_at` from its start to
+    its batch-end hook (on CUDA also the warnings of torch.cuda's sync debug mode)."""
 
     def __init__(self, count_at: int) -> None:
         super().__init__()

@@ -1,6 +1,8 @@
 """stgc_experiments.bench, which the benchmarks share: StepTimer (a time and the page faults per training
 step, and the memory peak of training), the measured floor of exact cosines, and the paired statistics."""
 
+import time
+
 import lightning as L
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -21,6 +23,23 @@ def test_step_timer_times_every_training_step_and_keeps_the_memory_peak() -> Non
     assert len(timer.faults) == 3 and all(faults >= 0 for faults in timer.faults)
     assert timer.peak_bytes > 0  # the model's weights at least: CUDA's allocator, else the resident set
     assert median_ratio([2.0, 3.0, 10.0], [1.0, 1.0, 2.0]) == 3.0
+
+
+class SlowBatchEnd(L.Callback):
+    """Work after the optimizer step, in a batch-end hook that runs after the timer's."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(0.05)
+
+
+def test_a_step_time_holds_the_batch_end_hooks_of_the_callbacks_after_the_timer() -> None:
+    timer = StepTimer()
+    trainer = L.Trainer(
+        devices=1, max_steps=3, callbacks=[timer, SlowBatchEnd()], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(BoringModel())
+    assert len(timer.times) == 3 and min(timer.times) >= 0.05  # the last step's too
 
 
 def grouped_products(model: torch.nn.Module, ids: torch.Tensor) -> int:

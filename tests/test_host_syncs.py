@@ -50,9 +50,10 @@ class Wrapper(L.LightningModule):
         self.model = model
 
 
-def _step_syncs(num_layers: int, with_stgc: bool) -> int:
+def _step_syncs(num_layers: int, with_stgc: bool, logging: bool = False) -> int:
     """Host syncs of one forward + backward (+ STGC's hook) of an upcycled LM whose every layer is
-    MoE, routed through a token mask with modalities as the LVLM routes."""
+    MoE, routed through a token mask with modalities as the LVLM routes; with `logging`, a logging step
+    whose metrics reach the host, and the next step's reroute metrics."""
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=VOCAB,
@@ -66,7 +67,9 @@ def _step_syncs(num_layers: int, with_stgc: bool) -> int:
     module = Wrapper(model)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, log_every_n_steps=10**6)
     trainer.strategy.connect(module)
-    callback = STGC(loss_weight=0.1, threshold=0.0, histogram_every_n_steps=0)
+    callback = STGC(
+        loss_weight=0.1, threshold=0.0, histogram_every_n_steps=0, log_every_n_steps=1 if logging else None
+    )
     if with_stgc:
         callback.setup(trainer, module, "fit")
         callback.on_train_batch_start(trainer, module, None, 0)
@@ -80,6 +83,8 @@ def _step_syncs(num_layers: int, with_stgc: bool) -> int:
         loss.backward()
         if with_stgc:
             callback.on_after_backward(trainer, module)
+        if logging:  # what the callback does once the routers have been updated
+            host_values(callback.method.measure_reroutes())
     if with_stgc:
         assert callback.method.measured_micro_batches == 1
     return syncs.total
@@ -96,6 +101,13 @@ def test_stgc_adds_one_sync_per_step_whatever_the_depth() -> None:
     """STGC's whole step (cosines, masks, CEL gradients, counts) costs one host read: the skip decision."""
     for layers in (2, 4):
         assert _step_syncs(layers, True) - _step_syncs(layers, False) == 1
+
+
+def test_a_logging_step_adds_one_sync_for_its_metrics_and_one_for_its_reroutes_whatever_the_depth() -> None:
+    """Every figure of a logging step, and of the reroutes measured after it, is computed on the device
+    (NaN where not defined) and read in one copy: nothing per layer, expert or modality asks the host."""
+    for layers in (2, 4):
+        assert _step_syncs(layers, True, logging=True) - _step_syncs(layers, True) == 2
 
 
 def test_a_logging_steps_metrics_reach_the_host_in_one_copy() -> None:

@@ -15,7 +15,7 @@ from stgc.method import diagnostics
 from stgc.method.diagnostics import expert_drift, pearson, pearson_sums, reroute_metrics, reroute_sums
 from stgc.method.loss import conflict_elimination_loss
 from stgc.method.probes import LayerConflicts
-from stgc.method.statistics import LayerStats, layer_metrics
+from stgc.method.statistics import LayerStats, host_values, layer_metrics
 from stgc.moe.experts import expert_mlp
 from support.lightning_models import (
     CausalLMModule,
@@ -32,21 +32,34 @@ _trainer = partial(cpu_trainer, max_steps=1)
 
 
 def test_reroute_sums_on_hand_made_logits() -> None:
-    """3 tokens, 4 experts, top-2. Flagged: (0, e1) leaves token 0's top-2, (1, e0) stays; (2, e3) is
-    an unflagged pair with a gradient, (2, e2) one without."""
+    """Two layers in one pass. Layer 0: 3 tokens, 4 experts, top-2; flagged: (0, e1) leaves token 0's
+    top-2, (1, e0) stays; (2, e3) is an unflagged pair with a gradient, (2, e2) one without. Layer 1:
+    2 tokens, nothing flagged, so its flagged figures are not defined (NaN, not logged)."""
     before = torch.tensor([[2.0, 1.0, 0.0, -1.0], [2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 1.0, 2.0]])
     after = torch.tensor([[2.0, -1.0, 0.0, -1.0], [1.5, 1.0, 0.0, -1.0], [0.0, 0.0, 1.0, 2.0]])
     rows, experts = torch.tensor([0, 1, 2, 2]), torch.tensor([1, 0, 3, 2])
     flagged = torch.tensor([True, True, False, False])
     valid = torch.tensor([True, True, True, False])
-    sums = reroute_sums(before, after, rows, experts, flagged, valid, top_k=2)
+    before_1, after_1 = torch.zeros(2, 4), torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    rows_1, experts_1, none_1 = torch.tensor([1, 0]), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.bool)
+    sums = reroute_sums(
+        [before, before_1], [after, after_1], [rows, rows_1], [experts, experts_1], [flagged, none_1],
+        [valid, ~none_1], top_k=2,
+    )  # fmt: skip
     p = lambda logits, t, e: float(logits[t].softmax(-1)[e])  # noqa: E731
     delta = (p(after, 0, 1) - p(before, 0, 1)) + (p(after, 1, 0) - p(before, 1, 0))
-    torch.testing.assert_close(sums, torch.tensor([2.0, 1.0, delta, 1.0, 0.0], dtype=torch.float64))
-    metrics = reroute_metrics("layer_0", sums)
-    assert float(metrics["stgc/reroute_rate/layer_0"]) == 0.5
-    assert float(metrics["stgc/delta_p_flagged/layer_0"]) == pytest.approx(delta / 2, abs=1e-6)
-    assert float(metrics["stgc/delta_p_other/layer_0"]) == 0.0
+    delta_1 = (p(after_1, 1, 0) - p(before_1, 1, 0)) + (p(after_1, 0, 1) - p(before_1, 0, 1))
+    expected = torch.tensor([[2.0, 1.0, delta, 1.0, 0.0], [0.0, 0.0, 0.0, 2.0, delta_1]], dtype=torch.float64)
+    torch.testing.assert_close(sums, expected)
+    metrics = host_values(reroute_metrics(["layer_0", "layer_1"], sums))
+    assert metrics["stgc/reroute_rate/layer_0"] == 0.5
+    assert metrics["stgc/delta_p_flagged/layer_0"] == pytest.approx(delta / 2, abs=1e-6)
+    assert metrics["stgc/delta_p_other/layer_0"] == 0.0
+    assert metrics.keys() == {
+        "stgc/reroute_rate/layer_0", "stgc/delta_p_flagged/layer_0", "stgc/delta_p_other/layer_0",
+        "stgc/delta_p_other/layer_1",
+    }  # fmt: skip
+    assert metrics["stgc/delta_p_other/layer_1"] == pytest.approx(delta_1 / 2, abs=1e-6)
 
 
 def test_expert_drift_is_zero_for_copies_and_the_relative_distance_otherwise() -> None:
@@ -83,11 +96,13 @@ def test_null_level_is_the_mean_of_one_over_root_n_e_over_assignments() -> None:
     conflicts = _conflicts([0] * 9 + [1] * 4 + [2], [0.1] * 14)
     stats = LayerStats.of(conflicts, torch.zeros(14, dtype=torch.bool), torch.tensor(0.0), 4)
     expected = (9 / 3 + 4 / 2 + 1 / 1) / 14
-    assert float(layer_metrics("l", stats, 4, 1)["stgc/cosine_null/l"]) == pytest.approx(expected)
+    assert float(
+        layer_metrics(["l"], stats.vector()[None], 4, [4], 1)["stgc/cosine_null/l"]
+    ) == pytest.approx(expected)
     others = LayerStats.of(
         conflicts, torch.zeros(14, dtype=torch.bool), torch.tensor(0.0), 4, leave_one_out=True
     )
-    assert float(layer_metrics("l", others, 4, 1)["stgc/cosine_null/l"]) == 0.0
+    assert float(layer_metrics(["l"], others.vector()[None], 4, [4], 1)["stgc/cosine_null/l"]) == 0.0
 
 
 def test_null_level_is_norm_matched_when_token_gradients_differ_in_norm() -> None:
@@ -103,7 +118,7 @@ def test_null_level_is_norm_matched_when_token_gradients_differ_in_norm() -> Non
     conflicts = _conflicts([0] * 5, cosine.tolist())
     conflicts.sqnorm = terms[1]
     stats = LayerStats.of(conflicts, torch.zeros(5, dtype=torch.bool), torch.tensor(0.0), 1)
-    null = float(layer_metrics("l", stats, 1, 1)["stgc/cosine_null/l"])
+    null = float(layer_metrics(["l"], stats.vector()[None], 1, [1], 1)["stgc/cosine_null/l"])
     assert null == pytest.approx(float(cosine.mean()))
     assert null < 1 / 5**0.5  # below the equal-norm level (Cauchy-Schwarz)
 
@@ -242,7 +257,7 @@ def test_diagnostics_run_on_logging_steps_only(monkeypatch) -> None:
     monkeypatch.setattr("stgc.method.core.expert_drift", counting("drift", diagnostics.expert_drift))
     trainer = _trainer([STGC(histogram_every_n_steps=0)], max_steps=6, log_every_n_steps=3)
     trainer.fit(CausalLMModule(upcycled_qwen2()))
-    assert calls == {"reroute": 2 * 2, "drift": 2 * 2}  # steps 3 and 6, two MoE layers each
+    assert calls == {"reroute": 2, "drift": 2 * 2}  # steps 3 and 6: the layers in one pass; drift per layer
 
 
 def test_exact_output_pearson_is_logged_on_histogram_steps_from_both_cosines() -> None:

@@ -205,12 +205,13 @@ class STGC(L.Callback):
     def _log(trainer: L.Trainer, metrics: dict[str, Tensor]) -> None:
         """Straight to the loggers, as Lightning's LearningRateMonitor does, with one host sync for all
         values (`LightningModule.log` costs ~0.2 ms a metric, and there are a few per layer and expert),
-        TensorBoard's as one event; and into `trainer.callback_metrics`."""
+        TensorBoard's as one event; and into `trainer.callback_metrics`. Those not defined on this step
+        (NaN) are left out."""
         if not metrics:
             return
-        trainer.callback_metrics.update(metrics)
+        scalars = host_values(metrics)
+        trainer.callback_metrics.update({name: metrics[name] for name in scalars})
         if trainer.loggers and trainer.is_global_zero:
-            scalars = host_values(metrics)
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger) and not logger._prefix:

@@ -94,29 +94,37 @@ def minor_page_faults() -> int:
 
 
 class StepTimer(L.Callback):
-    """Each training step's wall time in `times`, from its first hook to its end with the device
-    synchronised at both (put it first in the callbacks), its minor page faults in `faults`, and in
+    """Each training step's wall time in `times`, from its first hook to the next step's (the last one's:
+    to the end of its epoch), with the device synchronised at both (put it first in the callbacks): all
+    that the loop does for a step, the other callbacks' batch-end hooks included (STGC measures a logging
+    step's reroutes there, once the optimizer has stepped). Its minor page faults in `faults`, and in
     `peak_bytes` the memory peak from the start of training to its end (peak_memory_bytes)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self.faults: list[int] = []
         self.peak_bytes: int | None = None
-        self._start = 0.0
+        self._start: float | None = None
         self._faults = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         reset_peak_memory()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        synchronize(pl_module.device)
+        self._lap(pl_module)
         self._faults = minor_page_faults()
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._lap(pl_module)
+
+    def _lap(self, pl_module: L.LightningModule) -> None:
+        """End the step being timed, if one is."""
         synchronize(pl_module.device)
-        self.times.append(time.perf_counter() - self._start)
-        self.faults.append(minor_page_faults() - self._faults)
+        if self._start is not None:
+            self.times.append(time.perf_counter() - self._start)
+            self.faults.append(minor_page_faults() - self._faults)
+            self._start = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.peak_bytes = peak_memory_bytes()

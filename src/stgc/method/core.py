@@ -35,6 +35,7 @@ from stgc.method.distributed import (
     sum_over_ranks,
     world_size,
 )
+from stgc.method.flat import repeated
 from stgc.method.hf_experts import (
     IMPLEMENTATION,
     HFExpertsProbe,
@@ -88,7 +89,9 @@ class StepResult:
     finite: bool  # every rank's terms and CEL gradients were finite; when not, nothing was added
     layers: list[LayerConflicts]  # per MoE layer
     stats: list[LayerStats]  # per MoE layer, this rank's sums on logging and diagnostics steps, else empty
-    metrics: dict[str, Tensor]  # on logging steps the figures over all ranks (stgc.method.names), else {}
+    # on logging steps the figures over all ranks (stgc.method.names), else {}; NaN where not defined
+    # this step, which `host_values` leaves out
+    metrics: dict[str, Tensor]
 
 
 @dataclass
@@ -231,16 +234,18 @@ class STGCMethod:
         num_experts = self.conflict_counts.shape[1]
         stats = []  # the statistics' sums, on the steps that show them; the others count alone
         if shown:
-            stats = LayerStats.of_layers(
+            vectors = LayerStats.vectors_of_layers(  # (layers, V)
                 layers, conflicting, cel_losses, num_experts, settings.mean == "others"
             )
-            tallies = torch.stack([s.assignments for s in stats]), torch.stack([s.conflicts for s in stats])
+            stats = [LayerStats.from_vector(vector, num_experts) for vector in vectors]  # views
+            layer_fields = LayerStats.from_vector(vectors, num_experts)  # (layers, E) and (layers,) views
+            tallies = layer_fields.assignments, layer_fields.conflicts
         else:
             tallies = LayerStats.tallies_of_layers(layers, conflicting, num_experts)
         self._count(*tallies)
         metrics = {}
         if logging:
-            metrics = self._step_metrics(stats, grad_ratios)
+            metrics = self._step_metrics(vectors, grad_ratios)
             router_inputs = [probe.routing().router_input.detach() for probe in self.probes]
             self._pending = PendingReroute(router_inputs, logits, layers, penalised)
         return StepResult(True, layers, stats, metrics)
@@ -318,23 +323,24 @@ class STGCMethod:
         return all_finite, [a.view_as(g) for a, g in zip(averaged, router_grads, strict=True)]
 
     # -- statistics -----------------------------------------------------------------------------------
-    def _grad_ratios(self, parameters: list[nn.Parameter], router_grads: list[Tensor]) -> list:
-        """Per layer, ‖CEL router gradient‖ / ‖the rest of the router's gradient‖ (None when λ = 0)."""
+    def _grad_ratios(self, parameters: list[nn.Parameter], router_grads: list[Tensor]) -> Tensor | None:
+        """(layers,) ‖CEL router gradient‖ / ‖the rest of the router's gradient‖, all layers at once (None
+        when λ = 0)."""
         if not router_grads:
-            return [None] * len(self.probes)
-        ratios, start = [], 0
-        for probe in self.probes:
-            count = len(probe.router_parameters())
-            cel = torch.stack([g.float().norm() for g in router_grads[start : start + count]]).norm()
-            rest = [
-                full_tensor(p.grad).float().norm()
-                for p in parameters[start : start + count]
-                if p.grad is not None
-            ]
-            rest_norm = torch.stack(rest).norm() if rest else torch.zeros_like(cel)
-            ratios.append(cel / rest_norm)
-            start += count
-        return ratios
+            return None
+        device = router_grads[0].device
+        counts = [len(probe.router_parameters()) for probe in self.probes]
+        layer = repeated(torch.arange(len(self.probes), device=device), counts)  # (parameters,)
+
+        def layer_norms(tensors: list[Tensor]) -> Tensor:  # (layers,) the norm of each layer's tensors
+            squares = torch.stack([t.float().norm() for t in tensors]).square()
+            return squares.new_zeros(len(self.probes)).index_add_(0, layer, squares).sqrt()
+
+        rest = [
+            g.new_zeros(()) if p.grad is None else full_tensor(p.grad)
+            for p, g in zip(parameters, router_grads, strict=True)
+        ]
+        return layer_norms(router_grads) / layer_norms(rest)
 
     def _count(self, assignments: Tensor, conflicts: Tensor) -> None:
         """Add the micro-batch's (layers, experts) assignments and conflicts to the running counts."""
@@ -344,61 +350,66 @@ class STGCMethod:
         self.conflict_counts += conflicts.long()
         self.measured_micro_batches += 1
 
-    def _step_metrics(self, stats: list[LayerStats], grad_ratios: list) -> dict[str, Tensor]:
-        """The metrics of `layer_metrics` per layer and for all layers, from sums added over the ranks;
-        each layer's expert drift and CEL gradient ratio (the same on every rank); the skip count."""
+    def _step_metrics(self, vectors: Tensor, grad_ratios: Tensor | None) -> dict[str, Tensor]:
+        """The metrics of `layer_metrics` per layer and for all layers, from the layers' sums (layers, V)
+        added over the ranks; each layer's expert drift and CEL gradient ratio (the same on every rank);
+        the skip count. No host sync: undefined figures are NaN (`host_values` leaves them out)."""
         num_experts = self.conflict_counts.shape[1]
-        summed = sum_over_ranks(torch.stack([s.vector() for s in stats]))
-        stats = [LayerStats.from_vector(vector, num_experts) for vector in summed]
+        summed = sum_over_ranks(vectors)  # (layers, V)
         world = world_size()
-        metrics: dict[str, Tensor] = {}
-        for probe, layer, ratio in zip(self.probes, stats, grad_ratios, strict=True):
-            metrics.update(layer_metrics(probe.name, layer, probe.num_experts, world))
-            metrics[names.metric(names.EXPERT_DRIFT, probe.name)] = expert_drift(
-                probe.expert_weights()
-            ).float()
-            if ratio is not None:
+        layers = self.layer_names
+        metrics = layer_metrics(layers, summed, num_experts, [p.num_experts for p in self.probes], world)
+        every_layer = summed.sum(0, keepdim=True)  # (1, V) every layer's sums, one operator
+        metrics.update(layer_metrics([names.ALL_LAYERS], every_layer, num_experts, [0], world * len(summed)))
+        for probe in self.probes:
+            drift = expert_drift(probe.expert_weights()).float()
+            metrics[names.metric(names.EXPERT_DRIFT, probe.name)] = drift
+        if grad_ratios is not None:
+            for probe, ratio in zip(self.probes, grad_ratios.unbind(), strict=True):
                 metrics[names.metric(names.CEL_GRAD_RATIO, probe.name)] = ratio
-        every_layer = LayerStats.from_vector(summed.sum(0), num_experts)  # every layer's sums, one operator
-        metrics.update(layer_metrics(names.ALL_LAYERS, every_layer, 0, world * len(stats)))
-        metrics[names.SKIPPED_NONFINITE] = summed.new_tensor(float(self.skipped_nonfinite))
+        metrics[names.SKIPPED_NONFINITE] = summed.new_full((), float(self.skipped_nonfinite))
         return metrics
 
     @traced("stgc.reroutes")
     def measure_reroutes(self) -> dict[str, Tensor]:
         """Once the optimizer has stepped after a logging step: of its flagged assignments, the share whose
         expert left the token's top-k under the updated router, and the mean change of p_{t,e} (flagged,
-        and the others); one all-reduce. Empty when no logging step is pending."""
+        and the others); one all-reduce, no host sync (NaN: not defined). Empty when no logging step is
+        pending."""
         pending, self._pending = self._pending, None
         if pending is None:
             return {}
-        sums = []
-        for probe, router_input, before, conflicts, flagged in zip(
-            self.probes, pending.router_inputs, pending.logits, pending.layers, pending.penalised, strict=True
-        ):
-            with torch.no_grad(), autocast_off(probe.router_weight):
-                after = probe.router_logits(router_input)  # (N, E)
+        groups: dict[tuple, list[int]] = {}  # layers whose routers share a rule, top-k and expert count
+        for index, probe in enumerate(self.probes):
+            groups.setdefault((probe.rule, probe.top_k, probe.num_experts), []).append(index)
+        order, sums = [], []
+        for (rule, top_k, _), group in groups.items():
+            after = []
+            for index in group:
+                probe = self.probes[index]
+                with torch.no_grad(), autocast_off(probe.router_weight):
+                    after.append(probe.router_logits(pending.router_inputs[index]))  # (N, E)
+            layers = [pending.layers[index] for index in group]
             sums.append(
                 reroute_sums(
-                    before,
+                    [pending.logits[index] for index in group],
                     after,
-                    conflicts.rows,
-                    conflicts.expert,
-                    flagged,
-                    conflicts.has_grad,
-                    probe.top_k,
-                    probe.rule,
-                )  # fmt: skip
+                    [c.rows for c in layers],
+                    [c.expert for c in layers],
+                    [pending.penalised[index] for index in group],
+                    [c.has_grad for c in layers],
+                    top_k,
+                    rule,
+                )
             )
-        summed = sum_over_ranks(torch.stack(sums))  # (layers, 5)
-        metrics = {}
-        for probe, layer_sums in zip(self.probes, summed, strict=True):
-            metrics.update(reroute_metrics(probe.name, layer_sums))
-        return metrics
+            order += group
+        summed = sum_over_ranks(torch.cat(sums))  # (layers, 5), in `order`
+        return reroute_metrics([self.probes[index].name for index in order], summed)
 
     def exact_output_pearson(self, layers: list[LayerConflicts]) -> dict[str, Tensor]:
         """Per layer, the Pearson correlation of the exact and the output cosines over all ranks' pairs, of
-        a micro-batch that `begin(diagnostics=True)` captured (every rank calls it; NaN: not returned)."""
+        a micro-batch that `begin(diagnostics=True)` captured (every rank calls it); NaN, which `host_values`
+        leaves out, with fewer than two pairs."""
         sums = [
             pearson_sums(c.cosines["exact"], c.cosines["output"], c.has_grad)
             if set(GRADIENTS) <= set(c.cosines)
@@ -406,12 +417,11 @@ class STGCMethod:
             for c in layers
         ]
         summed = sum_over_ranks(torch.stack(sums))  # (layers, 6)
-        metrics = {}
-        for probe, layer_sums in zip(self.probes, summed, strict=True):
-            value = pearson(layer_sums).float()  # NaN with fewer than two pairs
-            if value.isfinite():
-                metrics[names.metric(names.EXACT_OUTPUT_PEARSON, probe.name)] = value
-        return metrics
+        values = pearson(summed).float()  # (layers,) NaN with fewer than two pairs: not logged
+        return {
+            names.metric(names.EXACT_OUTPUT_PEARSON, probe.name): value
+            for probe, value in zip(self.probes, values.unbind(), strict=True)
+        }
 
     # -- the conflict picture -------------------------------------------------------------------------
     @property

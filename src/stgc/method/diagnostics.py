@@ -5,59 +5,68 @@ and how well the cheap "output" cosine follows the exact one (the paper's Append
 Sums that ranks combine by adding are returned as vectors; the ratios are taken once they are added.
 """
 
+import itertools
+
 import torch
 from torch import Tensor
 
 from stgc.method import names
 from stgc.method.distributed import full_tensor
+from stgc.method.flat import repeated
 from stgc.method.routers import SOFTMAX, RouterRule
+from stgc.method.statistics import share
 
 REROUTE_SUMS = ("flagged", "rerouted", "flagged_delta_p", "other", "other_delta_p")
 PEARSON_SUMS = ("n", "x", "y", "xx", "yy", "xy")
 
 
 def reroute_sums(
-    logits_before: Tensor,
-    logits_after: Tensor,
-    rows: Tensor,
-    experts: Tensor,
-    flagged: Tensor,
-    valid: Tensor,
+    logits_before: list[Tensor],
+    logits_after: list[Tensor],
+    rows: list[Tensor],
+    experts: list[Tensor],
+    flagged: list[Tensor],
+    valid: list[Tensor],
     top_k: int,
     rule: RouterRule = SOFTMAX,
 ) -> Tensor:
-    """(5,) float64 sums over one layer's (token, expert) assignments, the router applied to the same
-    inputs before and after the optimizer step (logits (N, E)): flagged pairs; of them, those whose
-    expert left the token's top-k; their change of p_{t,e}; the other pairs with a gradient; theirs.
-    p and the top-k are the router's `rule`'s. rows, experts, flagged, valid: (S,)."""
-    p_before = rule.score(logits_before)[rows, experts]  # (S,)
-    p_after = rule.score(logits_after)[rows, experts]  # (S,)
-    top_after = rule.choose(logits_after, top_k).index_select(0, rows)  # (S, k)
-    rerouted = (top_after != experts[:, None]).all(dim=-1)  # (S,)
+    """(L, 5) float64 sums over each of L layers' (token, expert) assignments, the router applied to the
+    same inputs before and after the optimizer step (logits (N_l, E) per layer): flagged pairs; of them,
+    those whose expert left the token's top-k; their change of p_{t,e}; the other pairs with a gradient;
+    theirs. p and the top-k are the router's `rule`'s, which the layers share with `top_k` and E: all
+    of them in one pass (no operator repeats per layer). rows, experts, flagged, valid: (S_l,) per layer."""
+    starts = itertools.accumulate((logits.shape[0] for logits in logits_before[:-1]), initial=0)
+    row = torch.cat([layer_rows + start for layer_rows, start in zip(rows, starts, strict=True)])  # (P,)
+    expert = torch.cat(experts)  # (P,)
+    layer = repeated(torch.arange(len(rows), device=row.device), [r.shape[0] for r in rows])  # (P,)
+    logits = torch.stack([torch.cat(logits_before), torch.cat(logits_after)])  # (2, Σ N_l, E)
+    scores = rule.score(logits)
+    p_before, p_after = scores[:, row, expert]  # (P,) each
+    top_after = rule.choose(logits[1], top_k, scores[1]).index_select(0, row)  # (P, k)
+    rerouted = (top_after != expert[:, None]).all(dim=-1)  # (P,)
     delta_p = (p_after - p_before).double()
-    flagged, other = flagged.double(), (valid & ~flagged.bool()).double()
-    return torch.stack(
-        [
-            flagged.sum(),
-            (flagged * rerouted).sum(),
-            (flagged * delta_p).sum(),
-            other.sum(),
-            (other * delta_p).sum(),
-        ]
+    is_flagged = torch.cat(flagged)
+    other = (torch.cat(valid) & ~is_flagged.bool()).double()
+    is_flagged = is_flagged.double()
+    pairs = torch.stack(  # (P, 5)
+        [is_flagged, is_flagged * rerouted, is_flagged * delta_p, other, other * delta_p], dim=1
     )
+    return pairs.new_zeros(len(rows), len(REROUTE_SUMS)).index_add_(0, layer, pairs)
 
 
-def reroute_metrics(layer: str, sums: Tensor) -> dict[str, Tensor]:
-    """The reroute rate and the mean change of p_{t,e} of flagged and other pairs of one layer, from its
-    added sums (the flagged figures only when something was flagged)."""
-    flagged, rerouted, flagged_delta_p, other, other_delta_p = sums
-    metrics = {}
-    if flagged > 0:
-        metrics[names.metric(names.REROUTE_RATE, layer)] = (rerouted / flagged).float()
-        metrics[names.metric(names.DELTA_P_FLAGGED, layer)] = (flagged_delta_p / flagged).float()
-    if other > 0:
-        metrics[names.metric(names.DELTA_P_OTHER, layer)] = (other_delta_p / other).float()
-    return metrics
+def reroute_metrics(layers: list[str], sums: Tensor) -> dict[str, Tensor]:
+    """The reroute rate and the mean change of p_{t,e} of flagged and other pairs of each layer, from
+    their added sums (L, 5): views, NaN where nothing was flagged (or nothing else had a gradient)."""
+    flagged, rerouted, flagged_delta_p, other, other_delta_p = sums.unbind(-1)
+    figures = torch.stack(
+        [share(rerouted, flagged), share(flagged_delta_p, flagged), share(other_delta_p, other)], dim=1
+    ).float()  # (L, 3)
+    quantities = (names.REROUTE_RATE, names.DELTA_P_FLAGGED, names.DELTA_P_OTHER)
+    return {
+        names.metric(quantity, layer): value
+        for layer, row in zip(layers, figures.unbind(), strict=True)
+        for quantity, value in zip(quantities, row.unbind(), strict=True)
+    }
 
 
 @torch.no_grad()
@@ -66,16 +75,16 @@ def expert_drift(expert_weights: list[Tensor]) -> Tensor:
     the layer's experts, from the experts' fused weights, each (E, ...): 0 right after upcycling (exact
     copies). Offsets from the first expert, in float32: exactly 0 for copies; a weight at a time, so that
     memory holds two float32 copies of one weight of all experts."""
-    distance_sq, mean_sq = 0.0, 0.0
+    distances, mean_norms = [], []  # per weight: (E,) ‖its part of θ_e − θ̄‖, and ‖its part of θ̄‖
     for fused in expert_weights:
         weight = full_tensor(fused).float().flatten(1)  # (E, n), gathered from its shards under FSDP2
         offsets = weight - weight[0]  # (E, n) θ_e − θ_0
         mean_offset = offsets.mean(0)  # (n,) θ̄ − θ_0
-        mean_sq = mean_sq + torch.linalg.vector_norm(weight[0] + mean_offset).double().square()
-        distance_sq = (
-            distance_sq + torch.linalg.vector_norm(offsets.sub_(mean_offset), dim=1).double().square()
-        )
-    return (distance_sq.sqrt() / mean_sq.sqrt().clamp(min=torch.finfo(torch.float64).tiny)).mean()
+        mean_norms.append(torch.linalg.vector_norm(weight[0] + mean_offset))
+        distances.append(torch.linalg.vector_norm(offsets.sub_(mean_offset), dim=1))
+    distance = torch.linalg.vector_norm(torch.stack(distances).double(), dim=0)  # (E,) over the weights
+    mean_norm = torch.linalg.vector_norm(torch.stack(mean_norms).double())
+    return (distance / mean_norm.clamp(min=torch.finfo(torch.float64).tiny)).mean()
 
 
 def pearson_sums(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
@@ -86,7 +95,8 @@ def pearson_sums(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
 
 
 def pearson(sums: Tensor) -> Tensor:
-    """The Pearson correlation of the pairs the sums came from (NaN when either side is constant)."""
-    n, x, y, xx, yy, xy = sums
+    """The Pearson correlation of the pairs the sums (..., 6) came from (NaN when either side is
+    constant)."""
+    n, x, y, xx, yy, xy = sums.unbind(-1)
     covariance = xy - x * y / n
     return covariance / ((xx - x * x / n) * (yy - y * y / n)).sqrt()

@@ -44,9 +44,10 @@ class RouterRule:
         """(N, E) the routing scores: softmax(z) or sigmoid(z)."""
         return logits.softmax(-1) if self.scores == "softmax" else logits.sigmoid()
 
-    def choose(self, logits: Tensor, top_k: int) -> Tensor:
-        """(N, k) the experts the router picks for logits (N, E), under its own rule."""
-        choice = self.score(logits)
+    def choose(self, logits: Tensor, top_k: int, scores: Tensor | None = None) -> Tensor:
+        """(N, k) the experts the router picks for logits (N, E), under its own rule; `scores`: their
+        `score`, when the caller has it."""
+        choice = self.score(logits) if scores is None else scores
         if self.bias_owner is not None:
             bias = full_tensor(getattr(self.bias_owner, self.bias_name))  # ERNIE's is a (sharded) parameter
             choice = choice + bias.reshape(-1).to(choice)

@@ -6,6 +6,7 @@ figures only when they are logged.
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,8 +58,21 @@ class LayerStats:
         num_experts: int,
         leave_one_out: bool = False,
     ) -> list["LayerStats"]:
-        """The sums of one micro-batch per layer, all layers in one pass (no operator repeats per layer);
-        `conflicting[l]` (S_l,) flags layer l's conflicting assignments with a gradient.
+        """The sums of one micro-batch per layer: views of the rows of `vectors_of_layers`."""
+        vectors = cls.vectors_of_layers(layers, conflicting, cel_losses, num_experts, leave_one_out)
+        return [cls.from_vector(vector, num_experts) for vector in vectors]
+
+    @classmethod
+    def vectors_of_layers(
+        cls,
+        layers: list[LayerConflicts],
+        conflicting: list[Tensor],
+        cel_losses: list[Tensor],
+        num_experts: int,
+        leave_one_out: bool = False,
+    ) -> Tensor:
+        """(L, V) the `vector` of each layer's sums of one micro-batch, all layers in one pass (no operator
+        repeats per layer); `conflicting[l]` (S_l,) flags layer l's conflicting assignments with a gradient.
 
         The null level is what the cosine would be if the expert's token gradients were orthogonal:
         cos(g_t, Σg) = ‖g_t‖ / √(Σ_j ‖g_j‖²), norm-matched — 1/√n_e for equal norms, less on average when
@@ -97,7 +111,9 @@ class LayerStats:
             cel_loss=torch.stack(cel_losses).detach().double(),
             **by_modality,
         )
-        return [cls(**{name: field[i] for name, field in sums.items()}) for i in range(count)]
+        return torch.cat(  # (L, V) in field order
+            [sums[f.name].reshape(count, -1) for f in dataclasses.fields(cls)], dim=1
+        )
 
     @staticmethod
     def tallies_of_layers(
@@ -114,10 +130,10 @@ class LayerStats:
 
     @classmethod
     def from_vector(cls, vector: Tensor, num_experts: int) -> "LayerStats":
-        """The inverse of `vector`."""
+        """The inverse of `vector`; of each row of a (L, V) matrix of them at once: fields (L, E), (L,)."""
         names = [f.name for f in dataclasses.fields(cls)]
-        parts = vector.split([num_experts if name in PER_EXPERT else 1 for name in names])
-        return cls(**{n: p if n in PER_EXPERT else p[0] for n, p in zip(names, parts, strict=True)})
+        parts = vector.split([num_experts if name in PER_EXPERT else 1 for name in names], dim=-1)
+        return cls(**{n: p if n in PER_EXPERT else p[..., 0] for n, p in zip(names, parts, strict=True)})
 
 
 def _assignment_slots(
@@ -141,41 +157,65 @@ def _tallies(
     return both[:, 0].view(count, num_experts), both[:, 1].view(count, num_experts)
 
 
-def layer_metrics(layer: str, stats: LayerStats, num_experts: int, cel_terms: int) -> dict[str, Tensor]:
-    """The names of stgc.method.names: conflict ratio (overall and by modality), the paper's gradient
-    consistency (cosine mean and std) beside its null level, the CEL averaged over `cel_terms` terms, and
-    for the first `num_experts` experts (none when 0) each one's load and conflict ratio."""
-    metrics = {names.metric(names.CEL_LOSS, layer): (stats.cel_loss / cel_terms).float()}
-    tokens = stats.assignments.sum()
-    if tokens > 0:
-        mean = stats.cosine / tokens
-        metrics[names.metric(names.CONFLICT_RATIO, layer)] = (stats.conflicts.sum() / tokens).float()
-        metrics[names.metric(names.COSINE_MEAN, layer)] = mean.float()
-        metrics[names.metric(names.COSINE_NULL, layer)] = (stats.cosine_null / tokens).float()
-        std = (stats.cosine_sq / tokens - mean**2).clamp(min=0).sqrt()
-        metrics[names.metric(names.COSINE_STD, layer)] = std.float()
-    for modality in MODALITIES:
-        count = getattr(stats, modality)
-        if count > 0:
-            share = getattr(stats, f"{modality}_conflicts") / count
-            metrics[names.metric(f"{names.CONFLICT_RATIO}_{modality}", layer)] = share.float()
-    if num_experts:  # each expert's figures as views of two vectors: no operator per expert
-        load = (stats.assignments / stats.assignments.sum().clamp(min=1)).float()  # (E,)
-        ratio = (stats.conflicts / stats.assignments.clamp(min=1)).float()  # (E,)
+def layer_metrics(
+    layers: list[str], sums: Tensor, num_experts: int, shown_experts: list[int], cel_terms: int
+) -> dict[str, Tensor]:
+    """The names of stgc.method.names for every row of `sums` (L, V), the `vector` of layer `layers[l]`:
+    conflict ratio (overall and by modality), the paper's gradient consistency (cosine mean and std)
+    beside its null level, the CEL averaged over `cel_terms` terms, and for the first
+    `shown_experts[l]` experts each one's load and conflict ratio. All rows in one pass (no operator
+    repeats per layer or expert, no host sync): each figure is a view, NaN where it is not defined
+    (no assignments, no token of a modality), which `host_values` leaves out."""
+    stats = LayerStats.from_vector(sums, num_experts)  # fields (L, E) and (L,)
+    tokens = stats.assignments.sum(-1)  # (L,)
+    mean = share(stats.cosine, tokens)
+    families = {
+        names.CEL_LOSS: stats.cel_loss / cel_terms,
+        names.CONFLICT_RATIO: share(stats.conflicts.sum(-1), tokens),
+        names.COSINE_MEAN: mean,
+        names.COSINE_NULL: share(stats.cosine_null, tokens),
+        names.COSINE_STD: (share(stats.cosine_sq, tokens) - mean.square()).clamp(min=0).sqrt(),
+        **{
+            f"{names.CONFLICT_RATIO}_{modality}": share(
+                getattr(stats, f"{modality}_conflicts"), getattr(stats, modality)
+            )
+            for modality in MODALITIES
+        },
+    }
+    rows = torch.stack(list(families.values()), dim=1).float()  # (L, families)
+    load = (stats.assignments / tokens.clamp(min=1)[:, None]).float()  # (L, E)
+    ratio = (stats.conflicts / stats.assignments.clamp(min=1)).float()  # (L, E)
+    metrics = {}
+    for layer, values, loads, ratios, shown in zip(
+        layers, rows.unbind(), load.unbind(), ratio.unbind(), shown_experts, strict=True
+    ):
+        metrics.update(
+            {
+                names.metric(family, layer): value
+                for family, value in zip(families, values.unbind(), strict=True)
+            }
+        )
         for e, (expert_load, expert_ratio) in enumerate(
-            zip(load[:num_experts].unbind(), ratio[:num_experts].unbind(), strict=True)
+            zip(loads[:shown].unbind(), ratios[:shown].unbind(), strict=True)
         ):
             metrics[names.metric(names.EXPERT_LOAD, layer, e)] = expert_load
             metrics[names.metric(names.EXPERT_CONFLICT_RATIO, layer, e)] = expert_ratio
     return metrics
 
 
+def share(part: Tensor, whole: Tensor) -> Tensor:
+    """part / whole, NaN where whole is 0: a figure not defined on this step, which `host_values` leaves
+    out."""
+    return torch.where(whole > 0, part / whole, float("nan"))
+
+
 def host_values(metrics: dict[str, Tensor]) -> dict[str, float]:
-    """The metrics (0-d tensors) as floats, from one device-to-host copy of them all."""
+    """The metrics (0-d tensors) as floats, from one device-to-host copy of them all, without those that
+    are NaN: not defined on this step (`layer_metrics`)."""
     if not metrics:
         return {}
     values = torch.stack(list(metrics.values())).detach().float().tolist()
-    return dict(zip(metrics, values, strict=True))
+    return {name: value for name, value in zip(metrics, values, strict=True) if not math.isnan(value)}
 
 
 def position_conflict_share(
