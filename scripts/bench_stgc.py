@@ -10,6 +10,9 @@ callback of stage3_moe_stgc.yaml, as users run it:
     per expert linear, in the weight's gradient hook as STGC does (stgc_experiments.bench.ProductFloor),
     and STGC's excess over it per repetition, with an interval; beside it the floor's estimate 1 + s/3,
     s the experts' share of the plain step (their fwd+bwd timed alone on the step's own rows);
+  * the same ratios in turns: within one fit per STGC variant, a plain step, a floor step and an STGC
+    step take turns, each STGC step paired with the two just before it (stgc_experiments.bench.turn_steps;
+    neighbouring steps agree far better than fits seconds apart on a CPU);
   * STGC's extra time against the two naive ways to get the same cosines: per-token gradients
     materialised with torch.func, and a second backward pass (with G = ΔᵀX recomputed);
   * peak memory with / without: the peak of a few training steps in a fresh process (StepTimer's:
@@ -21,8 +24,8 @@ callback of stage3_moe_stgc.yaml, as users run it:
         # and each variant's minor page faults per step (CPU: fresh pages of large tensors, see docs/design.md §8)
     python scripts/bench_stgc.py --quick --profile   # where the time goes: STGC's parts, operator counts
 
-The last line (one per shape) prints the step-time ratios, STGC's excess over the floor, and the
-peak-memory ratio.
+The last lines (two per shape) print the step-time ratios, STGC's excess over the floor, and the
+peak-memory ratio; then the ratios and the excess measured in turns.
 """
 
 import argparse
@@ -46,6 +49,7 @@ from stgc.moe import moe_layers
 from stgc_experiments.bench import (
     FLOOR,
     SHAPES,
+    TURN,
     VARIANTS,
     ExpertsCall,
     batch,
@@ -62,6 +66,7 @@ from stgc_experiments.bench import (
     timed,
     tiny_qwen3_moe,
     to_device,
+    turn_steps,
 )
 
 
@@ -85,6 +90,35 @@ def step_times(
     on identical copies of the model (turned between repetitions: `round_robin`)."""
     copies = [build(shape) for _ in VARIANTS]
     return round_robin(list(VARIANTS), copies, batch(copies[0], *batch_shape), reps, faults)
+
+
+TURN_VARIANTS = ("stgc_every_step", "stgc_output", "stgc_logging")  # those measured in turns too
+
+
+def turn_ratios(shape: str, batch_shape: tuple[int, int], turns: int) -> dict[str, dict]:
+    """For each of TURN_VARIANTS, from one fit in which its steps take turns with a plain step and the
+    floor's (`turn_steps`): its ratio and the floor's to the plain step, and its excess over the floor,
+    per turn (medians, the excess with its interval)."""
+    module = build(shape)
+    data = batch(module, *batch_shape)
+    results = {}
+    for variant in TURN_VARIANTS:
+        times = turn_steps(module, data, variant, turns)
+        plain, floor, stgc = (times[kind] for kind in TURN)
+        results[variant] = {
+            "ratio": median_ratio(stgc, plain),
+            "floor": median_ratio(floor, plain),
+            "excess_over_floor": paired_excess(stgc, floor, plain),
+        }
+    return results
+
+
+def print_turn_ratios(shape: str, turns: dict[str, dict], count: int) -> None:
+    line = "; ".join(
+        f"{variant} {r['ratio']:.3f} (floor {r['floor']:.3f}, over it {excess(r['excess_over_floor'])})"
+        for variant, r in turns.items()
+    )
+    print(f"{shape}, in turns with a plain and a floor step ({count} turns): {line}")
 
 
 def linears_io(expert: torch.nn.Module, x: torch.Tensor, output_grad: torch.Tensor):
@@ -230,6 +264,7 @@ def bench_shape(shape: str, args: argparse.Namespace, device: str) -> dict:
         "peak_mib": memory,
         "memory_ratio": memory["stgc_every_step"] / memory["plain"],
         "linearity": linearity(lm["hidden_size"], lm["intermediate_size"], args.sizes, device),
+        "turns": turn_ratios(shape, (args.batch_size, args.text_tokens), args.turns),
     }
 
 
@@ -317,6 +352,9 @@ def main() -> None:
     )
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20, quick 6)")
     parser.add_argument(
+        "--turns", type=int, default=None, help="turns per STGC variant (default 30, quick 40)"
+    )
+    parser.add_argument(
         "--steps-only", action="store_true", help="only the variants' step-time ratios (a few minutes)"
     )
     parser.add_argument(
@@ -327,6 +365,7 @@ def main() -> None:
     args.batch_size, args.text_tokens = (8, 64) if args.quick else (32, 150)
     args.memory_reps = 1 if args.quick else 2
     args.reps = args.reps or (6 if args.quick else 20)
+    args.turns = args.turns or (40 if args.quick else 30)
     args.sizes = [256, 512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     prepare(Path(model_args("default")["tokenizer"]).parent)  # the model's tokenizer (idempotent)
@@ -340,6 +379,8 @@ def main() -> None:
             faults: dict[str, list[float]] = {}
             times = step_times(shape, (args.batch_size, args.text_tokens), args.reps, faults)
             print_step_ratios(shape, times, faults)
+            turns = turn_ratios(shape, (args.batch_size, args.text_tokens), args.turns)
+            print_turn_ratios(shape, turns, args.turns)
         return
     results = {}
     for shape in shapes:
@@ -362,6 +403,13 @@ def main() -> None:
             f"{excess(r['excess_over_floor'])}; every 4th {r['ratio_every_4']:.3f}, output gradient "
             f"{r['ratio_output']:.3f}, every step logged {r['ratio_logging']:.3f}, peak memory ratio "
             f"{r['memory_ratio']:.3f}"
+        )
+        turns = r["turns"]
+        every, output, logged = (turns[variant] for variant in TURN_VARIANTS)
+        print(
+            f"{shape} in turns ({args.turns}): step time ratio {every['ratio']:.3f}, floor {every['floor']:.3f},"
+            f" over the floor {excess(every['excess_over_floor'])}; output gradient {output['ratio']:.3f},"
+            f" every step logged {logged['ratio']:.3f}"
         )
 
 

@@ -10,6 +10,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from stgc.moe import moe_layers
 from stgc.moe.experts import expert_linears
 from stgc_experiments.bench import ProductFloor, StepTimer, median_ratio, paired_excess, tiny_sparse_moe
+from support.lightning_models import CausalLMModule, cpu_trainer, upcycled_qwen2
 
 
 def test_step_timer_times_every_training_step_and_keeps_the_memory_peak() -> None:
@@ -70,3 +71,19 @@ def test_paired_excess_is_the_median_with_order_statistics_around_it() -> None:
     assert excess["median"] == 4.5 / 64 and (excess["low"], excess["high"]) == (2 / 64, 7 / 64)
     few = paired_excess(times[:4], floor[:4], plain[:4])  # too few for 90%: their whole range
     assert (few["low"], few["high"]) == (1 / 64, 8 / 64)
+
+
+def test_product_floor_with_a_period_runs_on_its_phase_only() -> None:
+    """In a fit of 6 steps, ProductFloor(3, phase=1) adds its products on steps 1 and 4 alone."""
+
+    def grouped_products_of_fit(callbacks: list) -> int:
+        module = CausalLMModule(upcycled_qwen2())
+        trainer = cpu_trainer(callbacks, max_steps=6)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            trainer.fit(module)
+        return sum(event.count for event in profiler.key_averages() if event.key == "aten::_grouped_mm")
+
+    linears = sum(len(expert_linears(layer.experts)) for layer in moe_layers(upcycled_qwen2()).values())
+    plain = grouped_products_of_fit([])
+    assert grouped_products_of_fit([ProductFloor(period=3, phase=1)]) - plain == 2 * linears
+    assert grouped_products_of_fit([ProductFloor()]) - plain == 6 * linears

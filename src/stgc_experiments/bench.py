@@ -38,6 +38,7 @@ SHAPES = ("default", "large")  # the configured model; the same with a wider LM 
 LARGER_LM = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8}
 # no STGC: only the one extra product per expert linear that exact cosines need (ProductFloor)
 FLOOR = "product_floor"
+TURN = ("plain", FLOOR, "stgc")  # the steps of one turn of `turn_steps`, in order
 # what each variant changes in the configured callback (None: no callback)
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "plain": None,
@@ -190,13 +191,35 @@ def fit_steps(
         callbacks = [ProductFloor()]
     else:
         callbacks = [] if change is None else [STGC(**stgc_args() | QUIET | change)]
+    return _timed_fit(module, data, steps, [*watchers, *callbacks], variant)
+
+
+def turn_steps(module: LVLMModule, data: dict, variant: str, turns: int) -> dict[str, list[float]]:
+    """Per kind of step (TURN: a plain step, the floor's product alone, a step of the STGC `variant`, a
+    VARIANTS key measuring every step), its time in each of `turns` turns of one fit, after one untimed
+    turn. On a CPU a step's time drifts more over the seconds between two fits than between neighbouring
+    steps (their lag-1 autocorrelation is about 0.6), so each STGC step is paired with the floor and the
+    plain step just before it. The plain and floor steps carry STGC's idle hooks (`round_robin`'s every
+    4th step shows what they cost)."""
+    period = len(TURN)
+    stgc = STGC(**stgc_args() | QUIET | VARIANTS[variant] | {"every_n_steps": period, "start_step": 2})
+    timer = _timed_fit(module, data, period * (turns + 1), [ProductFloor(period, phase=1), stgc], variant)
+    times = timer.times[period:]
+    return {kind: times[index::period] for index, kind in enumerate(TURN)}
+
+
+def _timed_fit(
+    module: LVLMModule, data: dict, steps: int, callbacks: Sequence[L.Callback], name: str
+) -> StepTimer:
+    """`steps` Trainer.fit steps on `data`, StepTimer first among the callbacks, TensorBoard logging under
+    `name` in the scratch folder."""
     timer = StepTimer()
     trainer = L.Trainer(
         **trainer_args(),
         devices=1,
         max_steps=steps,
-        callbacks=[timer, *watchers, *callbacks],
-        logger=TensorBoardLogger(SCRATCH.name, name=variant),
+        callbacks=[timer, *callbacks],
+        logger=TensorBoardLogger(SCRATCH.name, name=name),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -210,8 +233,16 @@ def fit_steps(
 class ProductFloor(L.Callback):
     """The floor of exact cosines, measured: in each step's backward, when an expert weight's gradient G
     arrives, the one product that STGC's weight hook cannot avoid (stgc.method.cosine.weight_product, as
-    row_terms runs it: every expert's rows at once) and nothing else. Not for checkpointed
-    models: their recomputed forward would add its rows again."""
+    row_terms runs it: every expert's rows at once) and nothing else; on the steps whose global step is
+    `phase` modulo `period` (every step by default). Not for checkpointed models: their recomputed
+    forward would add its rows again."""
+
+    def __init__(self, period: int = 1, phase: int = 0) -> None:
+        self.period, self.phase = period, phase
+        self.active = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.active = trainer.global_step % self.period == self.phase
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.handles = []
@@ -227,9 +258,8 @@ class ProductFloor(L.Callback):
         for handle in self.handles:
             handle.remove()
 
-    @staticmethod
-    def _keep(pending: list, linear: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if torch.is_grad_enabled():
+    def _keep(self, pending: list, linear: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.active and torch.is_grad_enabled():
             entry = [args[0].detach(), linear.groups, None]
             pending.append(entry)
             output.register_hook(lambda grad: entry.__setitem__(2, grad))
