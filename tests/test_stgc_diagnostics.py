@@ -92,17 +92,20 @@ def _conflicts(expert: list[int], cosine: list[float]) -> LayerConflicts:
     )  # fmt: skip
 
 
+def _null_level(conflicts: LayerConflicts, num_experts: int, leave_one_out: bool = False) -> float:
+    """The logged null level of one layer's conflicts, none of them flagged."""
+    flagged = torch.zeros_like(conflicts.has_grad)
+    sums = LayerStats.vectors_of_layers(
+        [conflicts], [flagged], [torch.tensor(0.0)], num_experts, leave_one_out
+    )
+    return float(layer_metrics(["l"], sums, num_experts, [num_experts], 1)["stgc/cosine_null/l"])
+
+
 def test_null_level_is_the_mean_of_one_over_root_n_e_over_assignments() -> None:
     conflicts = _conflicts([0] * 9 + [1] * 4 + [2], [0.1] * 14)
-    stats = LayerStats.of(conflicts, torch.zeros(14, dtype=torch.bool), torch.tensor(0.0), 4)
     expected = (9 / 3 + 4 / 2 + 1 / 1) / 14
-    assert float(
-        layer_metrics(["l"], stats.vector()[None], 4, [4], 1)["stgc/cosine_null/l"]
-    ) == pytest.approx(expected)
-    others = LayerStats.of(
-        conflicts, torch.zeros(14, dtype=torch.bool), torch.tensor(0.0), 4, leave_one_out=True
-    )
-    assert float(layer_metrics(["l"], others.vector()[None], 4, [4], 1)["stgc/cosine_null/l"]) == 0.0
+    assert _null_level(conflicts, 4) == pytest.approx(expected)
+    assert _null_level(conflicts, 4, leave_one_out=True) == 0.0
 
 
 def test_null_level_is_norm_matched_when_token_gradients_differ_in_norm() -> None:
@@ -117,8 +120,7 @@ def test_null_level_is_norm_matched_when_token_gradients_differ_in_norm() -> Non
     cosine = cosine_from_terms(*terms)  # (5,) the brute-force cosines of orthogonal gradients
     conflicts = _conflicts([0] * 5, cosine.tolist())
     conflicts.sqnorm = terms[1]
-    stats = LayerStats.of(conflicts, torch.zeros(5, dtype=torch.bool), torch.tensor(0.0), 1)
-    null = float(layer_metrics(["l"], stats.vector()[None], 1, [1], 1)["stgc/cosine_null/l"])
+    null = _null_level(conflicts, 1)
     assert null == pytest.approx(float(cosine.mean()))
     assert null < 1 / 5**0.5  # below the equal-norm level (Cauchy-Schwarz)
 
@@ -462,7 +464,7 @@ def test_stats_of_all_layers_in_one_pass_are_each_layers_own_sums() -> None:
         layers.append(conflicts)
         flags.append(conflicts.has_grad & (conflicts.cosine < 0))
     losses = [torch.tensor(float(i)) for i in range(3)]
-    all_stats = LayerStats.of_layers(layers, flags, losses, 4)
+    all_stats = [LayerStats.from_vector(v, 4) for v in LayerStats.vectors_of_layers(layers, flags, losses, 4)]
     # what a step that logs nothing counts
     assignments, conflicts = LayerStats.tallies_of_layers(layers, flags, 4)
     assert torch.equal(assignments, torch.stack([s.assignments for s in all_stats]))

@@ -38,31 +38,6 @@ class LayerStats:
     cel_loss: Tensor  # the layer's CEL value
 
     @classmethod
-    def of(
-        cls,
-        conflicts: LayerConflicts,
-        conflicting: Tensor,
-        cel_loss: Tensor,
-        num_experts: int,
-        leave_one_out: bool = False,
-    ) -> "LayerStats":
-        """The sums of one micro-batch of one layer (`of_layers` for one)."""
-        return cls.of_layers([conflicts], [conflicting], [cel_loss], num_experts, leave_one_out)[0]
-
-    @classmethod
-    def of_layers(
-        cls,
-        layers: list[LayerConflicts],
-        conflicting: list[Tensor],
-        cel_losses: list[Tensor],
-        num_experts: int,
-        leave_one_out: bool = False,
-    ) -> list["LayerStats"]:
-        """The sums of one micro-batch per layer: views of the rows of `vectors_of_layers`."""
-        vectors = cls.vectors_of_layers(layers, conflicting, cel_losses, num_experts, leave_one_out)
-        return [cls.from_vector(vector, num_experts) for vector in vectors]
-
-    @classmethod
     def vectors_of_layers(
         cls,
         layers: list[LayerConflicts],
@@ -124,13 +99,10 @@ class LayerStats:
         _, slot, valid, flagged = _assignment_slots(layers, conflicting, num_experts)
         return _tallies(slot, valid, flagged, len(layers), num_experts)
 
-    def vector(self) -> Tensor:
-        """All fields in one flat float64 vector (field order), for one all-reduce."""
-        return torch.cat([getattr(self, f.name).reshape(-1) for f in dataclasses.fields(self)])
-
     @classmethod
     def from_vector(cls, vector: Tensor, num_experts: int) -> "LayerStats":
-        """The inverse of `vector`; of each row of a (L, V) matrix of them at once: fields (L, E), (L,)."""
+        """The sums of one layer from its row of `vectors_of_layers` (V,), or of each row of (L, V) at once:
+        fields (L, E) and (L,). Views, no copy."""
         names = [f.name for f in dataclasses.fields(cls)]
         parts = vector.split([num_experts if name in PER_EXPERT else 1 for name in names], dim=-1)
         return cls(**{n: p if n in PER_EXPERT else p[..., 0] for n, p in zip(names, parts, strict=True)})
