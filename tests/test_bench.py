@@ -7,10 +7,22 @@ import lightning as L
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from stgc import STGC
+from stgc.module import LVLMModule
 from stgc.moe import moe_layers
 from stgc.moe.experts import expert_linears
-from stgc_experiments.bench import ProductFloor, StepTimer, median_ratio, paired_excess, tiny_sparse_moe
+from stgc_experiments.bench import (
+    TURN,
+    ProductFloor,
+    StepTimer,
+    batch,
+    median_ratio,
+    paired_excess,
+    tiny_sparse_moe,
+    turn_steps,
+)
 from support.lightning_models import CausalLMModule, cpu_trainer, upcycled_qwen2
+from support.tiny import TINY_LM
 
 
 def test_step_timer_times_every_training_step_and_keeps_the_memory_peak() -> None:
@@ -87,3 +99,27 @@ def test_product_floor_with_a_period_runs_on_its_phase_only() -> None:
     plain = grouped_products_of_fit([])
     assert grouped_products_of_fit([ProductFloor(period=3, phase=1)]) - plain == 2 * linears
     assert grouped_products_of_fit([ProductFloor()]) - plain == 6 * linears
+
+
+def test_turn_steps_times_each_kind_of_step_and_runs_stgc_on_its_turns_only(
+    easy_vqa_dir, monkeypatch
+) -> None:
+    """Two timed turns after one untimed: 9 steps of one fit, STGC measuring steps 2, 5 and 8 alone."""
+    measured_at = []  # the global steps whose micro-batch STGC measured
+    on_after_backward = STGC.on_after_backward
+
+    def watched(callback, trainer, pl_module):
+        if callback.method.capturing:
+            measured_at.append(trainer.global_step)
+        on_after_backward(callback, trainer, pl_module)
+
+    monkeypatch.setattr(STGC, "on_after_backward", watched)
+    torch.manual_seed(0)
+    module = LVLMModule(
+        tokenizer=str(easy_vqa_dir / "tokenizer"), lm_config=TINY_LM, trainable=["experts", "routers"],
+        moe={"num_experts": 4, "top_k": 2, "layers": "all"},
+    )  # fmt: skip
+    times = turn_steps(module, batch(module, 2, 6), "stgc_every_step", turns=2)
+    assert list(times) == list(TURN) and all(len(kind) == 2 for kind in times.values())
+    assert all(seconds > 0 for kind in times.values() for seconds in kind)
+    assert measured_at == [2, 5, 8]
