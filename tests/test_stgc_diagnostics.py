@@ -11,7 +11,7 @@ import torch
 
 from stgc.callback import STGC
 from stgc.constants import MODALITIES
-from stgc.method import diagnostics
+from stgc.method import STGCMethod, diagnostics
 from stgc.method.diagnostics import expert_drift, pearson, pearson_sums, reroute_metrics, reroute_sums
 from stgc.method.loss import conflict_elimination_loss
 from stgc.method.probes import LayerConflicts
@@ -280,6 +280,23 @@ def test_exact_output_pearson_is_logged_on_histogram_steps_from_both_cosines() -
         logged = trainer.callback_metrics[f"stgc/exact_output_pearson/layer_{index}"]
         assert float(logged) == pytest.approx(float(expected), abs=1e-5)
         assert torch.equal(conflicts.cosine, output)
+
+
+def test_exact_output_pearson_of_a_constant_side_is_not_logged() -> None:
+    """Layer 0's exact cosines are constant (no correlation defined), layer 1's are not: only layer 1's
+    figure reaches the host."""
+    method = STGCMethod()
+    method.attach(upcycled_qwen2())
+    output = torch.tensor([0.1, -0.3, 0.4, 0.2])
+    layers = []
+    for exact in (torch.full((4,), 0.5), torch.tensor([0.2, -0.1, 0.5, 0.1])):
+        conflicts = _conflicts([0, 1, 2, 3], output.tolist())
+        conflicts.cosines = {"exact": exact, "output": output}
+        layers.append(conflicts)
+    logged = host_values(method.exact_output_pearson(layers))
+    expected = torch.corrcoef(torch.stack([layers[1].cosines["exact"], output]).double())[0, 1]
+    assert logged.keys() == {"stgc/exact_output_pearson/layer_1"}
+    assert logged["stgc/exact_output_pearson/layer_1"] == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_output_gradient_mode_captures_no_expert_inputs_off_histogram_steps() -> None:

@@ -409,7 +409,7 @@ class STGCMethod:
     def exact_output_pearson(self, layers: list[LayerConflicts]) -> dict[str, Tensor]:
         """Per layer, the Pearson correlation of the exact and the output cosines over all ranks' pairs, of
         a micro-batch that `begin(diagnostics=True)` captured (every rank calls it); NaN, which `host_values`
-        leaves out, with fewer than two pairs."""
+        leaves out, where it is not finite (fewer than two pairs, a constant side)."""
         sums = [
             pearson_sums(c.cosines["exact"], c.cosines["output"], c.has_grad)
             if set(GRADIENTS) <= set(c.cosines)
@@ -417,7 +417,8 @@ class STGCMethod:
             for c in layers
         ]
         summed = sum_over_ranks(torch.stack(sums))  # (layers, 6)
-        values = pearson(summed).float()  # (layers,) NaN with fewer than two pairs: not logged
+        values = pearson(summed).float()  # (layers,)
+        values = torch.where(values.isfinite(), values, float("nan"))  # fewer than two pairs: not logged
         return {
             names.metric(names.EXACT_OUTPUT_PEARSON, probe.name): value
             for probe, value in zip(self.probes, values.unbind(), strict=True)

@@ -2,7 +2,8 @@
 after the optimizer step, how far experts have drifted apart, the CEL's share of the router gradient,
 and how well the cheap "output" cosine follows the exact one (the paper's Appendix A comparison).
 
-Sums that ranks combine by adding are returned as vectors; the ratios are taken once they are added.
+Sums that ranks combine by adding are returned as (layers, sums) tensors; the ratios are taken once
+they are added, NaN where they are not defined (`statistics.host_values` leaves those out).
 """
 
 import itertools

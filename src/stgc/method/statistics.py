@@ -46,8 +46,8 @@ class LayerStats:
         num_experts: int,
         leave_one_out: bool = False,
     ) -> Tensor:
-        """(L, V) the `vector` of each layer's sums of one micro-batch, all layers in one pass (no operator
-        repeats per layer); `conflicting[l]` (S_l,) flags layer l's conflicting assignments with a gradient.
+        """(L, V) each layer's sums of one micro-batch, its fields end to end in field order (`from_vector`
+        reads them back), all layers in one pass (no operator repeats per layer); `conflicting[l]` (S_l,) flags layer l's conflicting assignments with a gradient.
 
         The null level is what the cosine would be if the expert's token gradients were orthogonal:
         cos(g_t, Σg) = ‖g_t‖ / √(Σ_j ‖g_j‖²), norm-matched — 1/√n_e for equal norms, less on average when
@@ -132,7 +132,8 @@ def _tallies(
 def layer_metrics(
     layers: list[str], sums: Tensor, num_experts: int, shown_experts: list[int], cel_terms: int
 ) -> dict[str, Tensor]:
-    """The names of stgc.method.names for every row of `sums` (L, V), the `vector` of layer `layers[l]`:
+    """The names of stgc.method.names for every row of `sums` (L, V), layer `layers[l]`'s sums as
+    `LayerStats.vectors_of_layers` lays them out:
     conflict ratio (overall and by modality), the paper's gradient consistency (cosine mean and std)
     beside its null level, the CEL averaged over `cel_terms` terms, and for the first
     `shown_experts[l]` experts each one's load and conflict ratio. All rows in one pass (no operator
